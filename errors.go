@@ -1,0 +1,49 @@
+package storage
+
+import (
+	"fmt"
+
+	"github.com/containerd/errdefs"
+)
+
+// Every error this package returns wraps one of the classes of
+// github.com/containerd/errdefs, so callers test them with errdefs.IsNotFound,
+// errdefs.IsConflict and so on, exactly as with containerd's own store. The
+// sentinels below are the package's own refusals; errors.Is matches both the
+// sentinel and its class.
+var (
+	// ErrNoTransaction is returned by the package-level functions when the
+	// context carries no transaction of this package (class FailedPrecondition).
+	ErrNoTransaction = fmt.Errorf("no transaction in context: %w", errdefs.ErrFailedPrecondition)
+
+	// ErrTransactionDone is returned by every method of a transaction after
+	// its Commit or Rollback (class FailedPrecondition). Nothing is changed.
+	ErrTransactionDone = fmt.Errorf("transaction has already been committed or rolled back: %w", errdefs.ErrFailedPrecondition)
+
+	// ErrReadOnly is returned by a write, or by Commit, in a read-only
+	// transaction (class FailedPrecondition). Nothing is changed; a read-only
+	// transaction ends with Rollback.
+	ErrReadOnly = fmt.Errorf("transaction is read-only: %w", errdefs.ErrFailedPrecondition)
+
+	// ErrClosed is returned when a transaction is requested from a store that
+	// has been closed (class FailedPrecondition).
+	ErrClosed = fmt.Errorf("metadata store is closed: %w", errdefs.ErrFailedPrecondition)
+
+	// ErrLocked is returned by NewBoltMetaStore when another process holds
+	// the database file's lock for longer than the open timeout
+	// (class Unavailable).
+	ErrLocked = fmt.Errorf("database file is locked by another process; stop it or copy the file: %w", errdefs.ErrUnavailable)
+
+	// ErrConflict is returned by Commit when another transaction changed what
+	// this one read (class Conflict). Nothing of the transaction was applied;
+	// MetaStore.WithTransaction runs the callback again.
+	ErrConflict = fmt.Errorf("transaction conflict: %w", errdefs.ErrConflict)
+
+	// ErrCorrupt is returned when a stored record cannot be decoded
+	// (class DataLoss). Decoding never panics.
+	ErrCorrupt = fmt.Errorf("corrupt snapshot metadata: %w", errdefs.ErrDataLoss)
+
+	// ErrTooLarge is returned when a transaction or a record exceeds what the
+	// engine accepts (class ResourceExhausted). Nothing is applied.
+	ErrTooLarge = fmt.Errorf("transaction too large: %w", errdefs.ErrResourceExhausted)
+)

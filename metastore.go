@@ -1,0 +1,157 @@
+// Package storage is transactional snapshot metadata for containerd
+// snapshotter drivers, on bbolt (one host, the default) or etcd (many hosts
+// sharing one store).
+//
+// It is a drop-in for containerd's core/snapshots/storage: the same
+// package-level functions (GetInfo, CreateSnapshot, CommitActive, ...) act on
+// the transaction carried by a context, with the same rules and the same
+// errdefs error classes. A driver ports by changing its import line and its
+// constructor call.
+//
+// A store is opened with NewBoltMetaStore or NewEtcdStore. Work happens in a
+// transaction: TransactionContext returns a context carrying it, and the
+// driver calls the package-level functions with that context, then Commit or
+// Rollback. WithTransaction does all of this around a callback.
+//
+// The snapshot rules (kinds, parents, rebase on commit, label field paths,
+// filters, error classes) are written once in this package and reach each
+// engine through a small unexported interface; an engine only stores records.
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// MetaStore is a snapshot metadata store. All its methods are safe for
+// concurrent use; the transactions it hands out are not (use one transaction
+// from one goroutine at a time, as with bbolt).
+type MetaStore interface {
+	// TransactionContext starts a transaction and returns a context that
+	// carries it, for the package-level functions, and the transaction
+	// itself. A writable transaction must end with Commit or Rollback, a
+	// read-only one with Rollback. Reads see one consistent state of the
+	// store; writes become visible to others only when Commit returns nil.
+	TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error)
+
+	// WithTransaction runs fn in a transaction. A writable transaction is
+	// committed when fn returns nil and rolled back otherwise; a read-only
+	// one is always rolled back. Errors from fn, Commit and Rollback are
+	// joined, as containerd does. When the engine reports a conflict
+	// (errdefs.IsConflict: only etcd does) fn runs again in a new
+	// transaction, after a jittered backoff, until it succeeds or ctx ends;
+	// fn must therefore be safe to run more than once. The last conflict is
+	// returned when ctx ends.
+	WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error
+
+	// Close releases the store. Transactions requested afterwards fail with
+	// ErrClosed. Closing twice is safe.
+	Close() error
+}
+
+// TransactionCallback is the work WithTransaction runs inside a transaction;
+// ctx carries the transaction for the package-level functions.
+type TransactionCallback func(ctx context.Context) error
+
+// engine is what a storage backend provides: transactions over records.
+type engine interface {
+	// begin starts an engine transaction. It is only called on an open store.
+	begin(ctx context.Context, writable bool) (engineTx, error)
+	// close releases the engine; it is called once.
+	close() error
+}
+
+// metaStore implements MetaStore over any engine; it owns the lifecycle and
+// the retry loop so that engines do not.
+type metaStore struct {
+	eng engine
+
+	mu     sync.RWMutex
+	closed bool
+}
+
+func newMetaStore(eng engine) *metaStore {
+	return &metaStore{eng: eng}
+}
+
+func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
+	if ctx == nil {
+		return nil, nil, fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := ctx.Err(); err != nil {
+		return ctx, nil, err
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return ctx, nil, ErrClosed
+	}
+	etx, err := s.eng.begin(ctx, writable)
+	if err != nil {
+		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
+	}
+	t := &transaction{tx: etx, writable: writable}
+	return context.WithValue(ctx, transactionKey{}, t), t, nil
+}
+
+// Backoff bounds for retrying conflicts: long enough to let the winner of a
+// race finish, short enough not to matter to a caller.
+const (
+	retryBackoffMin = time.Millisecond
+	retryBackoffMax = 100 * time.Millisecond
+)
+
+func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error {
+	backoff := retryBackoffMin
+	for {
+		err := s.runOnce(ctx, writable, fn)
+		if err == nil || !errdefs.IsConflict(err) {
+			return err
+		}
+		// Full jitter: concurrent losers of one race spread out.
+		wait := time.Duration(rand.Int64N(int64(backoff))) + 1
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return err
+		case <-timer.C:
+		}
+		backoff = min(2*backoff, retryBackoffMax)
+	}
+}
+
+func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback) error {
+	tctx, t, err := s.TransactionContext(ctx, writable)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if err := fn(tctx); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 || !writable {
+		if err := t.Rollback(); err != nil && !errors.Is(err, ErrTransactionDone) {
+			errs = append(errs, fmt.Errorf("rollback failed: %w", err))
+		}
+	} else if err := t.Commit(); err != nil {
+		errs = append(errs, fmt.Errorf("commit failed: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+func (s *metaStore) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	return s.eng.close()
+}

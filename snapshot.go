@@ -1,0 +1,529 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/filters"
+	"github.com/containerd/errdefs"
+)
+
+// Snapshot is the metadata a driver needs to mount an active or view
+// snapshot: its kind, its ID (which names its directory) and the IDs of the
+// committed snapshots it is based on. ParentIDs lists the immediate parent
+// first and the base last, exactly as containerd's store does.
+type Snapshot struct {
+	Kind      snapshots.Kind
+	ID        string
+	ParentIDs []string
+}
+
+// record is one stored snapshot, as the rules see it on every engine.
+type record struct {
+	ID     uint64
+	Kind   snapshots.Kind
+	Parent string
+	// ParentIDs is the chain of parent IDs, immediate parent first. It is
+	// empty when Parent is empty, and may be empty for a record written by
+	// containerd's store, in which case the chain is followed instead.
+	ParentIDs []uint64
+	// Labels is nil when the snapshot has none; no value is empty.
+	Labels  map[string]string
+	Created time.Time
+	Updated time.Time
+	// Usage is only kept for committed snapshots.
+	Usage snapshots.Usage
+}
+
+// ref names a snapshot both ways, so each engine can key its children index
+// as it prefers.
+type ref struct {
+	name string
+	id   uint64
+}
+
+// engineTx is all an engine does for the rules: store records and the
+// children index. It never checks a snapshot rule; the rules never know which
+// engine they run on.
+type engineTx interface {
+	// get returns the records stored under names, nil for an absent one.
+	// Engines may answer several names in one round trip.
+	get(names ...string) ([]*record, error)
+	// put stores r under name, replacing any record there.
+	put(name string, r *record) error
+	// delete removes the record stored under name.
+	delete(name string) error
+	// link and unlink add and drop the index entry "child has parent".
+	link(parent, child ref) error
+	unlink(parent, child ref) error
+	// hasChildren reports whether any index entry has parent p.
+	hasChildren(p ref) (bool, error)
+	// walk calls fn for every record in name order and stops at its first
+	// error. r is valid only during the call.
+	walk(fn func(name string, r *record) error) error
+	// nextID returns an ID never handed out before in this store.
+	nextID() (uint64, error)
+	commit() error
+	rollback() error
+}
+
+func (r *record) info(name string) snapshots.Info {
+	return snapshots.Info{
+		Kind:    r.Kind,
+		Name:    name,
+		Parent:  r.Parent,
+		Labels:  maps.Clone(r.Labels),
+		Created: r.Created,
+		Updated: r.Updated,
+	}
+}
+
+func formatID(id uint64) string { return strconv.FormatUint(id, 10) }
+
+func kindName(k snapshots.Kind) string {
+	switch k {
+	case snapshots.KindActive, snapshots.KindView, snapshots.KindCommitted:
+		return k.String()
+	}
+	return fmt.Sprintf("kind(%d)", int(k))
+}
+
+// cleanLabels returns labels without empty values (an empty value means "no
+// such label", as in containerd) and nil rather than an empty map.
+func cleanLabels(labels map[string]string) (map[string]string, error) {
+	var out map[string]string
+	for k, v := range labels {
+		if v == "" {
+			continue
+		}
+		if k == "" {
+			return nil, fmt.Errorf("label with empty key: %w", errdefs.ErrInvalidArgument)
+		}
+		if out == nil {
+			out = make(map[string]string, len(labels))
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+func checkName(what, name string) error {
+	if name == "" {
+		return fmt.Errorf("%s name must not be empty: %w", what, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return snapshots.Info{}, err
+		}
+	}
+	return base, nil
+}
+
+// getOne returns the record of name, or a NotFound error.
+func getOne(tx engineTx, name string) (*record, error) {
+	rs, err := tx.get(name)
+	if err != nil {
+		return nil, err
+	}
+	if rs[0] == nil {
+		return nil, fmt.Errorf("snapshot %q does not exist: %w", name, errdefs.ErrNotFound)
+	}
+	return rs[0], nil
+}
+
+// chainOf returns the parent ID chain of a snapshot whose immediate parent is
+// p (immediate parent first), using the stored chain when there is one.
+func chainOf(tx engineTx, p *record) ([]uint64, error) {
+	chain := []uint64{p.ID}
+	for p.Parent != "" {
+		if len(p.ParentIDs) > 0 {
+			return append(chain, p.ParentIDs...), nil
+		}
+		next, err := tx.get(p.Parent)
+		if err != nil {
+			return nil, err
+		}
+		if next[0] == nil {
+			return nil, fmt.Errorf("parent %q of chain does not exist: %w", p.Parent, errdefs.ErrNotFound)
+		}
+		p = next[0]
+		chain = append(chain, p.ID)
+	}
+	return chain, nil
+}
+
+// recordChain returns r's parent chain, following parents when r does not
+// store it.
+func recordChain(tx engineTx, r *record) ([]uint64, error) {
+	if r.Parent == "" || len(r.ParentIDs) > 0 {
+		return r.ParentIDs, nil
+	}
+	p, err := tx.get(r.Parent)
+	if err != nil {
+		return nil, err
+	}
+	if p[0] == nil {
+		return nil, fmt.Errorf("parent %q does not exist: %w", r.Parent, errdefs.ErrNotFound)
+	}
+	return chainOf(tx, p[0])
+}
+
+func formatIDs(ids []uint64) []string {
+	if len(ids) == 0 {
+		return nil
+	}
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = formatID(id)
+	}
+	return out
+}
+
+func (t *transaction) GetInfo(ctx context.Context, key string) (id string, info snapshots.Info, usage snapshots.Usage, err error) {
+	err = t.use(ctx, false, func(tx engineTx) error {
+		r, err := getOne(tx, key)
+		if err != nil {
+			return err
+		}
+		id, info, usage = formatID(r.ID), r.info(key), r.Usage
+		return nil
+	})
+	if err != nil {
+		return "", snapshots.Info{}, snapshots.Usage{}, err
+	}
+	return id, info, usage, nil
+}
+
+// updatedLabels applies fieldpaths to current as containerd does: no path
+// replaces all labels, "labels" replaces all, "labels.<key>" sets or (with an
+// empty or missing value) removes one.
+func updatedLabels(current map[string]string, info snapshots.Info, fieldpaths []string) (map[string]string, error) {
+	if len(fieldpaths) == 0 {
+		return cleanLabels(info.Labels)
+	}
+	labels := maps.Clone(current)
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	for _, path := range fieldpaths {
+		if key, ok := strings.CutPrefix(path, "labels."); ok {
+			labels[key] = info.Labels[key]
+			continue
+		}
+		if path != "labels" {
+			return nil, fmt.Errorf("cannot update %q field on snapshot %q: %w", path, info.Name, errdefs.ErrInvalidArgument)
+		}
+		labels = maps.Clone(info.Labels)
+		if labels == nil {
+			labels = map[string]string{}
+		}
+	}
+	return cleanLabels(labels)
+}
+
+func (t *transaction) UpdateInfo(ctx context.Context, info snapshots.Info, fieldpaths ...string) (updated snapshots.Info, err error) {
+	err = t.use(ctx, true, func(tx engineTx) error {
+		r, err := getOne(tx, info.Name)
+		if err != nil {
+			return err
+		}
+		labels, err := updatedLabels(r.Labels, info, fieldpaths)
+		if err != nil {
+			return err
+		}
+		r.Labels = labels
+		r.Updated = time.Now().UTC()
+		if err := tx.put(info.Name, r); err != nil {
+			return err
+		}
+		updated = r.info(info.Name)
+		return nil
+	})
+	if err != nil {
+		return snapshots.Info{}, err
+	}
+	return updated, nil
+}
+
+func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+	filter, err := filters.ParseAll(fs...)
+	if err != nil {
+		return err
+	}
+	return t.use(ctx, false, func(tx engineTx) error {
+		return tx.walk(func(name string, r *record) error {
+			info := r.info(name)
+			if !filter.Match(adaptInfo(info)) {
+				return nil
+			}
+			return fn(ctx, info)
+		})
+	})
+}
+
+// adaptInfo exposes the fields containerd's snapshot filters know.
+func adaptInfo(info snapshots.Info) filters.Adaptor {
+	return filters.AdapterFunc(func(fieldpath []string) (string, bool) {
+		if len(fieldpath) == 0 {
+			return "", false
+		}
+		switch fieldpath[0] {
+		case "kind":
+			switch info.Kind {
+			case snapshots.KindActive, snapshots.KindView, snapshots.KindCommitted:
+				return info.Kind.String(), true
+			}
+		case "name":
+			return info.Name, true
+		case "parent":
+			return info.Parent, true
+		case "labels":
+			v, ok := info.Labels[strings.Join(fieldpath[1:], ".")]
+			return v, ok
+		}
+		return "", false
+	})
+}
+
+func (t *transaction) GetSnapshot(ctx context.Context, key string) (s Snapshot, err error) {
+	err = t.use(ctx, false, func(tx engineTx) error {
+		r, err := getOne(tx, key)
+		if err != nil {
+			return err
+		}
+		if r.Kind != snapshots.KindActive && r.Kind != snapshots.KindView {
+			return fmt.Errorf("requested snapshot %q not active or view: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		chain, err := recordChain(tx, r)
+		if err != nil {
+			return fmt.Errorf("failed to get parent chain of %q: %w", key, err)
+		}
+		s = Snapshot{Kind: r.Kind, ID: formatID(r.ID), ParentIDs: formatIDs(chain)}
+		return nil
+	})
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return s, nil
+}
+
+func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts ...snapshots.Opt) (s Snapshot, err error) {
+	err = t.use(ctx, true, func(tx engineTx) error {
+		if kind != snapshots.KindActive && kind != snapshots.KindView {
+			return fmt.Errorf("snapshot type %s invalid; only snapshots of type Active or View can be created: %w", kindName(kind), errdefs.ErrInvalidArgument)
+		}
+		if err := checkName("snapshot", key); err != nil {
+			return err
+		}
+		base, err := applyOpts(opts)
+		if err != nil {
+			return err
+		}
+		labels, err := cleanLabels(base.Labels)
+		if err != nil {
+			return err
+		}
+		// One lookup for both names lets an engine answer in one round trip.
+		rs, err := tx.get(key, parent)
+		if err != nil {
+			return err
+		}
+		existing, p := rs[0], rs[1]
+		var chain []uint64
+		if parent != "" {
+			if p == nil {
+				return fmt.Errorf("missing parent %q: %w", parent, errdefs.ErrNotFound)
+			}
+			if p.Kind != snapshots.KindCommitted {
+				return fmt.Errorf("parent %q is not committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
+			}
+			if chain, err = chainOf(tx, p); err != nil {
+				return err
+			}
+		}
+		if existing != nil {
+			return fmt.Errorf("snapshot %q: %w", key, errdefs.ErrAlreadyExists)
+		}
+		id, err := tx.nextID()
+		if err != nil {
+			return fmt.Errorf("unable to get identifier for snapshot %q: %w", key, err)
+		}
+		now := time.Now().UTC()
+		r := &record{ID: id, Kind: kind, Parent: parent, ParentIDs: chain, Labels: labels, Created: now, Updated: now}
+		if err := tx.put(key, r); err != nil {
+			return err
+		}
+		if parent != "" {
+			if err := tx.link(ref{parent, p.ID}, ref{key, id}); err != nil {
+				return fmt.Errorf("failed to write parent link for snapshot %q: %w", key, err)
+			}
+		}
+		s = Snapshot{Kind: kind, ID: formatID(id), ParentIDs: formatIDs(chain)}
+		return nil
+	})
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return s, nil
+}
+
+func (t *transaction) Remove(ctx context.Context, key string) (id string, kind snapshots.Kind, err error) {
+	err = t.use(ctx, true, func(tx engineTx) error {
+		r, err := getOne(tx, key)
+		if err != nil {
+			return err
+		}
+		busy, err := tx.hasChildren(ref{key, r.ID})
+		if err != nil {
+			return err
+		}
+		if busy {
+			return fmt.Errorf("cannot remove snapshot %q with child: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		if r.Parent != "" {
+			pid, err := parentID(tx, r)
+			if err != nil {
+				return err
+			}
+			if err := tx.unlink(ref{r.Parent, pid}, ref{key, r.ID}); err != nil {
+				return fmt.Errorf("failed to delete parent link: %w", err)
+			}
+		}
+		if err := tx.delete(key); err != nil {
+			return fmt.Errorf("failed to delete snapshot %q: %w", key, err)
+		}
+		id, kind = formatID(r.ID), r.Kind
+		return nil
+	})
+	if err != nil {
+		return "", 0, err
+	}
+	return id, kind, nil
+}
+
+// parentID returns the ID of r's parent, from the stored chain when there is
+// one (a parent cannot change while it has children).
+func parentID(tx engineTx, r *record) (uint64, error) {
+	if len(r.ParentIDs) > 0 {
+		return r.ParentIDs[0], nil
+	}
+	p, err := tx.get(r.Parent)
+	if err != nil {
+		return 0, err
+	}
+	if p[0] == nil {
+		return 0, fmt.Errorf("parent %q does not exist: %w", r.Parent, errdefs.ErrNotFound)
+	}
+	return p[0].ID, nil
+}
+
+func (t *transaction) CommitActive(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (id string, err error) {
+	err = t.use(ctx, true, func(tx engineTx) error {
+		if err := checkName("committed snapshot", name); err != nil {
+			return err
+		}
+		base, err := applyOpts(opts)
+		if err != nil {
+			return err
+		}
+		labels, err := cleanLabels(base.Labels)
+		if err != nil {
+			return err
+		}
+		rs, err := tx.get(name, key, base.Parent)
+		if err != nil {
+			return err
+		}
+		taken, r, rebaseOnto := rs[0], rs[1], rs[2]
+		if taken != nil {
+			return fmt.Errorf("committed snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+		}
+		if r == nil {
+			return fmt.Errorf("failed to get active snapshot %q: %w", key, errdefs.ErrNotFound)
+		}
+		if r.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+
+		committed := *r
+		committed.Kind = snapshots.KindCommitted
+		committed.Created = time.Now().UTC()
+		committed.Updated = committed.Created
+		committed.Labels = labels // replaced, not inherited
+		committed.Usage = usage
+
+		var pid uint64
+		switch {
+		case r.Parent == base.Parent || base.Parent == "":
+			// The parent stays; it is committed and cannot have gone while
+			// this active was its child.
+			if r.Parent != "" {
+				if pid, err = parentID(tx, r); err != nil {
+					return err
+				}
+			}
+		case r.Parent == "":
+			// An active created without a parent may be rebased on commit.
+			if rebaseOnto == nil {
+				return fmt.Errorf("missing parent %q of snapshot %q: %w", base.Parent, key, errdefs.ErrNotFound)
+			}
+			if rebaseOnto.Kind != snapshots.KindCommitted {
+				return fmt.Errorf("parent %q is not committed: %w", base.Parent, errdefs.ErrFailedPrecondition)
+			}
+			committed.Parent = base.Parent
+			if committed.ParentIDs, err = chainOf(tx, rebaseOnto); err != nil {
+				return err
+			}
+			pid = rebaseOnto.ID
+		default:
+			return fmt.Errorf("cannot change parent of active snapshot %q on commit: %w", key, errdefs.ErrInvalidArgument)
+		}
+
+		if err := tx.delete(key); err != nil {
+			return fmt.Errorf("failed to delete active snapshot %q: %w", key, err)
+		}
+		if err := tx.put(name, &committed); err != nil {
+			return err
+		}
+		if committed.Parent != "" {
+			if r.Parent != "" {
+				if err := tx.unlink(ref{r.Parent, pid}, ref{key, r.ID}); err != nil {
+					return err
+				}
+			}
+			if err := tx.link(ref{committed.Parent, pid}, ref{name, r.ID}); err != nil {
+				return fmt.Errorf("failed to update parent link of %q: %w", name, err)
+			}
+		}
+		id = formatID(r.ID)
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return id, nil
+}
+
+func (t *transaction) IDMap(ctx context.Context) (map[string]string, error) {
+	m := map[string]string{}
+	err := t.use(ctx, false, func(tx engineTx) error {
+		return tx.walk(func(name string, r *record) error {
+			m[formatID(r.ID)] = name
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}

@@ -1,0 +1,201 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+)
+
+// Transactor is one transaction on a MetaStore. Its snapshot methods are the
+// same operations as the package-level functions, on this transaction.
+//
+// After Commit or Rollback every method returns ErrTransactionDone. In a
+// read-only transaction every write, and Commit, returns ErrReadOnly and
+// changes nothing. A refused operation (an error of class NotFound,
+// AlreadyExists, InvalidArgument or FailedPrecondition) changes nothing either,
+// so the transaction may go on; any other error leaves the transaction fit
+// only for Rollback.
+type Transactor interface {
+	// Commit makes every write of the transaction durable and visible at
+	// once, or none of them: when Commit returns nil the changes survive a
+	// crash; when it returns an error nothing of the transaction was
+	// applied. A conflict (etcd only) is reported with errdefs class
+	// Conflict. Only writable transactions commit.
+	Commit() error
+
+	// Rollback discards the transaction. It must end every read-only
+	// transaction and every writable one that is not committed.
+	Rollback() error
+
+	// GetInfo returns the ID, info and usage of the snapshot named key.
+	GetInfo(ctx context.Context, key string) (string, snapshots.Info, snapshots.Usage, error)
+	// UpdateInfo changes the labels of a snapshot; fieldpaths may be
+	// "labels" or "labels.<key>", and none means all labels.
+	UpdateInfo(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error)
+	// WalkInfo calls fn for every snapshot matching all filters (containerd
+	// filter syntax over kind, name, parent and labels.<key>), in name
+	// order, and stops at fn's first error, which it returns.
+	WalkInfo(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error
+	// GetSnapshot returns the ID and parent IDs of an active or view
+	// snapshot; ParentIDs lists the immediate parent first.
+	GetSnapshot(ctx context.Context, key string) (Snapshot, error)
+	// CreateSnapshot adds an active or view snapshot on a committed parent
+	// (or none) and returns it with a new, never reused ID.
+	CreateSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts ...snapshots.Opt) (Snapshot, error)
+	// Remove deletes a snapshot that has no children and returns its ID and
+	// kind.
+	Remove(ctx context.Context, key string) (string, snapshots.Kind, error)
+	// CommitActive turns the active snapshot key into the committed snapshot
+	// name, keeping its ID, and returns that ID.
+	CommitActive(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (string, error)
+	// IDMap returns every snapshot ID mapped to its name.
+	IDMap(ctx context.Context) (map[string]string, error)
+}
+
+type transactionKey struct{}
+
+// transaction is the Transactor of every engine: it guards the lifecycle and
+// holds the engine transaction that the snapshot rules (snapshot.go) use.
+type transaction struct {
+	tx       engineTx
+	writable bool
+
+	// done is atomic so that misuse from several goroutines is an error
+	// rather than a data race; no lock is held while an operation runs, so a
+	// WalkInfo callback may use the same transaction, as with containerd.
+	done atomic.Bool
+}
+
+func (t *transaction) Commit() error {
+	if !t.writable {
+		if t.done.Load() {
+			return ErrTransactionDone
+		}
+		return ErrReadOnly
+	}
+	if !t.done.CompareAndSwap(false, true) {
+		return ErrTransactionDone
+	}
+	return t.tx.commit()
+}
+
+func (t *transaction) Rollback() error {
+	if !t.done.CompareAndSwap(false, true) {
+		return ErrTransactionDone
+	}
+	return t.tx.rollback()
+}
+
+// use runs op on the engine transaction once the lifecycle rules allow it:
+// the transaction is open, ctx is live, and writes happen only in a writable
+// transaction.
+func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) error) error {
+	if ctx == nil {
+		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
+	}
+	if t.done.Load() {
+		return ErrTransactionDone
+	}
+	if write && !t.writable {
+		return ErrReadOnly
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return op(t.tx)
+}
+
+// fromContext returns the transaction ctx carries.
+func fromContext(ctx context.Context) (*transaction, error) {
+	if ctx == nil {
+		return nil, ErrNoTransaction
+	}
+	t, ok := ctx.Value(transactionKey{}).(*transaction)
+	if !ok {
+		return nil, ErrNoTransaction
+	}
+	return t, nil
+}
+
+// GetInfo returns the ID, info and usage of the snapshot named key, in the
+// transaction ctx carries (ErrNoTransaction without one).
+func GetInfo(ctx context.Context, key string) (string, snapshots.Info, snapshots.Usage, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return "", snapshots.Info{}, snapshots.Usage{}, err
+	}
+	return t.GetInfo(ctx, key)
+}
+
+// UpdateInfo updates the labels of an existing snapshot, in the writable
+// transaction ctx carries. See Transactor.UpdateInfo.
+func UpdateInfo(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return snapshots.Info{}, err
+	}
+	return t.UpdateInfo(ctx, info, fieldpaths...)
+}
+
+// WalkInfo calls fn for each snapshot matching filters, in the transaction
+// ctx carries. See Transactor.WalkInfo.
+func WalkInfo(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return err
+	}
+	return t.WalkInfo(ctx, fn, filters...)
+}
+
+// GetSnapshot returns the metadata of the active or view snapshot key, in
+// the transaction ctx carries. See Transactor.GetSnapshot.
+func GetSnapshot(ctx context.Context, key string) (Snapshot, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return t.GetSnapshot(ctx, key)
+}
+
+// CreateSnapshot inserts an active or view snapshot, in the writable
+// transaction ctx carries. See Transactor.CreateSnapshot.
+func CreateSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts ...snapshots.Opt) (Snapshot, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return t.CreateSnapshot(ctx, kind, key, parent, opts...)
+}
+
+// Remove removes a snapshot without children, in the writable transaction
+// ctx carries. See Transactor.Remove.
+func Remove(ctx context.Context, key string) (string, snapshots.Kind, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return "", 0, err
+	}
+	return t.Remove(ctx, key)
+}
+
+// CommitActive commits the active snapshot key as name, in the writable
+// transaction ctx carries. See Transactor.CommitActive.
+func CommitActive(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (string, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return "", err
+	}
+	return t.CommitActive(ctx, key, name, usage, opts...)
+}
+
+// IDMap returns all snapshot IDs mapped to their names, in the transaction
+// ctx carries.
+func IDMap(ctx context.Context) (map[string]string, error) {
+	t, err := fromContext(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return t.IDMap(ctx)
+}
