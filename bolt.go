@@ -79,8 +79,8 @@ type boltTx struct {
 	parents *bolt.Bucket
 }
 
-func (b *boltTx) commit() error   { return b.tx.Commit() }
-func (b *boltTx) rollback() error { return b.tx.Rollback() }
+func (b *boltTx) commit(context.Context) error { return b.tx.Commit() }
+func (b *boltTx) rollback() error              { return b.tx.Rollback() }
 
 // ensureBuckets creates the layout's buckets for a write.
 func (b *boltTx) ensureBuckets() error {
@@ -100,7 +100,7 @@ func (b *boltTx) ensureBuckets() error {
 	return nil
 }
 
-func (b *boltTx) get(names ...string) ([]*record, error) {
+func (b *boltTx) get(_ context.Context, names ...string) ([]*record, error) {
 	out := make([]*record, len(names))
 	if b.snaps == nil {
 		return out, nil
@@ -157,7 +157,7 @@ func (b *boltTx) unlink(parent, child ref) error {
 	return b.parents.Delete(parentLinkKey(parent.id, child.id))
 }
 
-func (b *boltTx) hasChildren(p ref) (bool, error) {
+func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 	if b.parents == nil {
 		return false, nil
 	}
@@ -166,7 +166,7 @@ func (b *boltTx) hasChildren(p ref) (bool, error) {
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
 
-func (b *boltTx) walk(fn func(name string, r *record) error) error {
+func (b *boltTx) walk(_ context.Context, fn func(name string, r *record) error) error {
 	if b.snaps == nil {
 		return nil
 	}
@@ -179,7 +179,7 @@ func (b *boltTx) walk(fn func(name string, r *record) error) error {
 	})
 }
 
-func (b *boltTx) nextID() (uint64, error) {
+func (b *boltTx) nextID(context.Context) (uint64, error) {
 	if err := b.ensureBuckets(); err != nil {
 		return 0, err
 	}

@@ -38,3 +38,32 @@ const (
 	KeySize      = "size"
 	KeyParentIDs = "parentids"
 )
+
+// Layout of the etcd engine, under the key prefix <root>/storage.v1/ (a root
+// may hold any bytes but no "/"-separated element "storage.v1", so no root
+// reaches into another's keys; roots "a", "a/b" and "ab" are disjoint):
+//
+//	snapshots/<name>                  record of one snapshot (name verbatim)
+//	snapshots                         deletion marker, rewritten by every
+//	                                  delete so a range guard sees removals
+//	children/<escaped parent>/<child ID> -> child name
+//	ids/block                         its version numbers the ID blocks
+//	ids/floor                         decimal; IDs start above it (imports)
+//
+// A record is versioned binary (see encodeRecord): ID, kind, parent name,
+// parent ID chain (immediate parent first), labels, created, updated,
+// usage. In the children index the parent name is percent-escaped ('%' and
+// '/') so it is one path element and no name reaches another's children.
+//
+// IDs: a store reserves a block of WithIDBlockSize IDs at a time by putting
+// ids/block and reading the version it replaced (one round trip, atomic in
+// etcd): block v is floor + v*size + 1 ... floor + (v+1)*size. Blocks never
+// overlap, IDs are never reused (unused ones of a block are skipped), and
+// only one create in a block's worth touches the allocator key.
+const (
+	KeyEtcdVersion   = "storage.v1"
+	KeyEtcdSnapshots = "snapshots"
+	KeyEtcdChildren  = "children"
+	KeyEtcdIDBlock   = "ids/block"
+	KeyEtcdIDFloor   = "ids/floor"
+)

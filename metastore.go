@@ -96,7 +96,7 @@ func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (cont
 	if err != nil {
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
 	}
-	t := &transaction{tx: etx, writable: writable}
+	t := &transaction{ctx: ctx, tx: etx, writable: writable}
 	return context.WithValue(ctx, transactionKey{}, t), t, nil
 }
 

@@ -53,7 +53,7 @@ type ref struct {
 type engineTx interface {
 	// get returns the records stored under names, nil for an absent one.
 	// Engines may answer several names in one round trip.
-	get(names ...string) ([]*record, error)
+	get(ctx context.Context, names ...string) ([]*record, error)
 	// put stores r under name, replacing any record there.
 	put(name string, r *record) error
 	// delete removes the record stored under name.
@@ -62,13 +62,14 @@ type engineTx interface {
 	link(parent, child ref) error
 	unlink(parent, child ref) error
 	// hasChildren reports whether any index entry has parent p.
-	hasChildren(p ref) (bool, error)
+	hasChildren(ctx context.Context, p ref) (bool, error)
 	// walk calls fn for every record in name order and stops at its first
 	// error. r is valid only during the call.
-	walk(fn func(name string, r *record) error) error
+	walk(ctx context.Context, fn func(name string, r *record) error) error
 	// nextID returns an ID never handed out before in this store.
-	nextID() (uint64, error)
-	commit() error
+	nextID(ctx context.Context) (uint64, error)
+	// commit applies every write at once or none; rollback drops them.
+	commit(ctx context.Context) error
 	rollback() error
 }
 
@@ -130,8 +131,8 @@ func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
 }
 
 // getOne returns the record of name, or a NotFound error.
-func getOne(tx engineTx, name string) (*record, error) {
-	rs, err := tx.get(name)
+func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
+	rs, err := tx.get(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -143,13 +144,13 @@ func getOne(tx engineTx, name string) (*record, error) {
 
 // chainOf returns the parent ID chain of a snapshot whose immediate parent is
 // p (immediate parent first), using the stored chain when there is one.
-func chainOf(tx engineTx, p *record) ([]uint64, error) {
+func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 	chain := []uint64{p.ID}
 	for p.Parent != "" {
 		if len(p.ParentIDs) > 0 {
 			return append(chain, p.ParentIDs...), nil
 		}
-		next, err := tx.get(p.Parent)
+		next, err := tx.get(ctx, p.Parent)
 		if err != nil {
 			return nil, err
 		}
@@ -164,18 +165,18 @@ func chainOf(tx engineTx, p *record) ([]uint64, error) {
 
 // recordChain returns r's parent chain, following parents when r does not
 // store it.
-func recordChain(tx engineTx, r *record) ([]uint64, error) {
+func recordChain(ctx context.Context, tx engineTx, r *record) ([]uint64, error) {
 	if r.Parent == "" || len(r.ParentIDs) > 0 {
 		return r.ParentIDs, nil
 	}
-	p, err := tx.get(r.Parent)
+	p, err := tx.get(ctx, r.Parent)
 	if err != nil {
 		return nil, err
 	}
 	if p[0] == nil {
 		return nil, fmt.Errorf("parent %q does not exist: %w", r.Parent, errdefs.ErrNotFound)
 	}
-	return chainOf(tx, p[0])
+	return chainOf(ctx, tx, p[0])
 }
 
 func formatIDs(ids []uint64) []string {
@@ -191,7 +192,7 @@ func formatIDs(ids []uint64) []string {
 
 func (t *transaction) GetInfo(ctx context.Context, key string) (id string, info snapshots.Info, usage snapshots.Usage, err error) {
 	err = t.use(ctx, false, func(tx engineTx) error {
-		r, err := getOne(tx, key)
+		r, err := getOne(ctx, tx, key)
 		if err != nil {
 			return err
 		}
@@ -233,7 +234,7 @@ func updatedLabels(current map[string]string, info snapshots.Info, fieldpaths []
 
 func (t *transaction) UpdateInfo(ctx context.Context, info snapshots.Info, fieldpaths ...string) (updated snapshots.Info, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
-		r, err := getOne(tx, info.Name)
+		r, err := getOne(ctx, tx, info.Name)
 		if err != nil {
 			return err
 		}
@@ -261,7 +262,7 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 		return err
 	}
 	return t.use(ctx, false, func(tx engineTx) error {
-		return tx.walk(func(name string, r *record) error {
+		return tx.walk(ctx, func(name string, r *record) error {
 			info := r.info(name)
 			if !filter.Match(adaptInfo(info)) {
 				return nil
@@ -297,14 +298,14 @@ func adaptInfo(info snapshots.Info) filters.Adaptor {
 
 func (t *transaction) GetSnapshot(ctx context.Context, key string) (s Snapshot, err error) {
 	err = t.use(ctx, false, func(tx engineTx) error {
-		r, err := getOne(tx, key)
+		r, err := getOne(ctx, tx, key)
 		if err != nil {
 			return err
 		}
 		if r.Kind != snapshots.KindActive && r.Kind != snapshots.KindView {
 			return fmt.Errorf("requested snapshot %q not active or view: %w", key, errdefs.ErrFailedPrecondition)
 		}
-		chain, err := recordChain(tx, r)
+		chain, err := recordChain(ctx, tx, r)
 		if err != nil {
 			return fmt.Errorf("failed to get parent chain of %q: %w", key, err)
 		}
@@ -334,7 +335,7 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return err
 		}
 		// One lookup for both names lets an engine answer in one round trip.
-		rs, err := tx.get(key, parent)
+		rs, err := tx.get(ctx, key, parent)
 		if err != nil {
 			return err
 		}
@@ -347,14 +348,14 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 			if p.Kind != snapshots.KindCommitted {
 				return fmt.Errorf("parent %q is not committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
 			}
-			if chain, err = chainOf(tx, p); err != nil {
+			if chain, err = chainOf(ctx, tx, p); err != nil {
 				return err
 			}
 		}
 		if existing != nil {
 			return fmt.Errorf("snapshot %q: %w", key, errdefs.ErrAlreadyExists)
 		}
-		id, err := tx.nextID()
+		id, err := tx.nextID(ctx)
 		if err != nil {
 			return fmt.Errorf("unable to get identifier for snapshot %q: %w", key, err)
 		}
@@ -379,11 +380,11 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 
 func (t *transaction) Remove(ctx context.Context, key string) (id string, kind snapshots.Kind, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
-		r, err := getOne(tx, key)
+		r, err := getOne(ctx, tx, key)
 		if err != nil {
 			return err
 		}
-		busy, err := tx.hasChildren(ref{key, r.ID})
+		busy, err := tx.hasChildren(ctx, ref{key, r.ID})
 		if err != nil {
 			return err
 		}
@@ -391,7 +392,7 @@ func (t *transaction) Remove(ctx context.Context, key string) (id string, kind s
 			return fmt.Errorf("cannot remove snapshot %q with child: %w", key, errdefs.ErrFailedPrecondition)
 		}
 		if r.Parent != "" {
-			pid, err := parentID(tx, r)
+			pid, err := parentID(ctx, tx, r)
 			if err != nil {
 				return err
 			}
@@ -413,11 +414,11 @@ func (t *transaction) Remove(ctx context.Context, key string) (id string, kind s
 
 // parentID returns the ID of r's parent, from the stored chain when there is
 // one (a parent cannot change while it has children).
-func parentID(tx engineTx, r *record) (uint64, error) {
+func parentID(ctx context.Context, tx engineTx, r *record) (uint64, error) {
 	if len(r.ParentIDs) > 0 {
 		return r.ParentIDs[0], nil
 	}
-	p, err := tx.get(r.Parent)
+	p, err := tx.get(ctx, r.Parent)
 	if err != nil {
 		return 0, err
 	}
@@ -440,7 +441,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 		if err != nil {
 			return err
 		}
-		rs, err := tx.get(name, key, base.Parent)
+		rs, err := tx.get(ctx, name, key, base.Parent)
 		if err != nil {
 			return err
 		}
@@ -468,7 +469,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 			// The parent stays; it is committed and cannot have gone while
 			// this active was its child.
 			if r.Parent != "" {
-				if pid, err = parentID(tx, r); err != nil {
+				if pid, err = parentID(ctx, tx, r); err != nil {
 					return err
 				}
 			}
@@ -481,7 +482,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 				return fmt.Errorf("parent %q is not committed: %w", base.Parent, errdefs.ErrFailedPrecondition)
 			}
 			committed.Parent = base.Parent
-			if committed.ParentIDs, err = chainOf(tx, rebaseOnto); err != nil {
+			if committed.ParentIDs, err = chainOf(ctx, tx, rebaseOnto); err != nil {
 				return err
 			}
 			pid = rebaseOnto.ID
@@ -517,7 +518,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 func (t *transaction) IDMap(ctx context.Context) (map[string]string, error) {
 	m := map[string]string{}
 	err := t.use(ctx, false, func(tx engineTx) error {
-		return tx.walk(func(name string, r *record) error {
+		return tx.walk(ctx, func(name string, r *record) error {
 			m[formatID(r.ID)] = name
 			return nil
 		})

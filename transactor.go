@@ -60,6 +60,9 @@ type transactionKey struct{}
 // transaction is the Transactor of every engine: it guards the lifecycle and
 // holds the engine transaction that the snapshot rules (snapshot.go) use.
 type transaction struct {
+	// ctx is the context the transaction began with; Commit, which takes
+	// none, runs under it.
+	ctx      context.Context
 	tx       engineTx
 	writable bool
 
@@ -79,7 +82,7 @@ func (t *transaction) Commit() error {
 	if !t.done.CompareAndSwap(false, true) {
 		return ErrTransactionDone
 	}
-	return t.tx.commit()
+	return t.tx.commit(t.ctx)
 }
 
 func (t *transaction) Rollback() error {
