@@ -97,7 +97,7 @@ func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (cont
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
 	}
 	t := &transaction{ctx: ctx, tx: etx, writable: writable}
-	return context.WithValue(ctx, transactionKey{}, t), t, nil
+	return ContextWithTransactor(ctx, t), t, nil
 }
 
 // Backoff bounds for retrying conflicts: long enough to let the winner of a

@@ -281,8 +281,12 @@ func adaptInfo(info snapshots.Info) filters.Adaptor {
 		switch fieldpath[0] {
 		case "kind":
 			switch info.Kind {
-			case snapshots.KindActive, snapshots.KindView, snapshots.KindCommitted:
-				return info.Kind.String(), true
+			case snapshots.KindActive:
+				return "active", true
+			case snapshots.KindView:
+				return "view", true
+			case snapshots.KindCommitted:
+				return "committed", true
 			}
 		case "name":
 			return info.Name, true

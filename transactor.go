@@ -111,13 +111,21 @@ func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) err
 	return op(t.tx)
 }
 
+// ContextWithTransactor returns a context carrying t, for the package-level
+// functions. MetaStore.TransactionContext does this already; it is for
+// MetaStore implementations outside this package (adapters over other
+// stores), so that drivers' calls reach their transactions too.
+func ContextWithTransactor(ctx context.Context, t Transactor) context.Context {
+	return context.WithValue(ctx, transactionKey{}, t)
+}
+
 // fromContext returns the transaction ctx carries.
-func fromContext(ctx context.Context) (*transaction, error) {
+func fromContext(ctx context.Context) (Transactor, error) {
 	if ctx == nil {
 		return nil, ErrNoTransaction
 	}
-	t, ok := ctx.Value(transactionKey{}).(*transaction)
-	if !ok {
+	t, ok := ctx.Value(transactionKey{}).(Transactor)
+	if !ok || t == nil {
 		return nil, ErrNoTransaction
 	}
 	return t, nil
