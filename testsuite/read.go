@@ -1,0 +1,248 @@
+package testsuite
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/snapmeta/storage"
+)
+
+// testGetInfo: GetInfo returns every field of a stored snapshot, and
+// NotFound for a missing one.
+func testGetInfo(t *testing.T, open Opener) {
+	t.Run("returns ID, kind, name, parent, labels, timestamps and usage of every snapshot", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		f := populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			for _, spec := range fixtureSnapshots {
+				t.Run(spec.name, func(t *testing.T) {
+					id, info, usage, err := storage.GetInfo(ctx, spec.name)
+					require.NoError(t, err)
+					assert.Equal(t, f.ids[spec.name], id, "ID")
+					assert.Equal(t, spec.kind, info.Kind, "kind")
+					assert.Equal(t, spec.name, info.Name, "name")
+					assert.Equal(t, spec.parent, info.Parent, "parent")
+					assert.Equal(t, normLabels(spec.labels), normLabels(info.Labels), "labels")
+					assert.Equal(t, spec.usage, usage, "usage (zero for active and view)")
+					assertStamps(t, info, f.start, f.end)
+				})
+			}
+		})
+	})
+
+	t.Run("returned labels do not alias stored ones", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			_, info, _ := mustGetInfo(t, ctx, "committed-1")
+			require.NotNil(t, info.Labels)
+			info.Labels["foo"] = "mutated"
+			info.Labels["added"] = "yes"
+			_, again, _ := mustGetInfo(t, ctx, "committed-1")
+			assert.Equal(t, map[string]string{"foo": "bar", "tier": "base"}, normLabels(again.Labels))
+		})
+	})
+
+	t.Run("missing snapshot is NotFound", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			_, _, _, err := storage.GetInfo(ctx, "does-not-exist")
+			assertClass(t, err, notFound)
+		})
+	})
+
+	t.Run("empty store is NotFound", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		inRead(t, ms, func(ctx context.Context) {
+			_, _, _, err := storage.GetInfo(ctx, "active-1")
+			assertClass(t, err, notFound)
+		})
+	})
+}
+
+// walkNames returns the names WalkInfo visits, in visiting order.
+func walkNames(ctx context.Context, filters ...string) ([]string, error) {
+	var names []string
+	err := storage.WalkInfo(ctx, func(_ context.Context, info snapshots.Info) error {
+		names = append(names, info.Name)
+		return nil
+	}, filters...)
+	return names, err
+}
+
+// testWalkInfo: WalkInfo visits each matching snapshot once, in name order,
+// with containerd's filter semantics; a callback error stops it.
+func testWalkInfo(t *testing.T, open Opener) {
+	all := []string{"active-1", "active-2", "active-3", "committed-1", "committed-2", "view-1", "view-2"}
+
+	t.Run("visits every snapshot once in name order with the same info as GetInfo", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			var names []string
+			err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+				names = append(names, info.Name)
+				// The callback may use the walking transaction.
+				_, got, _, err := storage.GetInfo(ctx, info.Name)
+				if assert.NoError(t, err, "GetInfo of %q inside the walk", info.Name) {
+					assert.Equal(t, got.Kind, info.Kind, "kind of %q", info.Name)
+					assert.Equal(t, got.Parent, info.Parent, "parent of %q", info.Name)
+					assert.Equal(t, normLabels(got.Labels), normLabels(info.Labels), "labels of %q", info.Name)
+					assert.True(t, got.Created.Equal(info.Created), "Created of %q", info.Name)
+					assert.True(t, got.Updated.Equal(info.Updated), "Updated of %q", info.Name)
+				}
+				return nil
+			})
+			require.NoError(t, err)
+			assert.Equal(t, all, names)
+		})
+	})
+
+	t.Run("filters", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		cases := []struct {
+			name    string
+			filters []string
+			want    []string
+		}{
+			{"no filter matches all", nil, all},
+			{"kind==committed", []string{"kind==committed"}, []string{"committed-1", "committed-2"}},
+			{"kind==active", []string{"kind==active"}, []string{"active-1", "active-2", "active-3"}},
+			{"kind==view", []string{"kind==view"}, []string{"view-1", "view-2"}},
+			{"kind!=committed", []string{"kind!=committed"}, []string{"active-1", "active-2", "active-3", "view-1", "view-2"}},
+			{"name equality", []string{"name==active-2"}, []string{"active-2"}},
+			{"name regexp", []string{"name~=^view-"}, []string{"view-1", "view-2"}},
+			{"parent equality", []string{"parent==committed-1"}, []string{"active-2", "committed-2"}},
+			{"label value", []string{"labels.foo==bar"}, []string{"active-1", "committed-1", "view-2"}},
+			{"label presence", []string{"labels.foo"}, []string{"active-1", "committed-1", "committed-2", "view-2"}},
+			{"label presence of a rare label", []string{"labels.tier"}, []string{"committed-1"}},
+			{"quoted label key with a dot", []string{`labels."dotted.key"==v`}, []string{"view-2"}},
+			{"comma is AND", []string{"kind==committed,labels.foo==bar"}, []string{"committed-1"}},
+			{"comma is AND on parent and kind", []string{"parent==committed-2,kind==view"}, []string{"view-2"}},
+			{"several filter strings are OR", []string{"kind==view", "labels.foo==bar"}, []string{"active-1", "committed-1", "view-1", "view-2"}},
+			{"OR of names with one matching nothing", []string{"name==active-1", "name==active-2", "name==nope"}, []string{"active-1", "active-2"}},
+			{"no match visits nothing", []string{"name==nope"}, nil},
+		}
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				inRead(t, ms, func(ctx context.Context) {
+					got, err := walkNames(ctx, tc.filters...)
+					require.NoError(t, err, "filters %q", tc.filters)
+					assert.Equal(t, tc.want, got, "filters %q", tc.filters)
+				})
+			})
+		}
+	})
+
+	t.Run("callback error stops the walk and is returned", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		errStop := errors.New("stop walking")
+		for _, stopAt := range []int{1, 3, len(all)} {
+			inRead(t, ms, func(ctx context.Context) {
+				calls := 0
+				err := storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error {
+					calls++
+					if calls == stopAt {
+						return errStop
+					}
+					return nil
+				})
+				assert.ErrorIs(t, err, errStop, "stop at call %d", stopAt)
+				assert.Equal(t, stopAt, calls, "calls after an error at call %d", stopAt)
+			})
+		}
+	})
+
+	t.Run("unparsable filter is InvalidArgument and calls nothing", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		for _, bad := range [][]string{{"kind=="}, {"==committed"}, {"kind==committed", "name~="}, {"kind==committed,"}} {
+			inRead(t, ms, func(ctx context.Context) {
+				calls := 0
+				err := storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error {
+					calls++
+					return nil
+				}, bad...)
+				assertClass(t, err, invalidArgument, "filters %q", bad)
+				assert.Zero(t, calls, "filters %q", bad)
+			})
+		}
+	})
+
+	t.Run("empty store returns nil without calls", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		inRead(t, ms, func(ctx context.Context) {
+			for _, fs := range [][]string{nil, {"kind==committed"}} {
+				got, err := walkNames(ctx, fs...)
+				assert.NoError(t, err, "filters %q", fs)
+				assert.Empty(t, got, "filters %q", fs)
+			}
+		})
+	})
+}
+
+// testGetSnapshot: GetSnapshot returns kind, ID and parent chain of active
+// and view snapshots only.
+func testGetSnapshot(t *testing.T, open Opener) {
+	t.Run("active and view return kind, ID and ParentIDs immediate parent first", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		f := populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			for _, name := range []string{"active-1", "active-2", "active-3", "view-1", "view-2"} {
+				t.Run(name, func(t *testing.T) {
+					s, err := storage.GetSnapshot(ctx, name)
+					require.NoError(t, err)
+					spec := f.specs[name]
+					assert.Equal(t, spec.kind, s.Kind, "kind")
+					assert.Equal(t, f.ids[name], s.ID, "ID")
+					assert.Equal(t, f.chain(spec.parent), normIDs(s.ParentIDs), "ParentIDs")
+					assert.Equal(t, normIDs(f.snaps[name].ParentIDs), normIDs(s.ParentIDs), "ParentIDs as CreateSnapshot returned them")
+				})
+			}
+		})
+	})
+
+	t.Run("committed is FailedPrecondition", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			for _, name := range []string{"committed-1", "committed-2"} {
+				_, err := storage.GetSnapshot(ctx, name)
+				assertClass(t, err, failedPrecondition, "GetSnapshot(%q)", name)
+			}
+		})
+	})
+
+	t.Run("missing is NotFound", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		populate(t, ms)
+		inRead(t, ms, func(ctx context.Context) {
+			_, err := storage.GetSnapshot(ctx, "does-not-exist")
+			assertClass(t, err, notFound)
+		})
+	})
+
+	t.Run("empty store is NotFound", func(t *testing.T) {
+		ms, _ := openStore(t, open)
+		inRead(t, ms, func(ctx context.Context) {
+			_, err := storage.GetSnapshot(ctx, "active-1")
+			assertClass(t, err, notFound)
+		})
+	})
+}
+
+// sorted returns a sorted copy of names.
+func sorted(names []string) []string {
+	out := slices.Clone(names)
+	slices.Sort(out)
+	return out
+}

@@ -1,0 +1,17 @@
+package testsuite_test
+
+import (
+	"path/filepath"
+	"testing"
+
+	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/testsuite"
+)
+
+// TestBoltMetaStoreSuite runs the conformance suite against the bbolt engine,
+// one database file per root directory.
+func TestBoltMetaStoreSuite(t *testing.T) {
+	testsuite.MetaStoreSuite(t, "bolt", func(_ testing.TB, root string) (storage.MetaStore, error) {
+		return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
+	})
+}
