@@ -166,17 +166,38 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
 
-func (b *boltTx) walk(_ context.Context, fn func(name string, r *record) error) error {
+func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err error) error) error {
 	if b.snaps == nil {
 		return nil
 	}
 	return b.snaps.ForEachBucket(func(k []byte) error {
 		r, err := decodeBolt(b.snaps.Bucket(k))
-		if err != nil {
-			return fmt.Errorf("snapshot %q: %w", k, err)
-		}
-		return fn(string(k), r)
+		return fn(string(k), r, err)
 	})
+}
+
+func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref) error) error {
+	if b.parents == nil {
+		return nil
+	}
+	return b.parents.ForEach(func(k, v []byte) error {
+		parent, n := binary.Uvarint(k)
+		if n <= 0 || len(k) <= n || k[n] != 0 {
+			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
+		}
+		child, m := binary.Uvarint(k[n+1:])
+		if m <= 0 || n+1+m != len(k) {
+			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
+		}
+		return fn(ref{id: parent}, ref{name: string(v), id: child})
+	})
+}
+
+func (b *boltTx) idLimit(context.Context) (uint64, error) {
+	if b.snaps == nil {
+		return 0, nil
+	}
+	return b.snaps.Sequence(), nil
 }
 
 func (b *boltTx) nextID(context.Context) (uint64, error) {

@@ -25,7 +25,6 @@ import (
 type EtcdOpt func(*etcdOptions) error
 
 type etcdOptions struct {
-	idBlockSize    uint64
 	pageSize       int64
 	maxTxnOps      int
 	requestTimeout time.Duration
@@ -35,24 +34,10 @@ type etcdOptions struct {
 // Defaults of the etcd engine. DefaultEtcdMaxTxnOps is etcd's own default
 // for --max-txn-ops.
 const (
-	DefaultEtcdIDBlockSize    = 128
 	DefaultEtcdPageSize       = 1000
 	DefaultEtcdMaxTxnOps      = 128
 	DefaultEtcdRequestTimeout = 15 * time.Second
 )
-
-// WithIDBlockSize sets how many IDs a store reserves from the shared
-// allocator at a time (see keys.go). Larger blocks mean fewer writes to the
-// allocator key; unused IDs of a block are skipped, never reused.
-func WithIDBlockSize(n uint64) EtcdOpt {
-	return func(o *etcdOptions) error {
-		if n == 0 {
-			return fmt.Errorf("ID block size must be positive: %w", errdefs.ErrInvalidArgument)
-		}
-		o.idBlockSize = n
-		return nil
-	}
-}
 
 // WithPageSize sets how many keys WalkInfo and IDMap read per request; it
 // bounds their memory.
@@ -134,7 +119,6 @@ func NewEtcdStoreFromClient(cli *clientv3.Client, root string, opts ...EtcdOpt) 
 
 func newEtcdStore(cli *clientv3.Client, own bool, root string, opts []EtcdOpt) (MetaStore, error) {
 	o := etcdOptions{
-		idBlockSize:    DefaultEtcdIDBlockSize,
 		pageSize:       DefaultEtcdPageSize,
 		maxTxnOps:      DefaultEtcdMaxTxnOps,
 		requestTimeout: DefaultEtcdRequestTimeout,
@@ -236,6 +220,11 @@ func mapEtcdErr(err error) error {
 	return fmt.Errorf("etcd: %w: %w", class, err)
 }
 
+// etcdIDBlockSize is how many IDs a store reserves at a time. It is part of
+// the layout: every client of a root must use the same size, or blocks
+// would overlap.
+const etcdIDBlockSize = 128
+
 // reserveIDs takes a new block of IDs from the shared allocator in one round
 // trip: the version of the block key numbers the blocks, the floor key
 // (raised by imports) offsets them. See keys.go.
@@ -261,8 +250,8 @@ func (e *etcdEngine) reserveIDs(ctx context.Context) (uint64, uint64, error) {
 			return 0, 0, fmt.Errorf("ID floor %q: %w", kvs[0].Value, ErrCorrupt)
 		}
 	}
-	start := floor + block*e.opts.idBlockSize + 1
-	return start, start + e.opts.idBlockSize, nil
+	start := floor + block*etcdIDBlockSize + 1
+	return start, start + etcdIDBlockSize, nil
 }
 
 func (e *etcdEngine) nextID(ctx context.Context) (uint64, error) {
@@ -491,7 +480,7 @@ func (t *etcdTx) readRange(start, end string) {
 	t.ranges[start] = end
 }
 
-func (t *etcdTx) walk(ctx context.Context, fn func(name string, r *record) error) error {
+func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err error) error) error {
 	start, end := t.e.keys.snapshotRange()
 	// The guard starts at the deletion marker, which sorts just before the
 	// snapshots, so removals conflict with this walk too.
@@ -506,11 +495,7 @@ func (t *etcdTx) walk(ctx context.Context, fn func(name string, r *record) error
 	slices.Sort(pending)
 	emit := func(key string, value []byte) error {
 		r, err := decodeRecord(value)
-		name := key[len(start):]
-		if err != nil {
-			return fmt.Errorf("snapshot %q: %w", name, err)
-		}
-		return fn(name, r)
+		return fn(key[len(start):], r, err)
 	}
 	flushBefore := func(key string, all bool) error {
 		for len(pending) > 0 && (all || pending[0] < key) {
@@ -525,8 +510,52 @@ func (t *etcdTx) walk(ctx context.Context, fn func(name string, r *record) error
 		return nil
 	}
 
-	from := start
-	for {
+	err := t.scanRange(ctx, start, end, func(kv *mvccpb.KeyValue) error {
+		key := string(kv.Key)
+		if err := flushBefore(key, false); err != nil {
+			return err
+		}
+		if _, mine := t.writes[key]; !mine {
+			return emit(key, kv.Value)
+		}
+		// The buffered write of this key replaces what etcd holds.
+		if len(pending) > 0 && pending[0] == key {
+			pending = pending[1:]
+			if v := t.writes[key]; v != nil {
+				return emit(key, v)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return flushBefore("", true)
+}
+
+func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
+	start := t.e.keys.prefix + KeyEtcdChildren + "/"
+	t.readRange(start, clientv3.GetPrefixRangeEnd(start))
+	return t.scanRange(ctx, start, clientv3.GetPrefixRangeEnd(start), func(kv *mvccpb.KeyValue) error {
+		rest := string(kv.Key[len(start):])
+		i := strings.LastIndexByte(rest, '/')
+		if i < 0 {
+			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		}
+		parent, ok := unescapeName(rest[:i])
+		child, err := strconv.ParseUint(rest[i+1:], 10, 64)
+		if !ok || err != nil {
+			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		}
+		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child})
+	})
+}
+
+// scanRange reads [start, end) from etcd in pages, every page at the
+// transaction's revision. It neither sees buffered writes nor guards the
+// range: callers do.
+func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *mvccpb.KeyValue) error) error {
+	for from := start; ; {
 		var resp *clientv3.GetResponse
 		err := t.e.call(ctx, func(ctx context.Context) (err error) {
 			resp, err = t.e.kv.Get(ctx, from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(t.e.opts.pageSize))...)
@@ -537,31 +566,40 @@ func (t *etcdTx) walk(ctx context.Context, fn func(name string, r *record) error
 		}
 		t.pinRevision(resp.Header.Revision)
 		for _, kv := range resp.Kvs {
-			key := string(kv.Key)
-			if err := flushBefore(key, false); err != nil {
-				return err
-			}
-			if _, mine := t.writes[key]; mine {
-				if len(pending) > 0 && pending[0] == key {
-					pending = pending[1:]
-					if v := t.writes[key]; v != nil {
-						if err := emit(key, v); err != nil {
-							return err
-						}
-					}
-				}
-				continue
-			}
-			if err := emit(key, kv.Value); err != nil {
+			if err := fn(kv); err != nil {
 				return err
 			}
 		}
 		if !resp.More || len(resp.Kvs) == 0 {
-			break
+			return nil
 		}
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
-	return flushBefore("", true)
+}
+
+func (t *etcdTx) idLimit(ctx context.Context) (uint64, error) {
+	var resp *clientv3.TxnResponse
+	err := t.e.call(ctx, func(ctx context.Context) (err error) {
+		resp, err = t.e.kv.Txn(ctx).Then(
+			clientv3.OpGet(t.e.keys.idBlock, t.readOpts()...),
+			clientv3.OpGet(t.e.keys.idFloor, t.readOpts()...),
+		).Commit()
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	t.pinRevision(resp.Header.Revision)
+	var blocks, floor uint64
+	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+		blocks = uint64(kvs[0].Version)
+	}
+	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+		if floor, err = strconv.ParseUint(string(kvs[0].Value), 10, 64); err != nil {
+			return 0, fmt.Errorf("ID floor %q: %w", kvs[0].Value, ErrCorrupt)
+		}
+	}
+	return floor + blocks*etcdIDBlockSize, nil
 }
 
 func (t *etcdTx) nextID(ctx context.Context) (uint64, error) { return t.e.nextID(ctx) }

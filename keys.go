@@ -55,11 +55,12 @@ const (
 // usage. In the children index the parent name is percent-escaped ('%' and
 // '/') so it is one path element and no name reaches another's children.
 //
-// IDs: a store reserves a block of WithIDBlockSize IDs at a time by putting
-// ids/block and reading the version it replaced (one round trip, atomic in
-// etcd): block v is floor + v*size + 1 ... floor + (v+1)*size. Blocks never
-// overlap, IDs are never reused (unused ones of a block are skipped), and
-// only one create in a block's worth touches the allocator key.
+// IDs: a store reserves a block of 128 IDs at a time by putting ids/block
+// and reading the version it replaced (one round trip, atomic in etcd):
+// block v is floor + v*128 + 1 ... floor + (v+1)*128. Blocks never overlap,
+// IDs are never reused (unused ones of a block are skipped, also when a
+// store restarts), and only one create in 128 touches the allocator key.
+// The block size is part of the layout: every client of a root uses it.
 const (
 	KeyEtcdVersion   = "storage.v1"
 	KeyEtcdSnapshots = "snapshots"

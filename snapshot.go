@@ -63,9 +63,15 @@ type engineTx interface {
 	unlink(parent, child ref) error
 	// hasChildren reports whether any index entry has parent p.
 	hasChildren(ctx context.Context, p ref) (bool, error)
-	// walk calls fn for every record in name order and stops at its first
-	// error. r is valid only during the call.
-	walk(ctx context.Context, fn func(name string, r *record) error) error
+	// scan calls fn for every stored snapshot in name order, with its record
+	// or the error decoding it, and stops at fn's first error.
+	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
+	// scanLinks calls fn for every children-index entry; each engine fills
+	// in the parts of parent it keys the index by (bbolt the ID, etcd the
+	// name). It is for Check.
+	scanLinks(ctx context.Context, fn func(parent, child ref) error) error
+	// idLimit returns the highest ID the allocator may have handed out.
+	idLimit(ctx context.Context) (uint64, error)
 	// nextID returns an ID never handed out before in this store.
 	nextID(ctx context.Context) (uint64, error)
 	// commit applies every write at once or none; rollback drops them.
@@ -128,6 +134,17 @@ func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
 		}
 	}
 	return base, nil
+}
+
+// walkRecords calls fn for every record in name order; a record that does
+// not decode ends the walk with its error.
+func walkRecords(ctx context.Context, tx engineTx, fn func(name string, r *record) error) error {
+	return tx.scan(ctx, func(name string, r *record, err error) error {
+		if err != nil {
+			return fmt.Errorf("snapshot %q: %w", name, err)
+		}
+		return fn(name, r)
+	})
 }
 
 // getOne returns the record of name, or a NotFound error.
@@ -262,7 +279,7 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 		return err
 	}
 	return t.use(ctx, false, func(tx engineTx) error {
-		return tx.walk(ctx, func(name string, r *record) error {
+		return walkRecords(ctx, tx, func(name string, r *record) error {
 			info := r.info(name)
 			if !filter.Match(adaptInfo(info)) {
 				return nil
@@ -522,7 +539,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 func (t *transaction) IDMap(ctx context.Context) (map[string]string, error) {
 	m := map[string]string{}
 	err := t.use(ctx, false, func(tx engineTx) error {
-		return tx.walk(ctx, func(name string, r *record) error {
+		return walkRecords(ctx, tx, func(name string, r *record) error {
 			m[formatID(r.ID)] = name
 			return nil
 		})

@@ -1,0 +1,219 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"slices"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+)
+
+// Problem is one broken invariant found by Check.
+type Problem struct {
+	// Snapshot names the snapshot concerned; it is empty for a problem of
+	// the store as a whole.
+	Snapshot string
+	// Detail says what is wrong.
+	Detail string
+}
+
+func (p Problem) String() string {
+	if p.Snapshot == "" {
+		return p.Detail
+	}
+	return fmt.Sprintf("snapshot %q: %s", p.Snapshot, p.Detail)
+}
+
+// Check verifies every invariant of the store in one read-only transaction
+// and returns each problem found, in a stable order (none: nil):
+//
+//   - every record decodes;
+//   - every snapshot's parent exists and is committed;
+//   - the children index holds exactly the parent links of the records;
+//   - IDs are unique, and none is above what the ID allocator has handed out;
+//   - every stored parent chain equals the chain found by following parents.
+//
+// The error is for a store that cannot be read at all, or a MetaStore not
+// made by this package (class NotImplemented). Check holds every record's
+// identity in memory: some tens of bytes per snapshot.
+func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
+	tctx, tr, err := ms.TransactionContext(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	defer tr.Rollback()
+	t, ok := tr.(*transaction)
+	if !ok {
+		return nil, fmt.Errorf("check needs a store made by this package: %w", errdefs.ErrNotImplemented)
+	}
+	var problems []Problem
+	err = t.use(tctx, false, func(tx engineTx) error {
+		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}}
+		if err := tx.scan(tctx, c.addRecord); err != nil {
+			return err
+		}
+		if err := tx.scanLinks(tctx, c.addLink); err != nil {
+			return err
+		}
+		limit, err := tx.idLimit(tctx)
+		if err != nil {
+			return err
+		}
+		problems = c.problems(limit)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return problems, nil
+}
+
+// checker gathers what Check reads and judges it afterwards.
+type checker struct {
+	records map[string]*record
+	byID    map[uint64][]string
+	links   []link
+	found   []Problem
+}
+
+type link struct{ parent, child ref }
+
+func (c *checker) report(name, format string, args ...any) {
+	c.found = append(c.found, Problem{Snapshot: name, Detail: fmt.Sprintf(format, args...)})
+}
+
+func (c *checker) addRecord(name string, r *record, decodeErr error) error {
+	if decodeErr != nil {
+		c.report(name, "record does not decode: %v", decodeErr)
+		return nil
+	}
+	r.Labels = nil // not needed; keep memory small
+	c.records[name] = r
+	c.byID[r.ID] = append(c.byID[r.ID], name)
+	return nil
+}
+
+func (c *checker) addLink(parent, child ref) error {
+	c.links = append(c.links, link{parent, child})
+	return nil
+}
+
+func (c *checker) problems(idLimit uint64) []Problem {
+	names := slices.Sorted(func(yield func(string) bool) {
+		for n := range c.records {
+			if !yield(n) {
+				return
+			}
+		}
+	})
+	for _, name := range names {
+		r := c.records[name]
+		switch r.Kind {
+		case snapshots.KindActive, snapshots.KindView, snapshots.KindCommitted:
+		default:
+			c.report(name, "unknown kind %d", int(r.Kind))
+		}
+		if owners := c.byID[r.ID]; len(owners) > 1 && owners[0] == name {
+			c.report(name, "ID %d is shared with %q", r.ID, owners[1:])
+		}
+		if r.ID == 0 || r.ID > idLimit {
+			c.report(name, "ID %d is outside what the allocator handed out (1..%d) and could be handed out again", r.ID, idLimit)
+		}
+		c.checkParent(name, r)
+	}
+	c.checkLinks()
+	return c.found
+}
+
+func (c *checker) checkParent(name string, r *record) {
+	if r.Parent == "" {
+		if len(r.ParentIDs) > 0 {
+			c.report(name, "has no parent but stores parent chain %v", r.ParentIDs)
+		}
+		return
+	}
+	p, ok := c.records[r.Parent]
+	if !ok {
+		c.report(name, "parent %q does not exist", r.Parent)
+		return
+	}
+	if p.Kind != snapshots.KindCommitted {
+		c.report(name, "parent %q is %s, not committed", r.Parent, kindName(p.Kind))
+	}
+	if len(r.ParentIDs) == 0 {
+		return // a record written by containerd: the chain is followed
+	}
+	if followed, ok := c.follow(r); !ok {
+		c.report(name, "parent chain cannot be followed (a parent is missing or the chain loops)")
+	} else if !slices.Equal(followed, r.ParentIDs) {
+		c.report(name, "stored parent chain %v differs from the followed chain %v", r.ParentIDs, followed)
+	}
+}
+
+// follow walks the parents of r by name.
+func (c *checker) follow(r *record) ([]uint64, bool) {
+	var chain []uint64
+	for r.Parent != "" {
+		p, ok := c.records[r.Parent]
+		if !ok || len(chain) > len(c.records) {
+			return nil, false
+		}
+		chain = append(chain, p.ID)
+		r = p
+	}
+	return chain, true
+}
+
+// checkLinks compares the children index with the parent links of the
+// records, matching each index entry by the parts the engine keys it by.
+func (c *checker) checkLinks() {
+	type key struct {
+		parentName string
+		parentID   uint64
+		child      uint64
+	}
+	want := map[key]string{} // -> child name
+	byName := false
+	for _, l := range c.links {
+		byName = byName || l.parent.name != ""
+	}
+	for name, r := range c.records {
+		p, ok := c.records[r.Parent]
+		if r.Parent == "" || !ok {
+			continue
+		}
+		k := key{parentID: p.ID, child: r.ID}
+		if byName {
+			k = key{parentName: r.Parent, child: r.ID}
+		}
+		want[k] = name
+	}
+	for _, l := range c.links {
+		k := key{parentName: l.parent.name, parentID: l.parent.id, child: l.child.id}
+		name, ok := want[k]
+		switch {
+		case !ok:
+			c.report(l.child.name, "children index links it (ID %d) to parent %s, but no record has that parent link", l.child.id, describeRef(l.parent))
+		case name != l.child.name:
+			c.report(name, "children index names the child %q", l.child.name)
+		}
+		delete(want, k)
+	}
+	for _, name := range slices.Sorted(func(yield func(string) bool) {
+		for _, n := range want {
+			if !yield(n) {
+				return
+			}
+		}
+	}) {
+		c.report(name, "missing from the children index of its parent %q", c.records[name].Parent)
+	}
+}
+
+func describeRef(r ref) string {
+	if r.name != "" {
+		return fmt.Sprintf("%q", r.name)
+	}
+	return fmt.Sprintf("ID %d", r.id)
+}
