@@ -53,7 +53,8 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 }
 
 type boltEngine struct {
-	db *bolt.DB
+	db    *bolt.DB
+	group boltGroup
 }
 
 func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
@@ -61,12 +62,16 @@ func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newBoltTx(tx), nil
+}
+
+func newBoltTx(tx *bolt.Tx) *boltTx {
 	bt := &boltTx{tx: tx}
 	if v := tx.Bucket([]byte(KeyVersion)); v != nil {
 		bt.snaps = v.Bucket([]byte(KeySnapshots))
 		bt.parents = v.Bucket([]byte(KeyParents))
 	}
-	return bt, nil
+	return bt
 }
 
 func (e *boltEngine) close() error { return e.db.Close() }
@@ -77,6 +82,9 @@ type boltTx struct {
 	tx      *bolt.Tx
 	snaps   *bolt.Bucket
 	parents *bolt.Bucket
+	// undo, when set, records how to revert each write: one caller's share
+	// of a group commit (bolt_group.go) is undone this way.
+	undo *undoLog
 }
 
 func (b *boltTx) commit(context.Context) error { return b.tx.Commit() }
@@ -87,6 +95,7 @@ func (b *boltTx) ensureBuckets() error {
 	if b.snaps != nil && b.parents != nil {
 		return nil
 	}
+	b.undo.bucketsCreated(b)
 	v, err := b.tx.CreateBucketIfNotExists([]byte(KeyVersion))
 	if err != nil {
 		return fmt.Errorf("failed to create version bucket: %w", err)
@@ -126,6 +135,7 @@ func (b *boltTx) put(name string, r *record) error {
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
+	b.undo.bucketChanged(b.snaps, name)
 	sb, err := b.snaps.CreateBucketIfNotExists([]byte(name))
 	if err != nil {
 		return fmt.Errorf("snapshot %q: %w", name, err)
@@ -140,6 +150,7 @@ func (b *boltTx) delete(name string) error {
 	if b.snaps == nil {
 		return nil
 	}
+	b.undo.bucketChanged(b.snaps, name)
 	return b.snaps.DeleteBucket([]byte(name))
 }
 
@@ -147,14 +158,18 @@ func (b *boltTx) link(parent, child ref) error {
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
-	return b.parents.Put(parentLinkKey(parent.id, child.id), []byte(child.name))
+	k := parentLinkKey(parent.id, child.id)
+	b.undo.keyChanged(b.parents, k)
+	return b.parents.Put(k, []byte(child.name))
 }
 
 func (b *boltTx) unlink(parent, child ref) error {
 	if b.parents == nil {
 		return nil
 	}
-	return b.parents.Delete(parentLinkKey(parent.id, child.id))
+	k := parentLinkKey(parent.id, child.id)
+	b.undo.keyChanged(b.parents, k)
+	return b.parents.Delete(k)
 }
 
 func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
@@ -204,6 +219,7 @@ func (b *boltTx) nextID(context.Context) (uint64, error) {
 	if err := b.ensureBuckets(); err != nil {
 		return 0, err
 	}
+	b.undo.sequenceChanged(b.snaps)
 	return b.snaps.NextSequence()
 }
 

@@ -107,7 +107,18 @@ const (
 	retryBackoffMax = 100 * time.Millisecond
 )
 
+// groupCommitter is an engine that lets concurrent writable WithTransaction
+// calls share one commit (bbolt: see bolt_group.go). runInGroup runs fn on
+// the engine transaction and returns when its writes are durable or have
+// been undone.
+type groupCommitter interface {
+	runInGroup(fn func(engineTx) error) error
+}
+
 func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error {
+	if gcm, ok := s.eng.(groupCommitter); ok && writable {
+		return s.runInGroup(ctx, gcm, fn)
+	}
 	backoff := retryBackoffMin
 	for {
 		err := s.runOnce(ctx, writable, fn)
@@ -125,6 +136,26 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 		}
 		backoff = min(2*backoff, retryBackoffMax)
 	}
+}
+
+func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn TransactionCallback) error {
+	if ctx == nil {
+		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return ErrClosed
+	}
+	return gcm.runInGroup(func(etx engineTx) error {
+		t := &transaction{ctx: ctx, tx: etx, writable: true}
+		// The group commits; the callback's transaction ends with it.
+		defer t.done.Store(true)
+		return fn(ContextWithTransactor(ctx, t))
+	})
 }
 
 func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback) error {

@@ -1,0 +1,257 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Group commit for bbolt.
+//
+// bbolt has one writer at a time and every commit costs an fsync, so
+// writers queue behind one another's fsyncs. Concurrent writable
+// WithTransaction calls instead share one bbolt transaction: each caller
+// runs its own callback, in turn and on its own goroutine, on the open
+// transaction; the last caller of a group, the one that finds nobody
+// waiting, commits for all of them with one fsync. Every caller returns
+// only after that commit, with its error. A callback that fails has its
+// writes undone from an undo log before the next callback runs, so it
+// affects no other caller, and no callback ever runs twice. A lone writer
+// commits at once: there is no batching delay.
+
+// maxGroupSize bounds how many callers share one commit, so that a steady
+// stream of writers still commits regularly.
+const maxGroupSize = 128
+
+type boltGroup struct {
+	mu      sync.Mutex   // held while one callback runs on the open transaction
+	waiting atomic.Int32 // callers waiting for mu: the group is not complete
+	tx      *bolt.Tx     // the open shared transaction, nil between groups
+	commit  *groupCommit
+}
+
+// groupCommit is the outcome of one shared commit.
+type groupCommit struct {
+	members int
+	done    chan struct{}
+	err     error
+}
+
+// runInGroup runs fn as one caller's share of a group commit and returns
+// when that share is durable or has failed.
+func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
+	g := &e.group
+	g.waiting.Add(1)
+	g.mu.Lock()
+	g.waiting.Add(-1)
+	if g.tx == nil {
+		tx, err := e.db.Begin(true)
+		if err != nil {
+			g.mu.Unlock()
+			return fmt.Errorf("failed to start transaction: %w", err)
+		}
+		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
+	}
+	gc := g.commit
+	bt := newBoltTx(g.tx)
+	bt.undo = &undoLog{}
+
+	err := runGuarded(fn, bt)
+	if err == nil {
+		gc.members++
+	} else if uerr := bt.undo.revert(); uerr != nil {
+		// The shared transaction is in an unknown state: nobody's share
+		// may be committed.
+		_ = g.tx.Rollback()
+		g.tx = nil
+		gc.err = fmt.Errorf("group commit aborted: undo failed: %w", uerr)
+		close(gc.done)
+		g.mu.Unlock()
+		return errors.Join(err, gc.err)
+	}
+
+	if g.waiting.Load() == 0 || gc.members >= maxGroupSize {
+		tx := g.tx
+		g.tx, g.commit = nil, nil
+		g.mu.Unlock()
+		if gc.members > 0 {
+			gc.err = tx.Commit()
+		} else {
+			gc.err = tx.Rollback()
+		}
+		close(gc.done)
+	} else {
+		g.mu.Unlock()
+	}
+	var p *callbackPanic
+	if errors.As(err, &p) {
+		panic(p.value)
+	}
+	if err != nil {
+		return err
+	}
+	<-gc.done
+	if gc.err != nil {
+		return fmt.Errorf("commit failed: %w", gc.err)
+	}
+	return nil
+}
+
+// callbackPanic carries a callback's panic past the group bookkeeping, to
+// be raised again on the caller's goroutine.
+type callbackPanic struct{ value any }
+
+func (p *callbackPanic) Error() string { return fmt.Sprintf("callback panicked: %v", p.value) }
+
+// runGuarded runs fn, turning a panic into an error so that the panicking
+// caller's writes are undone and the shared transaction stays usable.
+func runGuarded(fn func(engineTx) error, bt *boltTx) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &callbackPanic{p}
+		}
+	}()
+	return fn(bt)
+}
+
+// undoLog records, before each write of one caller, how to put things back.
+// Its methods are no-ops on a nil log (an ordinary transaction, which
+// bbolt's rollback reverts).
+type undoLog struct {
+	steps []func() error
+}
+
+func (u *undoLog) add(step func() error) {
+	if u != nil {
+		u.steps = append(u.steps, step)
+	}
+}
+
+// revert applies the recorded steps, last first.
+func (u *undoLog) revert() error {
+	for i := len(u.steps) - 1; i >= 0; i-- {
+		if err := u.steps[i](); err != nil {
+			return err
+		}
+	}
+	u.steps = nil
+	return nil
+}
+
+// bucketsCreated remembers which layout buckets do not exist yet.
+func (u *undoLog) bucketsCreated(b *boltTx) {
+	if u == nil {
+		return
+	}
+	tx := b.tx
+	if tx.Bucket([]byte(KeyVersion)) == nil {
+		u.add(func() error {
+			b.snaps, b.parents = nil, nil
+			return tx.DeleteBucket([]byte(KeyVersion))
+		})
+		return
+	}
+	v := tx.Bucket([]byte(KeyVersion))
+	for _, name := range []string{KeySnapshots, KeyParents} {
+		if v.Bucket([]byte(name)) == nil {
+			u.add(func() error {
+				b.snaps, b.parents = nil, nil
+				return v.DeleteBucket([]byte(name))
+			})
+		}
+	}
+}
+
+// bucketChanged remembers the whole sub-bucket name of parent (a snapshot),
+// or its absence.
+func (u *undoLog) bucketChanged(parent *bolt.Bucket, name string) {
+	if u == nil {
+		return
+	}
+	saved := saveBucket(parent.Bucket([]byte(name)))
+	u.add(func() error {
+		if parent.Bucket([]byte(name)) != nil {
+			if err := parent.DeleteBucket([]byte(name)); err != nil {
+				return err
+			}
+		}
+		if saved == nil {
+			return nil
+		}
+		return saved.restore(parent, []byte(name))
+	})
+}
+
+// keyChanged remembers the value of key in b, or its absence.
+func (u *undoLog) keyChanged(b *bolt.Bucket, key []byte) {
+	if u == nil {
+		return
+	}
+	prev := b.Get(key)
+	if prev == nil {
+		u.add(func() error { return b.Delete(key) })
+		return
+	}
+	prev = append([]byte(nil), prev...)
+	u.add(func() error { return b.Put(key, prev) })
+}
+
+// sequenceChanged remembers a bucket's sequence, so an undone create gives
+// its ID back and IDs stay dense, exactly as after a rollback.
+func (u *undoLog) sequenceChanged(b *bolt.Bucket) {
+	if u == nil {
+		return
+	}
+	seq := b.Sequence()
+	u.add(func() error { return b.SetSequence(seq) })
+}
+
+// savedBucket is a deep copy of a bucket.
+type savedBucket struct {
+	seq  uint64
+	kvs  [][2][]byte
+	subs map[string]*savedBucket
+}
+
+func saveBucket(b *bolt.Bucket) *savedBucket {
+	if b == nil {
+		return nil
+	}
+	s := &savedBucket{seq: b.Sequence()}
+	_ = b.ForEach(func(k, v []byte) error {
+		if v == nil {
+			if s.subs == nil {
+				s.subs = map[string]*savedBucket{}
+			}
+			s.subs[string(k)] = saveBucket(b.Bucket(k))
+			return nil
+		}
+		s.kvs = append(s.kvs, [2][]byte{append([]byte(nil), k...), append([]byte(nil), v...)})
+		return nil
+	})
+	return s
+}
+
+func (s *savedBucket) restore(parent *bolt.Bucket, name []byte) error {
+	b, err := parent.CreateBucket(name)
+	if err != nil {
+		return err
+	}
+	if err := b.SetSequence(s.seq); err != nil {
+		return err
+	}
+	for _, kv := range s.kvs {
+		if err := b.Put(kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	for name, sub := range s.subs {
+		if err := sub.restore(b, []byte(name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
