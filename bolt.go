@@ -223,6 +223,17 @@ func (b *boltTx) nextID(context.Context) (uint64, error) {
 	return b.snaps.NextSequence()
 }
 
+func (b *boltTx) raiseIDs(_ context.Context, id uint64) error {
+	if err := b.ensureBuckets(); err != nil {
+		return err
+	}
+	if b.snaps.Sequence() >= id {
+		return nil
+	}
+	b.undo.sequenceChanged(b.snaps)
+	return b.snaps.SetSequence(id)
+}
+
 // parentLinkKey is containerd's parents-bucket key: the uvarint parent ID, a
 // zero byte, the uvarint child ID.
 func parentLinkKey(parent, child uint64) []byte {

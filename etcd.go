@@ -254,6 +254,14 @@ func (e *etcdEngine) reserveIDs(ctx context.Context) (uint64, uint64, error) {
 	return start, start + etcdIDBlockSize, nil
 }
 
+// dropIDBlock forgets the reserved block, so the next ID comes from a new
+// one.
+func (e *etcdEngine) dropIDBlock() {
+	e.idMu.Lock()
+	defer e.idMu.Unlock()
+	e.idNext = e.idLimit
+}
+
 func (e *etcdEngine) nextID(ctx context.Context) (uint64, error) {
 	e.idMu.Lock()
 	defer e.idMu.Unlock()
@@ -603,6 +611,44 @@ func (t *etcdTx) idLimit(ctx context.Context) (uint64, error) {
 }
 
 func (t *etcdTx) nextID(ctx context.Context) (uint64, error) { return t.e.nextID(ctx) }
+
+// raiseIDs raises the floor of the ID blocks (see keys.go) in this
+// transaction; the floor read is guarded like any other read.
+func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
+	k := t.e.keys.idFloor
+	s, ok := t.seen[k]
+	if !ok {
+		var resp *clientv3.GetResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Get(ctx, k, t.readOpts()...)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		t.pinRevision(resp.Header.Revision)
+		if len(resp.Kvs) > 0 {
+			s = seenKey{modRev: resp.Kvs[0].ModRevision, value: resp.Kvs[0].Value}
+		}
+		t.seen[k] = s
+	}
+	floor := uint64(0)
+	if v, buffered := t.writes[k]; buffered {
+		s.value = v
+	}
+	if s.value != nil {
+		var err error
+		if floor, err = strconv.ParseUint(string(s.value), 10, 64); err != nil {
+			return fmt.Errorf("ID floor %q: %w", s.value, ErrCorrupt)
+		}
+	}
+	if id > floor {
+		t.write(k, []byte(strconv.FormatUint(id, 10)))
+		// This store's reserved block may lie below the new floor.
+		t.e.dropIDBlock()
+	}
+	return nil
+}
 
 func (t *etcdTx) rollback() error {
 	t.writes, t.seen, t.ranges, t.peeks = nil, nil, nil, nil

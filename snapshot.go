@@ -74,6 +74,8 @@ type engineTx interface {
 	idLimit(ctx context.Context) (uint64, error)
 	// nextID returns an ID never handed out before in this store.
 	nextID(ctx context.Context) (uint64, error)
+	// raiseIDs makes sure nextID never returns id or below (for imports).
+	raiseIDs(ctx context.Context, id uint64) error
 	// commit applies every write at once or none; rollback drops them.
 	commit(ctx context.Context) error
 	rollback() error
