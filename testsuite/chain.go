@@ -50,7 +50,7 @@ func testParentIDChain(t *testing.T, open Opener) {
 		assert.Equal(t, reversed(ids), top.ParentIDs, "ParentIDs of the active on top, as created")
 	})
 
-	t.Run("GetSnapshot returns the chain of the top active after commit", func(t *testing.T) {
+	run(t, "GetSnapshot returns the chain of the top active after commit", func(t *testing.T) {
 		inRead(t, ms, func(ctx context.Context) {
 			s, err := storage.GetSnapshot(ctx, "top")
 			require.NoError(t, err)
@@ -59,7 +59,7 @@ func testParentIDChain(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("every layer's info names its parent and keeps its ID", func(t *testing.T) {
+	run(t, "every layer's info names its parent and keeps its ID", func(t *testing.T) {
 		inRead(t, ms, func(ctx context.Context) {
 			for i := range chainDepth {
 				id, info, usage := mustGetInfo(t, ctx, layer(i))
@@ -74,7 +74,7 @@ func testParentIDChain(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("a view on every layer returns the suffix of the chain", func(t *testing.T) {
+	run(t, "a view on every layer returns the suffix of the chain", func(t *testing.T) {
 		ctx, tx := begin(t, ms, true)
 		defer func() { assert.NoError(t, tx.Rollback()) }()
 		for i := range chainDepth {
@@ -108,7 +108,7 @@ func testRebaseOnCommit(t *testing.T, open Opener) {
 		{name: "view parent is FailedPrecondition", created: "", rebase: "other-view", useOpt: true, wantClass: &failedPrecondition},
 	}
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
+		run(t, c.name, func(t *testing.T) {
 			ms, _ := openStore(t, open)
 			ids := map[string]string{}
 			var activeID string
@@ -198,12 +198,12 @@ func testUsage(t *testing.T, open Opener) {
 	for i, u := range usages {
 		mustLayer(t, ctx, fmt.Sprintf("usage-%d", i), "", u.usage)
 	}
-	t.Run("round trips in the writing transaction", func(t *testing.T) { check(t, ctx) })
+	run(t, "round trips in the writing transaction", func(t *testing.T) { check(t, ctx) })
 	require.NoError(t, tx.Commit())
-	t.Run("round trips after commit", func(t *testing.T) {
+	run(t, "round trips after commit", func(t *testing.T) {
 		inRead(t, ms, func(ctx context.Context) { check(t, ctx) })
 	})
-	t.Run("round trips after reopening", func(t *testing.T) {
+	run(t, "round trips after reopening", func(t *testing.T) {
 		require.NoError(t, ms.Close())
 		ms2 := openAt(t, open, root)
 		inRead(t, ms2, func(ctx context.Context) { check(t, ctx) })
@@ -212,7 +212,7 @@ func testUsage(t *testing.T, open Opener) {
 
 // testIDMap: IDMap maps every ID to its current name.
 func testIDMap(t *testing.T, open Opener) {
-	t.Run("maps every ID to its name for all kinds", func(t *testing.T) {
+	run(t, "maps every ID to its name for all kinds", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		want := map[string]string{}
@@ -227,7 +227,7 @@ func testIDMap(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("after commit maps the ID to the new name", func(t *testing.T) {
+	run(t, "after commit maps the ID to the new name", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inWrite(t, ms, func(ctx context.Context) {
@@ -242,7 +242,7 @@ func testIDMap(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("after remove drops the ID", func(t *testing.T) {
+	run(t, "after remove drops the ID", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inWrite(t, ms, func(ctx context.Context) { mustRemove(t, ctx, "view-1") })
@@ -254,7 +254,7 @@ func testIDMap(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("empty store gives an empty map", func(t *testing.T) {
+	run(t, "empty store gives an empty map", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		inRead(t, ms, func(ctx context.Context) {
 			got, err := storage.IDMap(ctx)
@@ -275,7 +275,7 @@ func values(m map[string]string) []string {
 // testIDs: IDs are unique, survive commit, and are never handed out twice,
 // even after the snapshot holding one is removed.
 func testIDs(t *testing.T, open Opener) {
-	t.Run("unique across kinds", func(t *testing.T) {
+	run(t, "unique across kinds", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		seen := map[string]string{}
@@ -288,7 +288,7 @@ func testIDs(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("stable across commit", func(t *testing.T) {
+	run(t, "stable across commit", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		var created storage.Snapshot
@@ -313,7 +313,7 @@ func testIDs(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("never reused after remove", func(t *testing.T) {
+	run(t, "never reused after remove", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		seen := map[string]bool{}
 		fresh := func(id string, what string) {

@@ -172,7 +172,7 @@ func testConcurrency(t *testing.T, open Opener) {
 	require.False(t, t.Failed(), "a writer or reader failed")
 	require.Len(t, results, concurrentWriters*concurrentIterations)
 
-	t.Run("every committed layer is there with its ID and usage", func(t *testing.T) {
+	run(t, "every committed layer is there with its ID and usage", func(t *testing.T) {
 		inRead(t, ms, func(ctx context.Context) {
 			want := []string{"base"}
 			for _, r := range results {
@@ -194,7 +194,7 @@ func testConcurrency(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("IDs are unique and IDMap matches WalkInfo", func(t *testing.T) {
+	run(t, "IDs are unique and IDMap matches WalkInfo", func(t *testing.T) {
 		seen := map[string]string{baseID: "base"}
 		for _, r := range results {
 			if other, dup := seen[r.id]; dup {
@@ -214,7 +214,7 @@ func testConcurrency(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("the shared parent cannot be removed until its children are", func(t *testing.T) {
+	run(t, "the shared parent cannot be removed until its children are", func(t *testing.T) {
 		refusal(t, ms, failedPrecondition, func(ctx context.Context) error {
 			_, _, err := storage.Remove(ctx, "base")
 			return err

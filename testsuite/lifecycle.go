@@ -17,7 +17,7 @@ import (
 
 // testRollback: a rolled-back transaction leaves no trace.
 func testRollback(t *testing.T, open Opener) {
-	t.Run("creates, commits, removes and updates leave no trace", func(t *testing.T) {
+	run(t, "creates, commits, removes and updates leave no trace", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -45,7 +45,7 @@ func testRollback(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("first transaction on an empty store leaves it empty", func(t *testing.T) {
+	run(t, "first transaction on an empty store leaves it empty", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		ctx, tx := begin(t, ms, true)
 		mustLayer(t, ctx, "first", "", snapshots.Usage{Size: 1})
@@ -58,7 +58,7 @@ func testRollback(t *testing.T, open Opener) {
 // testPersistence: a committed transaction survives Close and reopening the
 // same root, and roots are isolated.
 func testPersistence(t *testing.T, open Opener) {
-	t.Run("every field survives Close and reopen", func(t *testing.T) {
+	run(t, "every field survives Close and reopen", func(t *testing.T) {
 		ms, root := openStore(t, open)
 		populate(t, ms)
 		var goneID string
@@ -98,14 +98,14 @@ func testPersistence(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("an empty store reopens empty", func(t *testing.T) {
+	run(t, "an empty store reopens empty", func(t *testing.T) {
 		ms, root := openStore(t, open)
 		require.NoError(t, ms.Close())
 		ms2 := openAt(t, open, root)
 		assert.Equal(t, storeState{Snapshots: map[string]snapshotState{}, IDMap: map[string]string{}}, dump(t, ms2))
 	})
 
-	t.Run("different roots are isolated", func(t *testing.T) {
+	run(t, "different roots are isolated", func(t *testing.T) {
 		msA, _ := openStore(t, open)
 		msB, _ := openStore(t, open)
 		populate(t, msA)
@@ -222,7 +222,7 @@ func assertAllRefused(t *testing.T, ctx context.Context, tx storage.Transactor, 
 // testMisuse: every misuse of a transaction or a store is refused with the
 // storage sentinel for it and changes nothing.
 func testMisuse(t *testing.T, open Opener) {
-	t.Run("writes in a read-only transaction are ErrReadOnly", func(t *testing.T) {
+	run(t, "writes in a read-only transaction are ErrReadOnly", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -239,7 +239,7 @@ func testMisuse(t *testing.T, open Opener) {
 		assert.Equal(t, before, dump(t, ms))
 	})
 
-	t.Run("every method after Commit is ErrTransactionDone", func(t *testing.T) {
+	run(t, "every method after Commit is ErrTransactionDone", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		ctx, tx := begin(t, ms, true)
@@ -254,7 +254,7 @@ func testMisuse(t *testing.T, open Opener) {
 	})
 
 	for _, writable := range []bool{true, false} {
-		t.Run(fmt.Sprintf("every method after Rollback is ErrTransactionDone (writable=%v)", writable), func(t *testing.T) {
+		run(t, fmt.Sprintf("every method after Rollback is ErrTransactionDone (writable=%v)", writable), func(t *testing.T) {
 			ms, _ := openStore(t, open)
 			populate(t, ms)
 			before := dump(t, ms)
@@ -270,7 +270,7 @@ func testMisuse(t *testing.T, open Opener) {
 		})
 	}
 
-	t.Run("package functions without a transaction are ErrNoTransaction", func(t *testing.T) {
+	run(t, "package functions without a transaction are ErrNoTransaction", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -286,7 +286,7 @@ func testMisuse(t *testing.T, open Opener) {
 		assert.Equal(t, before, dump(t, ms))
 	})
 
-	t.Run("closed store is ErrClosed and Close twice is nil", func(t *testing.T) {
+	run(t, "closed store is ErrClosed and Close twice is nil", func(t *testing.T) {
 		ms, root := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -311,7 +311,7 @@ func testMisuse(t *testing.T, open Opener) {
 		assert.Equal(t, before, dump(t, ms2))
 	})
 
-	t.Run("canceled context is refused with its error", func(t *testing.T) {
+	run(t, "canceled context is refused with its error", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -348,7 +348,7 @@ func testMisuse(t *testing.T, open Opener) {
 func testWithTransaction(t *testing.T, open Opener) {
 	errBoom := errors.New("boom")
 
-	t.Run("commits when the callback returns nil", func(t *testing.T) {
+	run(t, "commits when the callback returns nil", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		var inside context.Context
@@ -371,7 +371,7 @@ func testWithTransaction(t *testing.T, open Opener) {
 		assertSentinel(t, err, storage.ErrTransactionDone, failedPrecondition, "the callback's transaction after WithTransaction")
 	})
 
-	t.Run("rolls back and returns the callback's error", func(t *testing.T) {
+	run(t, "rolls back and returns the callback's error", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -395,7 +395,7 @@ func testWithTransaction(t *testing.T, open Opener) {
 		assertSentinel(t, err, storage.ErrTransactionDone, failedPrecondition, "the callback's transaction after WithTransaction")
 	})
 
-	t.Run("returns a refusal with its class and rolls back", func(t *testing.T) {
+	run(t, "returns a refusal with its class and rolls back", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		before := dump(t, ms)
@@ -410,7 +410,7 @@ func testWithTransaction(t *testing.T, open Opener) {
 		assert.Equal(t, before, dump(t, ms))
 	})
 
-	t.Run("read-only never commits and refuses writes with ErrReadOnly", func(t *testing.T) {
+	run(t, "read-only never commits and refuses writes with ErrReadOnly", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		before := dump(t, ms)
@@ -440,7 +440,7 @@ func testWithTransaction(t *testing.T, open Opener) {
 		assertSentinel(t, err, storage.ErrTransactionDone, failedPrecondition, "the callback's transaction after WithTransaction")
 	})
 
-	t.Run("read-only returns the callback's error", func(t *testing.T) {
+	run(t, "read-only returns the callback's error", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		err := ms.WithTransaction(context.Background(), false, func(context.Context) error {

@@ -16,12 +16,12 @@ import (
 // testGetInfo: GetInfo returns every field of a stored snapshot, and
 // NotFound for a missing one.
 func testGetInfo(t *testing.T, open Opener) {
-	t.Run("returns ID, kind, name, parent, labels, timestamps and usage of every snapshot", func(t *testing.T) {
+	run(t, "returns ID, kind, name, parent, labels, timestamps and usage of every snapshot", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
 			for _, spec := range fixtureSnapshots {
-				t.Run(spec.name, func(t *testing.T) {
+				run(t, spec.name, func(t *testing.T) {
 					id, info, usage, err := storage.GetInfo(ctx, spec.name)
 					require.NoError(t, err)
 					assert.Equal(t, f.ids[spec.name], id, "ID")
@@ -36,7 +36,7 @@ func testGetInfo(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("returned labels do not alias stored ones", func(t *testing.T) {
+	run(t, "returned labels do not alias stored ones", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
@@ -49,7 +49,7 @@ func testGetInfo(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("missing snapshot is NotFound", func(t *testing.T) {
+	run(t, "missing snapshot is NotFound", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
@@ -58,7 +58,7 @@ func testGetInfo(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("empty store is NotFound", func(t *testing.T) {
+	run(t, "empty store is NotFound", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		inRead(t, ms, func(ctx context.Context) {
 			_, _, _, err := storage.GetInfo(ctx, "active-1")
@@ -82,7 +82,7 @@ func walkNames(ctx context.Context, filters ...string) ([]string, error) {
 func testWalkInfo(t *testing.T, open Opener) {
 	all := []string{"active-1", "active-2", "active-3", "committed-1", "committed-2", "view-1", "view-2"}
 
-	t.Run("visits every snapshot once in name order with the same info as GetInfo", func(t *testing.T) {
+	run(t, "visits every snapshot once in name order with the same info as GetInfo", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
@@ -105,7 +105,7 @@ func testWalkInfo(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("filters", func(t *testing.T) {
+	run(t, "filters", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		cases := []struct {
@@ -132,7 +132,7 @@ func testWalkInfo(t *testing.T, open Opener) {
 			{"no match visits nothing", []string{"name==nope"}, nil},
 		}
 		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
+			run(t, tc.name, func(t *testing.T) {
 				inRead(t, ms, func(ctx context.Context) {
 					got, err := walkNames(ctx, tc.filters...)
 					require.NoError(t, err, "filters %q", tc.filters)
@@ -142,7 +142,7 @@ func testWalkInfo(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("callback error stops the walk and is returned", func(t *testing.T) {
+	run(t, "callback error stops the walk and is returned", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		errStop := errors.New("stop walking")
@@ -162,7 +162,7 @@ func testWalkInfo(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("unparsable filter is InvalidArgument and calls nothing", func(t *testing.T) {
+	run(t, "unparsable filter is InvalidArgument and calls nothing", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		for _, bad := range [][]string{{"kind=="}, {"==committed"}, {"kind==committed", "name~="}, {"kind==committed,"}} {
@@ -178,7 +178,7 @@ func testWalkInfo(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("empty store returns nil without calls", func(t *testing.T) {
+	run(t, "empty store returns nil without calls", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		inRead(t, ms, func(ctx context.Context) {
 			for _, fs := range [][]string{nil, {"kind==committed"}} {
@@ -193,12 +193,12 @@ func testWalkInfo(t *testing.T, open Opener) {
 // testGetSnapshot: GetSnapshot returns kind, ID and parent chain of active
 // and view snapshots only.
 func testGetSnapshot(t *testing.T, open Opener) {
-	t.Run("active and view return kind, ID and ParentIDs immediate parent first", func(t *testing.T) {
+	run(t, "active and view return kind, ID and ParentIDs immediate parent first", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
 			for _, name := range []string{"active-1", "active-2", "active-3", "view-1", "view-2"} {
-				t.Run(name, func(t *testing.T) {
+				run(t, name, func(t *testing.T) {
 					s, err := storage.GetSnapshot(ctx, name)
 					require.NoError(t, err)
 					spec := f.specs[name]
@@ -211,7 +211,7 @@ func testGetSnapshot(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("committed is FailedPrecondition", func(t *testing.T) {
+	run(t, "committed is FailedPrecondition", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
@@ -222,7 +222,7 @@ func testGetSnapshot(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("missing is NotFound", func(t *testing.T) {
+	run(t, "missing is NotFound", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		inRead(t, ms, func(ctx context.Context) {
@@ -231,7 +231,7 @@ func testGetSnapshot(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("empty store is NotFound", func(t *testing.T) {
+	run(t, "empty store is NotFound", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		inRead(t, ms, func(ctx context.Context) {
 			_, err := storage.GetSnapshot(ctx, "active-1")

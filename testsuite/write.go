@@ -29,7 +29,7 @@ func without(st storeState, names ...string) storeState {
 // testCreateSnapshot: CreateSnapshot adds active and view snapshots on a
 // committed parent or none, and refuses everything else without a trace.
 func testCreateSnapshot(t *testing.T, open Opener) {
-	t.Run("creates", func(t *testing.T) {
+	run(t, "creates", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		cases := []struct {
@@ -47,7 +47,7 @@ func testCreateSnapshot(t *testing.T, open Opener) {
 			{"view with labels", snapshots.KindView, "new-view-labelled", "", map[string]string{"containerd.io/snapshot/x": "y"}},
 		}
 		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
+			run(t, tc.name, func(t *testing.T) {
 				before := dump(t, ms)
 				var opts []snapshots.Opt
 				if tc.labels != nil {
@@ -88,7 +88,7 @@ func testCreateSnapshot(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("refuses", func(t *testing.T) {
+	run(t, "refuses", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		cases := []struct {
@@ -114,7 +114,7 @@ func testCreateSnapshot(t *testing.T, open Opener) {
 			{"empty key is InvalidArgument", snapshots.KindActive, "", "", invalidArgument},
 		}
 		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
+			run(t, tc.name, func(t *testing.T) {
 				refusal(t, ms, tc.class, func(ctx context.Context) error {
 					_, err := storage.CreateSnapshot(ctx, tc.kind, tc.key, tc.parent, snapshots.WithLabels(map[string]string{"refused": "yes"}))
 					return err
@@ -139,7 +139,7 @@ func testCommitActive(t *testing.T, open Opener) {
 		{"active without parent", "", map[string]string{"k": "v"}, map[string]string{"k": "v"}},
 	}
 	for _, tc := range cases {
-		t.Run("commits: "+tc.name, func(t *testing.T) {
+		run(t, "commits: "+tc.name, func(t *testing.T) {
 			ms, _ := openStore(t, open)
 			f := populate(t, ms)
 			usage := snapshots.Usage{Size: 4096, Inodes: 7}
@@ -203,7 +203,7 @@ func testCommitActive(t *testing.T, open Opener) {
 		})
 	}
 
-	t.Run("refuses", func(t *testing.T) {
+	run(t, "refuses", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		cases := []struct {
@@ -223,7 +223,7 @@ func testCommitActive(t *testing.T, open Opener) {
 			{"empty name is InvalidArgument", "active-1", "", invalidArgument},
 		}
 		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
+			run(t, tc.name, func(t *testing.T) {
 				refusal(t, ms, tc.class, func(ctx context.Context) error {
 					_, err := storage.CommitActive(ctx, tc.key, tc.cname, snapshots.Usage{Size: 99, Inodes: 9},
 						snapshots.WithLabels(map[string]string{"refused": "yes"}))
@@ -237,7 +237,7 @@ func testCommitActive(t *testing.T, open Opener) {
 // testRemove: Remove deletes a snapshot without children, returning its ID
 // and kind, and refuses missing snapshots and parents.
 func testRemove(t *testing.T, open Opener) {
-	t.Run("removes", func(t *testing.T) {
+	run(t, "removes", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inWrite(t, ms, func(ctx context.Context) {
@@ -254,7 +254,7 @@ func testRemove(t *testing.T, open Opener) {
 			{"committed without children", "lonely", snapshots.KindCommitted},
 		}
 		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
+			run(t, tc.name, func(t *testing.T) {
 				before := dump(t, ms)
 				ctx, tx := begin(t, ms, true)
 				id, kind := mustRemove(t, ctx, tc.key)
@@ -276,7 +276,7 @@ func testRemove(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("missing key is NotFound", func(t *testing.T) {
+	run(t, "missing key is NotFound", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		refusal(t, ms, notFound, func(ctx context.Context) error {
@@ -285,7 +285,7 @@ func testRemove(t *testing.T, open Opener) {
 		})
 	})
 
-	t.Run("snapshot with children is FailedPrecondition", func(t *testing.T) {
+	run(t, "snapshot with children is FailedPrecondition", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
 		for _, key := range []string{"committed-1", "committed-2"} {
@@ -296,7 +296,7 @@ func testRemove(t *testing.T, open Opener) {
 		}
 	})
 
-	t.Run("removing the children frees the parent", func(t *testing.T) {
+	run(t, "removing the children frees the parent", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		f := populate(t, ms)
 		inWrite(t, ms, func(ctx context.Context) {
@@ -372,7 +372,7 @@ func testUpdateInfo(t *testing.T, open Opener) {
 	}
 
 	for i, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
+		run(t, c.name, func(t *testing.T) {
 			name := "subject-" + string(rune('a'+i))
 			subject(t, name, c.kind)
 			_, orig, origUsage := mustGetInfoRead(t, ms, name)
@@ -434,7 +434,7 @@ func testUpdateInfo(t *testing.T, open Opener) {
 		{"missing snapshot with a path is NotFound", snapshots.Info{Name: "does-not-exist", Labels: map[string]string{"a": "b"}}, []string{"labels.a"}, notFound},
 	}
 	for _, r := range refusals {
-		t.Run(r.name, func(t *testing.T) {
+		run(t, r.name, func(t *testing.T) {
 			refusal(t, ms, r.class, func(ctx context.Context) error {
 				_, err := storage.UpdateInfo(ctx, r.info, r.paths...)
 				return err
