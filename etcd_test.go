@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -462,7 +463,12 @@ func TestEtcdTransactionTooLargeFailsAtCommitAndAppliesNothing(t *testing.T) {
 	assert.ErrorIs(t, err, storage.ErrTooLarge)
 	assert.True(t, errdefs.IsResourceExhausted(err))
 
-	big := map[string]string{"blob": string(make([]byte, 2<<20))}
+	// Each label within containerd's 4 KiB bound, together over etcd's
+	// 1.5 MiB request limit.
+	big := map[string]string{}
+	for i := range 500 {
+		big[fmt.Sprintf("label-%03d", i)] = strings.Repeat("x", 4000)
+	}
 	err = ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
 		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "huge", "", snapshots.WithLabels(big))
 		return err

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/filters"
+	clabels "github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 )
 
@@ -103,7 +104,8 @@ func kindName(k snapshots.Kind) string {
 }
 
 // cleanLabels returns labels without empty values (an empty value means "no
-// such label", as in containerd) and nil rather than an empty map.
+// such label", as in containerd) and nil rather than an empty map, and
+// refuses labels containerd would refuse.
 func cleanLabels(labels map[string]string) (map[string]string, error) {
 	var out map[string]string
 	for k, v := range labels {
@@ -113,6 +115,11 @@ func cleanLabels(labels map[string]string) (map[string]string, error) {
 		if k == "" {
 			return nil, fmt.Errorf("label with empty key: %w", errdefs.ErrInvalidArgument)
 		}
+		// containerd's own bound (key and value at most 4096 bytes): a
+		// driver behind containerd never sees more.
+		if err := clabels.Validate(k, v); err != nil {
+			return nil, err
+		}
 		if out == nil {
 			out = make(map[string]string, len(labels))
 		}
@@ -121,9 +128,18 @@ func cleanLabels(labels map[string]string) (map[string]string, error) {
 	return out, nil
 }
 
+// MaxNameSize is the largest snapshot name, in bytes, the store accepts.
+// containerd's own keys are far shorter; the bound keeps every record within
+// what both engines store (bbolt keys end at 32 KiB, etcd requests at
+// 1.5 MiB).
+const MaxNameSize = 4096
+
 func checkName(what, name string) error {
 	if name == "" {
 		return fmt.Errorf("%s name must not be empty: %w", what, errdefs.ErrInvalidArgument)
+	}
+	if len(name) > MaxNameSize {
+		return fmt.Errorf("%s name of %d bytes is longer than %d: %w", what, len(name), MaxNameSize, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
