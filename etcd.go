@@ -171,18 +171,21 @@ func (e *etcdEngine) close() error {
 	return nil
 }
 
+// errRequestTimeout tells our request timeout from the caller's deadline.
+var errRequestTimeout = errors.New("etcd request timeout")
+
 // call runs one etcd request under the request timeout and maps its error.
 func (e *etcdEngine) call(ctx context.Context, fn func(ctx context.Context) error) error {
 	if e.opts.requestTimeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, e.opts.requestTimeout)
+		ctx, cancel = context.WithTimeoutCause(ctx, e.opts.requestTimeout, errRequestTimeout)
 		defer cancel()
 	}
 	err := fn(ctx)
 	if err == nil {
 		return nil
 	}
-	if ctx.Err() != nil && context.Cause(ctx) == context.DeadlineExceeded && !errors.Is(err, context.Canceled) {
+	if context.Cause(ctx) == errRequestTimeout {
 		// Our own request timeout, not the caller's: the cluster did not
 		// answer in time.
 		return fmt.Errorf("etcd did not answer within %v: %w: %w", e.opts.requestTimeout, errdefs.ErrUnavailable, err)

@@ -637,3 +637,44 @@ func TestEtcdCloseLeavesNoTransactionUsable(t *testing.T) {
 	_, _, err := ms.TransactionContext(context.Background(), false)
 	assert.True(t, errors.Is(err, storage.ErrClosed))
 }
+
+// slowKV makes every transaction wait for its context to end, like a
+// server that does not answer.
+type slowKV struct{ clientv3.KV }
+
+func (s slowKV) Txn(ctx context.Context) clientv3.Txn { return slowTxn{ctx: ctx, Txn: s.KV.Txn(ctx)} }
+
+type slowTxn struct {
+	clientv3.Txn
+	ctx context.Context
+}
+
+func (s slowTxn) If(cs ...clientv3.Cmp) clientv3.Txn   { return slowTxn{s.Txn.If(cs...), s.ctx} }
+func (s slowTxn) Then(ops ...clientv3.Op) clientv3.Txn { return slowTxn{s.Txn.Then(ops...), s.ctx} }
+func (s slowTxn) Commit() (*clientv3.TxnResponse, error) {
+	<-s.ctx.Done()
+	return nil, s.ctx.Err()
+}
+
+func TestEtcdDeadlinesAreToldApart(t *testing.T) {
+	slow := storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return slowKV{kv} })
+	t.Run("the caller's deadline is the caller's", func(t *testing.T) {
+		ms := openEtcd(t, uniqueRoot(t), slow, storage.WithRequestTimeout(time.Minute))
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+			_, err := storage.GetSnapshot(ctx, "x")
+			return err
+		})
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.False(t, errdefs.IsUnavailable(err), "got %v", err)
+	})
+	t.Run("the request timeout is Unavailable", func(t *testing.T) {
+		ms := openEtcd(t, uniqueRoot(t), slow, storage.WithRequestTimeout(100*time.Millisecond))
+		err := ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+			_, err := storage.GetSnapshot(ctx, "x")
+			return err
+		})
+		assert.True(t, errdefs.IsUnavailable(err), "got %v", err)
+	})
+}

@@ -21,9 +21,12 @@ import (
 type Transactor interface {
 	// Commit makes every write of the transaction durable and visible at
 	// once, or none of them: when Commit returns nil the changes survive a
-	// crash; when it returns an error nothing of the transaction was
-	// applied. A conflict (etcd only) is reported with errdefs class
-	// Conflict. Only writable transactions commit.
+	// crash. When it returns an error, nothing of the transaction was
+	// applied — except on etcd when the error is of class Unavailable or a
+	// deadline: the request may have been applied (all of it) before the
+	// answer was lost, and a driver that must know reads the state again.
+	// A conflict (etcd only) is reported with errdefs class Conflict and
+	// applied nothing. Only writable transactions commit.
 	Commit() error
 
 	// Rollback discards the transaction. It must end every read-only
