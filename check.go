@@ -6,7 +6,6 @@ import (
 	"slices"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/errdefs"
 )
 
 // Problem is one broken invariant found by Check.
@@ -43,9 +42,9 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 		return nil, err
 	}
 	defer tr.Rollback()
-	t, ok := tr.(*transaction)
-	if !ok {
-		return nil, fmt.Errorf("check needs a store made by this package: %w", errdefs.ErrNotImplemented)
+	t, err := ownTransaction(tctx)
+	if err != nil {
+		return nil, err
 	}
 	var problems []Problem
 	err = t.use(tctx, false, func(tx engineTx) error {

@@ -35,13 +35,9 @@ type Record struct {
 // meanwhile. It needs a transaction of this package (class NotImplemented
 // otherwise).
 func Import(ctx context.Context, recs ...Record) error {
-	tr, err := fromContext(ctx)
+	t, err := ownTransaction(ctx)
 	if err != nil {
 		return err
-	}
-	t, ok := tr.(*transaction)
-	if !ok {
-		return fmt.Errorf("import needs a transaction of this package: %w", errdefs.ErrNotImplemented)
 	}
 	return t.use(ctx, true, func(tx engineTx) error {
 		var highest uint64
@@ -57,6 +53,47 @@ func Import(ctx context.Context, recs ...Record) error {
 		}
 		return tx.raiseIDs(ctx, highest)
 	})
+}
+
+// IDLimit returns the highest ID the store's allocator may have handed out,
+// in the transaction ctx carries; IDs of removed snapshots may lie below it
+// and are never handed out again. A copy of a store carries it over with
+// RaiseIDs.
+func IDLimit(ctx context.Context) (uint64, error) {
+	t, err := ownTransaction(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var limit uint64
+	err = t.use(ctx, false, func(tx engineTx) (err error) {
+		limit, err = tx.idLimit(ctx)
+		return err
+	})
+	return limit, err
+}
+
+// RaiseIDs makes sure the store never hands out id or any ID below it, in
+// the writable transaction ctx carries.
+func RaiseIDs(ctx context.Context, id uint64) error {
+	t, err := ownTransaction(ctx)
+	if err != nil {
+		return err
+	}
+	return t.use(ctx, true, func(tx engineTx) error { return tx.raiseIDs(ctx, id) })
+}
+
+// ownTransaction returns the transaction ctx carries, which must be one of
+// this package's: import and ID ranges reach below the Transactor interface.
+func ownTransaction(ctx context.Context) (*transaction, error) {
+	tr, err := fromContext(ctx)
+	if err != nil {
+		return nil, err
+	}
+	t, ok := tr.(*transaction)
+	if !ok {
+		return nil, fmt.Errorf("needs a transaction of this package, not %T: %w", tr, errdefs.ErrNotImplemented)
+	}
+	return t, nil
 }
 
 // importOne checks one record fully before writing it, so that a refusal

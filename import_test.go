@@ -97,3 +97,40 @@ func TestImportRefusesBadRecordsAndChangesNothing(t *testing.T) {
 		}
 	}
 }
+
+func TestIDLimitCarriedByRaiseIDsKeepsRemovedIDsRetired(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			src, dst := eng.open(t), eng.open(t)
+			var removed string
+			update(t, src, func(ctx context.Context) error {
+				for _, name := range []string{"a", "b", "c"} {
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, ""); err != nil {
+						return err
+					}
+				}
+				var err error
+				removed, _, err = storage.Remove(ctx, "c")
+				return err
+			})
+			var limit uint64
+			require.NoError(t, src.WithTransaction(context.Background(), false, func(ctx context.Context) (err error) {
+				limit, err = storage.IDLimit(ctx)
+				return err
+			}))
+			gone, err := strconv.ParseUint(removed, 10, 64)
+			require.NoError(t, err)
+			assert.GreaterOrEqual(t, limit, gone, "the limit covers the removed ID")
+
+			update(t, dst, func(ctx context.Context) error { return storage.RaiseIDs(ctx, limit) })
+			var s storage.Snapshot
+			update(t, dst, func(ctx context.Context) (err error) {
+				s, err = storage.CreateSnapshot(ctx, snapshots.KindActive, "new", "")
+				return err
+			})
+			id, err := strconv.ParseUint(s.ID, 10, 64)
+			require.NoError(t, err)
+			assert.Greater(t, id, limit)
+		})
+	}
+}
