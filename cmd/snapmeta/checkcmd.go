@@ -1,0 +1,64 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/snapmeta/storage"
+	"github.com/spf13/cobra"
+)
+
+func (a *app) checkCommand() *cobra.Command {
+	var addr string
+	c := &cobra.Command{
+		Use:   "check",
+		Short: "Verify the store's invariants",
+		Long: `Verify every invariant of the store in one read-only transaction: every
+record decodes; every parent exists and is committed; the children index
+holds exactly the parent links; IDs are unique and none is above what the
+ID allocator handed out; every stored parent chain equals the followed one.
+
+Exit code 0: no problem. 1: one line per problem on stdout. 2: the store
+could not be read (missing, locked, unreachable).`,
+		Example: `  snapmeta check --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			var problems []storage.Problem
+			var count int
+			err := a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				var err error
+				if problems, err = storage.Check(c.Context(), st); err != nil {
+					return err
+				}
+				// The count is for the summary only; a store too damaged
+				// to list is still checked.
+				if recs, err := loadAll(c.Context(), st); err == nil {
+					count = len(recs)
+				} else {
+					count = -1
+				}
+				return nil
+			})
+			if err != nil {
+				if _, ok := err.(*usageError); ok {
+					return err
+				}
+				return &exitError{code: 2, err: err}
+			}
+			for _, p := range problems {
+				fmt.Fprintln(a.stdout, p.String())
+			}
+			if len(problems) > 0 {
+				return &exitError{code: 1, err: fmt.Errorf("%d problem(s) found", len(problems))}
+			}
+			if count >= 0 {
+				fmt.Fprintf(a.stdout, "ok: %d snapshots, no problems\n", count)
+			} else {
+				fmt.Fprintln(a.stdout, "ok: no problems")
+			}
+			return nil
+		},
+	}
+	storeFlag(c, &addr)
+	return c
+}

@@ -1,0 +1,450 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/snapmeta/storage"
+	"github.com/spf13/cobra"
+)
+
+// storeHandle is an open store and the address it was opened from.
+type storeHandle struct {
+	storage.MetaStore
+	addr address
+}
+
+// withStore opens addr for reading, runs fn and closes the store.
+func (a *app) withStore(ctx context.Context, addr string, mode openMode, fn func(storeHandle) error) error {
+	st, err := a.open(ctx, addr, mode)
+	if err != nil {
+		return err
+	}
+	err = fn(st)
+	if cerr := st.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (a *app) lsCommand() *cobra.Command {
+	var addr string
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "ls [FILTER...]",
+		Short: "List snapshots",
+		Long: `List the snapshots of a store, in name order.
+
+Each FILTER is a containerd filter expression over the fields kind (active,
+view, committed), name, parent and labels.<key>, e.g. 'kind==committed' or
+'labels."containerd.io/gc.root"'. Within one filter a comma means "and"; a
+snapshot is listed when it matches any of the filters.
+
+The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
+committed snapshots only. --json writes one JSON object per snapshot with
+every field, one per line (the export format).`,
+		Example: `  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
+  snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json`,
+		RunE: func(c *cobra.Command, filters []string) error {
+			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				recs, err := loadAll(c.Context(), st, filters...)
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return writeJSONLines(a.stdout, recs)
+				}
+				return writeTable(a.stdout, recs)
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table")
+	return c
+}
+
+func writeJSONLines(w io.Writer, recs []Record) error {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	for _, r := range recs {
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeTable(w io.Writer, recs []Record) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+	for _, r := range recs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r), fmtTime(r.Created))
+	}
+	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// sizeOf is the human size of a committed snapshot, "-" for others.
+func sizeOf(r Record) string {
+	if snapshots.Kind(r.Kind) != snapshots.KindCommitted {
+		return "-"
+	}
+	return humanBytes(r.Usage.Size)
+}
+
+// humanBytes writes n in IEC units with one decimal.
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit && n > -unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v := float64(n)
+	for _, u := range []string{"KiB", "MiB", "GiB", "TiB", "PiB"} {
+		v /= unit
+		if v < unit && v > -unit {
+			return fmt.Sprintf("%.1f %s", v, u)
+		}
+	}
+	return fmt.Sprintf("%.1f EiB", v/unit)
+}
+
+// fmtTime writes a time in UTC to the second; a zero time is "-".
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+// infoJSON is what info --json writes: the record plus what follows from
+// the store's structure.
+type infoJSON struct {
+	Record
+	ParentIDs []string
+	Children  []string
+}
+
+// MarshalJSON writes the record's fields in their usual order, with the
+// parent chain and the children.
+func (i infoJSON) MarshalJSON() ([]byte, error) {
+	labels := i.Labels
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	return json.Marshal(struct {
+		Name      string            `json:"name"`
+		ID        string            `json:"id"`
+		Kind      Kind              `json:"kind"`
+		Parent    string            `json:"parent"`
+		ParentIDs []string          `json:"parent_ids"`
+		Labels    map[string]string `json:"labels"`
+		Created   time.Time         `json:"created"`
+		Updated   time.Time         `json:"updated"`
+		Usage     Usage             `json:"usage"`
+		Children  []string          `json:"children"`
+	}{i.Name, i.ID, i.Kind, i.Parent, nonNil(i.ParentIDs), labels, i.Created.UTC(), i.Updated.UTC(), i.Usage, nonNil(i.Children)})
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func (a *app) infoCommand() *cobra.Command {
+	var addr string
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "info NAME",
+		Short: "Show every field of one snapshot",
+		Long: `Show every field of one snapshot: kind, ID, parent, the IDs of its parent
+chain (immediate parent first: the directories an overlay driver stacks
+under it), timestamps, usage, labels and children.`,
+		Example: `  snapmeta info --store metadata.db my-container
+  snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
+		Args: exactArgs(1, "one snapshot NAME"),
+		RunE: func(c *cobra.Command, args []string) error {
+			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				info, err := loadInfo(c.Context(), st, args[0])
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					enc := json.NewEncoder(a.stdout)
+					enc.SetEscapeHTML(false)
+					enc.SetIndent("", "  ")
+					return enc.Encode(info)
+				}
+				return writeInfo(a.stdout, info)
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
+	return c
+}
+
+// loadInfo reads one snapshot, its parent chain and its children in one
+// read-only transaction.
+func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (infoJSON, error) {
+	var out infoJSON
+	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		id, info, usage, err := storage.GetInfo(ctx, name)
+		if err != nil {
+			return err
+		}
+		out = infoJSON{Record: newRecord(id, info, usage)}
+		seen := map[string]bool{name: true}
+		for p := info.Parent; p != ""; {
+			if seen[p] {
+				return fmt.Errorf("snapshot %q: parent chain loops at %q (run snapmeta check)", name, p)
+			}
+			seen[p] = true
+			pid, pinfo, _, err := storage.GetInfo(ctx, p)
+			if err != nil {
+				return fmt.Errorf("parent chain of %q: %w", name, err)
+			}
+			out.ParentIDs = append(out.ParentIDs, pid)
+			p = pinfo.Parent
+		}
+		return storage.WalkInfo(ctx, func(_ context.Context, ci snapshots.Info) error {
+			out.Children = append(out.Children, ci.Name)
+			return nil
+		}, "parent=="+strconv.Quote(name))
+	})
+	return out, err
+}
+
+func writeInfo(w io.Writer, i infoJSON) error {
+	var buf bytes.Buffer
+	tw := tabwriter.NewWriter(&buf, 0, 4, 1, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("Name", i.Name)
+	row("Kind", i.Kind.String())
+	row("ID", i.ID)
+	row("Parent", dash(i.Parent))
+	row("Parent IDs", dash(strings.Join(i.ParentIDs, " ")))
+	row("Created", fmtTimeNano(i.Created))
+	row("Updated", fmtTimeNano(i.Updated))
+	if snapshots.Kind(i.Kind) == snapshots.KindCommitted {
+		row("Size", fmt.Sprintf("%s (%d bytes)", humanBytes(i.Usage.Size), i.Usage.Size))
+		row("Inodes", strconv.FormatInt(i.Usage.Inodes, 10))
+	} else {
+		row("Size", "- (known once committed)")
+		row("Inodes", "-")
+	}
+	if len(i.Labels) == 0 {
+		row("Labels", "-")
+	} else {
+		row("Labels", "")
+		for _, k := range slices.Sorted(maps.Keys(i.Labels)) {
+			fmt.Fprintf(tw, "  %s\t= %s\n", k, i.Labels[k])
+		}
+	}
+	if len(i.Children) == 0 {
+		row("Children", "-")
+	} else {
+		row("Children", "")
+		for _, c := range i.Children {
+			fmt.Fprintf(tw, "  %s\n", c)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	// An empty last cell leaves padding at the end of a line.
+	for _, line := range strings.SplitAfter(buf.String(), "\n") {
+		if _, err := io.WriteString(w, strings.TrimRight(line, " \n")+strings.Repeat("\n", strings.Count(line, "\n"))); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *app) treeCommand() *cobra.Command {
+	var addr string
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "tree",
+		Short: "Show snapshots as a parent tree",
+		Long: `Show every snapshot under its parent, base layers at the left. A snapshot
+whose parent is missing (a damaged store) is shown at the left, marked.`,
+		Example: `  snapmeta tree --store metadata.db
+  snapmeta tree --store etcd://127.0.0.1:2379/snapshots --json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				recs, err := loadAll(c.Context(), st)
+				if err != nil {
+					return err
+				}
+				roots, loops := forest(recs)
+				if asJSON {
+					enc := json.NewEncoder(a.stdout)
+					enc.SetEscapeHTML(false)
+					enc.SetIndent("", "  ")
+					return enc.Encode(treeJSON(roots, loops))
+				}
+				writeTree(a.stdout, roots, loops)
+				return nil
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().BoolVar(&asJSON, "json", false, "write the forest as nested JSON")
+	return c
+}
+
+// nodeLabel is how tree shows one snapshot.
+func nodeLabel(n *node) string {
+	s := fmt.Sprintf("%s (%s, id %s", n.Name, n.Kind, n.ID)
+	if snapshots.Kind(n.Kind) == snapshots.KindCommitted {
+		s += ", " + humanBytes(n.Usage.Size)
+	}
+	s += ")"
+	if n.orphan {
+		s += fmt.Sprintf(" [parent %q missing]", n.Parent)
+	}
+	return s
+}
+
+func writeTree(w io.Writer, roots []*node, loops []Record) {
+	if len(roots) == 0 && len(loops) == 0 {
+		fmt.Fprintln(w, "(no snapshots)")
+		return
+	}
+	var walk func(n *node, prefix string, last bool)
+	walk = func(n *node, prefix string, last bool) {
+		branch, next := "├── ", "│   "
+		if last {
+			branch, next = "└── ", "    "
+		}
+		fmt.Fprintf(w, "%s%s%s\n", prefix, branch, nodeLabel(n))
+		for i, c := range n.children {
+			walk(c, prefix+next, i == len(n.children)-1)
+		}
+	}
+	for _, r := range roots {
+		fmt.Fprintln(w, nodeLabel(r))
+		for i, c := range r.children {
+			walk(c, "", i == len(r.children)-1)
+		}
+	}
+	for _, r := range loops {
+		fmt.Fprintf(w, "%s [in a parent loop with %q]\n", nodeLabel(&node{Record: r}), r.Parent)
+	}
+}
+
+// treeNode is one snapshot in tree --json.
+type treeNode struct {
+	Name          string      `json:"name"`
+	ID            string      `json:"id"`
+	Kind          Kind        `json:"kind"`
+	Size          *int64      `json:"size,omitempty"`
+	MissingParent string      `json:"missing_parent,omitempty"`
+	InParentLoop  bool        `json:"in_parent_loop,omitempty"`
+	Children      []*treeNode `json:"children"`
+}
+
+func treeJSON(roots []*node, loops []Record) []*treeNode {
+	var conv func(n *node) *treeNode
+	conv = func(n *node) *treeNode {
+		t := &treeNode{Name: n.Name, ID: n.ID, Kind: n.Kind, Children: []*treeNode{}}
+		if snapshots.Kind(n.Kind) == snapshots.KindCommitted {
+			size := n.Usage.Size
+			t.Size = &size
+		}
+		if n.orphan {
+			t.MissingParent = n.Parent
+		}
+		for _, c := range n.children {
+			t.Children = append(t.Children, conv(c))
+		}
+		return t
+	}
+	out := []*treeNode{}
+	for _, r := range roots {
+		out = append(out, conv(r))
+	}
+	for _, r := range loops {
+		t := conv(&node{Record: r})
+		t.InParentLoop = true
+		out = append(out, t)
+	}
+	return out
+}
+
+func (a *app) idsCommand() *cobra.Command {
+	var addr string
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "ids",
+		Short: "Map snapshot IDs to names",
+		Long: `Print every snapshot ID with the snapshot's name, in ID order. A driver names
+a snapshot's directory by its ID (e.g. .../snapshots/<ID>/fs), so this is
+how to tell which directory belongs to which snapshot, and which
+directories belong to none.`,
+		Example: `  snapmeta ids --store metadata.db
+  snapmeta ids --store etcd://127.0.0.1:2379/snapshots --json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				var m map[string]string
+				err := st.WithTransaction(c.Context(), false, func(ctx context.Context) (err error) {
+					m, err = storage.IDMap(ctx)
+					return err
+				})
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					enc := json.NewEncoder(a.stdout)
+					enc.SetEscapeHTML(false)
+					enc.SetIndent("", "  ")
+					return enc.Encode(m)
+				}
+				ids := slices.SortedFunc(maps.Keys(m), func(x, y string) int {
+					nx, errX := strconv.ParseUint(x, 10, 64)
+					ny, errY := strconv.ParseUint(y, 10, 64)
+					if errX == nil && errY == nil {
+						switch {
+						case nx < ny:
+							return -1
+						case nx > ny:
+							return 1
+						}
+						return 0
+					}
+					return strings.Compare(x, y)
+				})
+				tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tNAME")
+				for _, id := range ids {
+					fmt.Fprintf(tw, "%s\t%s\n", id, m[id])
+				}
+				return tw.Flush()
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().BoolVar(&asJSON, "json", false, "write a JSON object of ID -> name")
+	return c
+}

@@ -1,0 +1,222 @@
+// Command snapmeta is the operator's tool for snapshot metadata stores made
+// by github.com/snapmeta/storage (and containerd's own metadata.db files):
+// inspect a store, check its invariants, export and import it as JSON
+// Lines, migrate it between bbolt and etcd, and run a guided demo.
+//
+// Exit codes: 0 success; 1 failure (for check: problems found); 2 a usage
+// error (for check: the store could not be read).
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// app holds the settings shared by the commands of one run.
+type app struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	etcd           etcdFlags
+	// started is set once a command's own code runs: an error before that
+	// came from parsing the command line.
+	started bool
+}
+
+// exitError carries an exit code; msg, when set, is printed as the error.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return ""
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+// usageError is a mistake on the command line (exit code 2).
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usageErrorf(format string, args ...any) error {
+	return &usageError{msg: fmt.Sprintf(format, args...)}
+}
+
+// run runs the command line args and returns the exit code.
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	a := &app{stdin: stdin, stdout: stdout, stderr: stderr}
+	root := a.rootCommand()
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	code := 1
+	var ee *exitError
+	var ue *usageError
+	switch {
+	case errors.As(err, &ee):
+		code = ee.code
+	case errors.As(err, &ue), !a.started:
+		code = 2
+	}
+	msg := oneLine(err.Error())
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		msg = strings.Replace(msg, "context canceled", "interrupted", 1)
+	}
+	if msg != "" {
+		if code == 2 && !a.started && !strings.Contains(msg, "(see '") {
+			msg += " (see 'snapmeta --help')"
+		}
+		fmt.Fprintf(stderr, "snapmeta: %s\n", msg)
+	}
+	return code
+}
+
+// oneLine joins the lines of a (possibly joined) error message, and turns
+// cobra's suggestions for a mistyped command into one parenthesis.
+func oneLine(s string) string {
+	if head, sugg, ok := strings.Cut(s, "\n\nDid you mean this?\n"); ok {
+		return oneLine(head) + " (did you mean " + strings.Join(strings.Fields(sugg), " or ") + "?)"
+	}
+	var lines []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.Join(strings.Fields(l), " "); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "; ")
+}
+
+func (a *app) rootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "snapmeta",
+		Short: "Inspect, check, export, import and migrate snapshot metadata stores",
+		Long: `snapmeta works on the snapshot metadata of containerd snapshotter drivers:
+a bbolt file (metadata.db, as containerd's own store writes it) or an etcd
+cluster shared by many hosts (github.com/snapmeta/storage).
+
+` + addressHelp + `
+
+Read commands (ls, info, tree, ids, check, export) open a bbolt file
+read-only; while a running daemon holds the file they report it as locked.
+
+Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
+(check: the store could not be read).`,
+		Example: `  snapmeta demo
+  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta tree --store etcd://10.0.0.5:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
+  snapmeta migrate --from bolt:///backup/metadata.db --to etcd://10.0.0.5:2379/snapshots`,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		PersistentPreRun: func(*cobra.Command, []string) {
+			a.started = true
+		},
+	}
+	root.CompletionOptions.DisableDefaultCmd = true
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageErrorf("%v (see '%s --help')", err, c.CommandPath())
+	})
+	pf := root.PersistentFlags()
+	pf.StringVar(&a.etcd.cacert, "cacert", "", "etcd: verify the servers with this CA bundle (turns TLS on)")
+	pf.StringVar(&a.etcd.cert, "cert", "", "etcd: client certificate (turns TLS on; with --key)")
+	pf.StringVar(&a.etcd.key, "key", "", "etcd: client certificate's private key")
+	pf.StringVar(&a.etcd.user, "user", "", "etcd: user name, or name:password (else the password comes from SNAPMETA_PASSWORD)")
+	pf.DurationVar(&a.etcd.dialTimeout, "dial-timeout", 5*time.Second, "etcd: how long to wait for the cluster to answer")
+
+	root.AddCommand(
+		a.demoCommand(),
+		a.lsCommand(),
+		a.infoCommand(),
+		a.treeCommand(),
+		a.idsCommand(),
+		a.checkCommand(),
+		a.exportCommand(),
+		a.importCommand(),
+		a.migrateCommand(),
+	)
+	root.SetHelpCommand(helpCommand(root))
+	return root
+}
+
+// helpCommand replaces cobra's help command so that it, too, has an
+// example.
+func helpCommand(root *cobra.Command) *cobra.Command {
+	return &cobra.Command{
+		Use:     "help [command]",
+		Short:   "Help about any command",
+		Example: "  snapmeta help migrate",
+		RunE: func(c *cobra.Command, args []string) error {
+			cmd, rest, err := root.Find(args)
+			if err != nil || cmd == nil || len(rest) > 0 {
+				return usageErrorf("unknown help topic %q", strings.Join(args, " "))
+			}
+			cmd.InitDefaultHelpFlag()
+			return cmd.Help()
+		},
+	}
+}
+
+// storeFlag adds --store to a command.
+func storeFlag(c *cobra.Command, target *string) {
+	def := os.Getenv("SNAPMETA_STORE")
+	c.Flags().StringVarP(target, "store", "s", def, "the store's address (default $SNAPMETA_STORE)")
+}
+
+// args checkers that report usage errors.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(c *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErrorf("%s takes %s (see '%s --help')", c.CommandPath(), what, c.CommandPath())
+		}
+		return nil
+	}
+}
+
+func maxArgs(n int, what string) cobra.PositionalArgs {
+	return func(c *cobra.Command, args []string) error {
+		if len(args) > n {
+			return usageErrorf("%s takes at most %s (see '%s --help')", c.CommandPath(), what, c.CommandPath())
+		}
+		return nil
+	}
+}
+
+// open parses and opens the store named by --store.
+func (a *app) open(ctx context.Context, addr string, mode openMode) (storeHandle, error) {
+	if addr == "" {
+		return storeHandle{}, usageErrorf("no store given: use --store ADDRESS or set SNAPMETA_STORE")
+	}
+	ad, err := parseAddress(addr)
+	if err != nil {
+		return storeHandle{}, err
+	}
+	ms, err := openStore(ctx, ad, mode, &a.etcd)
+	if err != nil {
+		return storeHandle{}, err
+	}
+	return storeHandle{MetaStore: ms, addr: ad}, nil
+}

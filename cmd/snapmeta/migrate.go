@@ -1,0 +1,289 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/snapmeta/storage"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+func (a *app) migrateCommand() *cobra.Command {
+	var from, to string
+	var batch int
+	c := &cobra.Command{
+		Use:   "migrate --from SOURCE --to TARGET",
+		Short: "Copy every snapshot from one store to another, IDs unchanged",
+		Long: `Copy every snapshot of SOURCE to TARGET with its ID, kind, parent, labels,
+times and usage unchanged (a driver's directories are named by ID), parents
+before children, --batch snapshots per transaction. Stop the daemons using
+either store first: SOURCE is read once, at the start.
+
+The target must be empty or hold only snapshots identical to the source's:
+migrate is resumable, so running it again after an interruption skips what
+is already there; any real difference is refused before anything is
+written. At the end both stores are compared (counts and every record) and
+the target is checked (see 'snapmeta check'); a mismatch or a problem fails
+the command.
+
+A progress bar is drawn on a terminal; otherwise a line is written at every
+tenth of the way.`,
+		Example: `  snapmeta migrate --from /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db \
+      --to etcd://10.0.0.5:2379,10.0.0.6:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
+  snapmeta migrate --from etcd://127.0.0.1:2379/snapshots --to bolt:///backup/metadata.db`,
+		Args: exactArgs(0, "no arguments (use --from and --to)"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			if from == "" || to == "" {
+				return usageErrorf("migrate needs --from SOURCE and --to TARGET")
+			}
+			if batch < 1 || batch > maxBatch {
+				return usageErrorf("--batch must be between 1 and %d", maxBatch)
+			}
+			src, err := parseAddress(from)
+			if err != nil {
+				return err
+			}
+			dst, err := parseAddress(to)
+			if err != nil {
+				return err
+			}
+			if src.sameStore(dst) {
+				return usageErrorf("--from and --to name the same store")
+			}
+			return a.migrate(c.Context(), src, dst, batch)
+		},
+	}
+	c.Flags().StringVar(&from, "from", "", "address of the store to copy")
+	c.Flags().StringVar(&to, "to", "", "address of the store to copy into (created if a missing bbolt file)")
+	c.Flags().IntVar(&batch, "batch", defaultBatch, "snapshots per transaction")
+	return c
+}
+
+func (a *app) migrate(ctx context.Context, srcAddr, dstAddr address, batch int) error {
+	srcMS, err := openStore(ctx, srcAddr, readOnly, &a.etcd)
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	defer srcMS.Close()
+	// The source must be sound: a copy of a damaged store would be refused
+	// half way.
+	problems, err := storage.Check(ctx, srcMS)
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("source has %d problem(s), the first: %s (see 'snapmeta check --store %s')", len(problems), problems[0], srcAddr)
+	}
+	srcRecs, err := loadAll(ctx, srcMS)
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	ordered, _, _ := parentFirst(srcRecs)
+
+	dstMS, err := openStore(ctx, dstAddr, readWrite, &a.etcd)
+	if err != nil {
+		return fmt.Errorf("target: %w", err)
+	}
+	defer dstMS.Close()
+
+	// Refuse any real difference before writing anything.
+	dstRecs, err := loadAll(ctx, dstMS)
+	if err != nil {
+		return fmt.Errorf("target: %w", err)
+	}
+	present, err := compareTarget(srcRecs, dstRecs)
+	if err != nil {
+		return err
+	}
+
+	fmt.Fprintf(a.stdout, "migrating %d snapshots from %s to %s", len(ordered), srcAddr, dstAddr)
+	if present > 0 {
+		fmt.Fprintf(a.stdout, " (%d already there, resuming)", present)
+	}
+	fmt.Fprintln(a.stdout)
+
+	prog := newProgress(a.stderr, len(ordered))
+	stats, err := writeRecords(ctx, dstMS, ordered, writeOptions{
+		batch:        batch,
+		skipExisting: true,
+		progress:     prog.add,
+	})
+	prog.finish(err == nil)
+	if err != nil {
+		return fmt.Errorf("%w (copied %d before this; run the same command again to resume)", err, stats.created)
+	}
+	fmt.Fprintf(a.stdout, "copied %d snapshots, %d were already there\n", stats.created, stats.skipped)
+	if err := carryIDLimit(ctx, srcMS, dstMS); err != nil {
+		return err
+	}
+
+	// Verify: both stores read afresh, every record compared.
+	srcRecs, err = loadAll(ctx, srcMS)
+	if err != nil {
+		return fmt.Errorf("verify: source: %w", err)
+	}
+	dstRecs, err = loadAll(ctx, dstMS)
+	if err != nil {
+		return fmt.Errorf("verify: target: %w", err)
+	}
+	if diffs := compareStores(srcRecs, dstRecs); len(diffs) > 0 {
+		for _, d := range diffs {
+			fmt.Fprintln(a.stdout, "mismatch: "+d)
+		}
+		return fmt.Errorf("verify: the stores differ in %d place(s)", len(diffs))
+	}
+	fmt.Fprintf(a.stdout, "verified: %d snapshots in each store, every record identical\n", len(srcRecs))
+	problems, err = storage.Check(ctx, dstMS)
+	if err != nil {
+		return fmt.Errorf("check target: %w", err)
+	}
+	for _, p := range problems {
+		fmt.Fprintln(a.stdout, "problem: "+p.String())
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("check target: %d problem(s)", len(problems))
+	}
+	fmt.Fprintln(a.stdout, "check: target has no problems")
+	return nil
+}
+
+// carryIDLimit raises the target's ID allocator to the source's, so that the
+// IDs of snapshots the source removed are never handed out by the target
+// either (a driver may still hold their directories).
+func carryIDLimit(ctx context.Context, src, dst storage.MetaStore) error {
+	var limit uint64
+	err := src.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		limit, err = storage.IDLimit(ctx)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("source: ID limit: %w", err)
+	}
+	err = dst.WithTransaction(ctx, true, func(ctx context.Context) error {
+		return storage.RaiseIDs(ctx, limit)
+	})
+	if err != nil {
+		return fmt.Errorf("target: raising IDs to %d: %w", limit, err)
+	}
+	return nil
+}
+
+// compareTarget returns how many source records the target already holds,
+// identical, and refuses a target with any other snapshot.
+func compareTarget(src, dst []Record) (int, error) {
+	bySrc := make(map[string]Record, len(src))
+	for _, r := range src {
+		bySrc[r.Name] = r
+	}
+	present := 0
+	for _, t := range dst {
+		s, ok := bySrc[t.Name]
+		if !ok {
+			return 0, fmt.Errorf("target has snapshot %q, which the source lacks: migrate into an empty store (or the target of an interrupted migration)", t.Name)
+		}
+		if d := diff(s, t); d != "" {
+			return 0, fmt.Errorf("target has snapshot %q with a different record (source vs target: %s)", t.Name, d)
+		}
+		present++
+	}
+	return present, nil
+}
+
+// compareStores lists every difference between two stores' records (at
+// most 20, then a count).
+func compareStores(src, dst []Record) []string {
+	const most = 20
+	var out []string
+	if len(src) != len(dst) {
+		out = append(out, fmt.Sprintf("source has %d snapshots, target %d", len(src), len(dst)))
+	}
+	byDst := make(map[string]Record, len(dst))
+	for _, r := range dst {
+		byDst[r.Name] = r
+	}
+	more := 0
+	note := func(s string) {
+		if len(out) < most {
+			out = append(out, s)
+		} else {
+			more++
+		}
+	}
+	for _, s := range src {
+		t, ok := byDst[s.Name]
+		if !ok {
+			note(fmt.Sprintf("snapshot %q is missing from the target", s.Name))
+			continue
+		}
+		delete(byDst, s.Name)
+		if d := diff(s, t); d != "" {
+			note(fmt.Sprintf("snapshot %q differs (source vs target: %s)", s.Name, d))
+		}
+	}
+	for _, t := range dst {
+		if _, ok := byDst[t.Name]; ok {
+			note(fmt.Sprintf("snapshot %q is only in the target", t.Name))
+		}
+	}
+	if more > 0 {
+		out = append(out, fmt.Sprintf("... and %d more", more))
+	}
+	return out
+}
+
+// progress shows how far a copy is: a bar on a terminal, a line at every
+// tenth otherwise.
+type progress struct {
+	w       io.Writer
+	total   int
+	done    int
+	tenths  int
+	bar     *progressbar.ProgressBar
+	started time.Time
+}
+
+func newProgress(w io.Writer, total int) *progress {
+	p := &progress{w: w, total: total, started: time.Now()}
+	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) && total > 0 {
+		p.bar = progressbar.NewOptions(total,
+			progressbar.OptionSetWriter(w),
+			progressbar.OptionSetDescription("migrating"),
+			progressbar.OptionShowCount(),
+			progressbar.OptionSetItsString("snapshots"),
+			progressbar.OptionShowIts(),
+			progressbar.OptionSetPredictTime(true),
+			progressbar.OptionSetWidth(30),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }),
+		)
+	}
+	return p
+}
+
+func (p *progress) add(n int) {
+	p.done += n
+	if p.bar != nil {
+		_ = p.bar.Add(n)
+		return
+	}
+	if t := p.done * 10 / p.total; t > p.tenths {
+		p.tenths = t
+		fmt.Fprintf(p.w, "migrate: %d/%d snapshots (%d%%)\n", p.done, p.total, p.done*100/p.total)
+	}
+}
+
+func (p *progress) finish(ok bool) {
+	if p.bar != nil {
+		if ok {
+			_ = p.bar.Finish()
+		} else {
+			_ = p.bar.Exit()
+			fmt.Fprintln(p.w)
+		}
+	}
+}

@@ -1,0 +1,297 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	"github.com/snapmeta/storage"
+	"github.com/spf13/cobra"
+)
+
+// defaultBatch is how many snapshots one transaction of import and migrate
+// writes. Each costs an etcd transaction about two writes and a guard or
+// two, so 32 stays well inside etcd's default of 128 operations per
+// transaction; a batch the engine still refuses as too large is split.
+const defaultBatch = 32
+
+// maxBatch bounds --batch.
+const maxBatch = 10000
+
+func (a *app) exportCommand() *cobra.Command {
+	var addr, output string
+	c := &cobra.Command{
+		Use:   "export",
+		Short: "Write every snapshot as JSON Lines",
+		Long: `Write every snapshot of the store, read in one transaction, as JSON Lines:
+one object per line with every field (name, id, kind, parent, labels,
+created, updated, usage {size, inodes}), parents before their children, so
+that import can replay the file in order.
+
+A snapshot whose parent is missing (a damaged store) is still written, and
+reported on stderr; import will refuse it.`,
+		Example: `  snapmeta export --store metadata.db > snapshots.jsonl
+  snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+				recs, err := loadAll(c.Context(), st)
+				if err != nil {
+					return err
+				}
+				ordered, orphans, loops := parentFirst(recs)
+				for _, n := range orphans {
+					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q has a missing parent; import will refuse it\n", n)
+				}
+				for _, n := range loops {
+					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q is in a parent loop; import will refuse it\n", n)
+				}
+				return writeOutput(output, a.stdout, func(w io.Writer) error {
+					return writeJSONLines(w, ordered)
+				})
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().StringVarP(&output, "output", "o", "-", "write to this file instead of stdout")
+	return c
+}
+
+// writeOutput writes to stdout for "-", else to a new file that replaces
+// path only once complete.
+func writeOutput(path string, stdout io.Writer, fn func(io.Writer) error) error {
+	if path == "-" || path == "" {
+		bw := bufio.NewWriter(stdout)
+		if err := fn(bw); err != nil {
+			return err
+		}
+		return bw.Flush()
+	}
+	tmp, err := os.CreateTemp(dirOf(path), ".snapmeta-export-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	bw := bufio.NewWriter(tmp)
+	if err := fn(bw); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := bw.Flush(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+func dirOf(path string) string {
+	if i := strings.LastIndexByte(path, '/'); i >= 0 {
+		return path[:i+1]
+	}
+	return "."
+}
+
+func (a *app) importCommand() *cobra.Command {
+	var addr string
+	var skipExisting bool
+	var batch int
+	c := &cobra.Command{
+		Use:   "import [FILE]",
+		Short: "Create snapshots from JSON Lines (as export writes them)",
+		Long: `Create the snapshots of a JSON Lines file (from export; "-" or no FILE reads
+stdin) with their IDs, kinds, parents, labels, times and usage unchanged.
+Parents must come before their children, or exist in the store already.
+
+Each batch of --batch lines is one transaction: it is written entirely or
+not at all. A snapshot whose name exists in the store is refused; with
+--skip-existing one whose stored record is identical to the line is skipped
+(so an interrupted import can be run again), and one that differs is still
+refused. The whole file is read and checked before anything is written.`,
+		Example: `  snapmeta export --store old.db | snapmeta import --store new.db
+  snapmeta import --store etcd://127.0.0.1:2379/snapshots snapshots.jsonl --skip-existing`,
+		Args: maxArgs(1, "one FILE"),
+		RunE: func(c *cobra.Command, args []string) error {
+			if batch < 1 || batch > maxBatch {
+				return usageErrorf("--batch must be between 1 and %d", maxBatch)
+			}
+			in, name := a.stdin, "stdin"
+			if len(args) == 1 && args[0] != "-" {
+				f, err := os.Open(args[0])
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				in, name = f, args[0]
+			}
+			recs, err := readJSONLines(in, name)
+			if err != nil {
+				return err
+			}
+			return a.withStore(c.Context(), addr, readWrite, func(st storeHandle) error {
+				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
+					batch:        batch,
+					skipExisting: skipExisting,
+				})
+				if err != nil {
+					return fmt.Errorf("%w (%d imported before this)", err, stats.created)
+				}
+				fmt.Fprintf(a.stdout, "imported %d snapshots, skipped %d identical\n", stats.created, stats.skipped)
+				return nil
+			})
+		},
+	}
+	storeFlag(c, &addr)
+	c.Flags().BoolVar(&skipExisting, "skip-existing", false, "skip snapshots already stored with an identical record")
+	c.Flags().IntVar(&batch, "batch", defaultBatch, "snapshots per transaction")
+	return c
+}
+
+// readJSONLines reads and checks an export: every line decodes with no
+// unknown field, names are unique.
+func readJSONLines(r io.Reader, name string) ([]Record, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	var recs []Record
+	seen := map[string]int{}   // name -> line
+	seenID := map[string]int{} // ID -> line
+	for line := 1; sc.Scan(); line++ {
+		text := strings.TrimSpace(sc.Text())
+		if text == "" {
+			continue
+		}
+		dec := json.NewDecoder(strings.NewReader(text))
+		dec.DisallowUnknownFields()
+		var rec Record
+		if err := dec.Decode(&rec); err != nil {
+			return nil, fmt.Errorf("%s:%d: %v", name, line, err)
+		}
+		if dec.More() {
+			return nil, fmt.Errorf("%s:%d: more than one JSON value on the line", name, line)
+		}
+		if err := rec.validate(); err != nil {
+			return nil, fmt.Errorf("%s:%d: %v", name, line, err)
+		}
+		if prev, dup := seen[rec.Name]; dup {
+			return nil, fmt.Errorf("%s:%d: snapshot %q is already on line %d", name, line, rec.Name, prev)
+		}
+		if prev, dup := seenID[rec.ID]; dup {
+			return nil, fmt.Errorf("%s:%d: snapshot %q has the ID %s of line %d", name, line, rec.Name, rec.ID, prev)
+		}
+		seen[rec.Name], seenID[rec.ID] = line, line
+		recs = append(recs, rec)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	for _, rec := range recs {
+		if pl, ok := seen[rec.Parent]; ok && pl > seen[rec.Name] {
+			return nil, fmt.Errorf("%s:%d: snapshot %q comes before its parent %q (line %d); parents must come first", name, seen[rec.Name], rec.Name, rec.Parent, pl)
+		}
+	}
+	return recs, nil
+}
+
+type writeOptions struct {
+	batch        int
+	skipExisting bool
+	// existingHint is said after the refusal of an identical record.
+	existingHint string
+	// progress is told how many records each committed batch covered.
+	progress func(n int)
+}
+
+type writeStats struct {
+	created, skipped int
+}
+
+// writeRecords creates recs (parents first) in batches of opts.batch, one
+// transaction each, through the import hook.
+func writeRecords(ctx context.Context, ms storage.MetaStore, recs []Record, opts writeOptions) (writeStats, error) {
+	var stats writeStats
+	// Import takes IDs as given: refuse one that another snapshot of the
+	// target holds (the target is not expected to change meanwhile).
+	var ids map[string]string
+	if err := ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		ids, err = storage.IDMap(ctx)
+		return err
+	}); err != nil {
+		return stats, err
+	}
+	for _, r := range recs {
+		if holder, ok := ids[r.ID]; ok && holder != r.Name {
+			return stats, fmt.Errorf("snapshot %q: ID %s belongs to snapshot %q in the store: %w", r.Name, r.ID, holder, errdefs.ErrAlreadyExists)
+		}
+	}
+	if opts.existingHint == "" {
+		opts.existingHint = "use --skip-existing to skip identical records"
+	}
+	for start := 0; start < len(recs); start += opts.batch {
+		end := min(start+opts.batch, len(recs))
+		if err := writeBatch(ctx, ms, recs[start:end], opts, &stats); err != nil {
+			return stats, err
+		}
+	}
+	return stats, nil
+}
+
+// writeBatch writes one batch in one transaction, splitting it when the
+// engine finds it too large.
+func writeBatch(ctx context.Context, ms storage.MetaStore, batch []Record, opts writeOptions, stats *writeStats) error {
+	var created, skipped int
+	err := ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		// WithTransaction may run this again after a conflict.
+		created, skipped = 0, 0
+		var todo []Record
+		for _, r := range batch {
+			id, info, usage, err := storage.GetInfo(ctx, r.Name)
+			if isNotFound(err) {
+				todo = append(todo, r)
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if d := diff(r, newRecord(id, info, usage)); d != "" {
+				return fmt.Errorf("snapshot %q exists with a different record (given vs stored: %s): %w", r.Name, d, errdefs.ErrAlreadyExists)
+			}
+			if !opts.skipExisting {
+				return fmt.Errorf("snapshot %q exists (identical; %s): %w", r.Name, opts.existingHint, errdefs.ErrAlreadyExists)
+			}
+			skipped++
+		}
+		if len(todo) == 0 {
+			return nil
+		}
+		created = len(todo)
+		return importSnapshots(ctx, todo)
+	})
+	if err != nil && errdefs.IsResourceExhausted(err) && len(batch) > 1 && !errors.Is(err, context.Canceled) {
+		half := len(batch) / 2
+		if err := writeBatch(ctx, ms, batch[:half], opts, stats); err != nil {
+			return err
+		}
+		return writeBatch(ctx, ms, batch[half:], opts, stats)
+	}
+	if err != nil {
+		return err
+	}
+	stats.created += created
+	stats.skipped += skipped
+	if opts.progress != nil {
+		opts.progress(len(batch))
+	}
+	return nil
+}
