@@ -203,8 +203,18 @@ func mapEtcdErr(err error) error {
 	case errors.Is(err, rpctypes.ErrTooManyOps), errors.Is(err, rpctypes.ErrRequestTooLarge):
 		return fmt.Errorf("%w: %w", ErrTooLarge, err)
 	}
+	// The etcd client turns the server's gRPC errors into
+	// rpctypes.EtcdError, which status.Code does not see through; and etcd
+	// reports failed logins as InvalidArgument.
+	code := status.Code(err)
+	if ee := (rpctypes.EtcdError{}); errors.As(err, &ee) {
+		code = ee.Code()
+	}
+	if errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrUserEmpty) || errors.Is(err, rpctypes.ErrInvalidAuthToken) {
+		code = codes.Unauthenticated
+	}
 	var class error
-	switch status.Code(err) {
+	switch code {
 	case codes.PermissionDenied:
 		class = errdefs.ErrPermissionDenied
 	case codes.Unauthenticated:
