@@ -166,6 +166,9 @@ func NewCluster(n int, opts ...Option) (*Cluster, error) {
 	for _, o := range opts {
 		o(&s)
 	}
+	if err := s.security.prepare(); err != nil {
+		return nil, fmt.Errorf("etcdtest: %w", err)
+	}
 	dir, err := os.MkdirTemp("", "etcdtest-")
 	if err != nil {
 		return nil, fmt.Errorf("etcdtest: %w", err)
@@ -174,7 +177,9 @@ func NewCluster(n int, opts ...Option) (*Cluster, error) {
 	for attempt := 1; ; attempt++ {
 		err = c.bootstrap(n)
 		if err == nil {
-			return c, nil
+			if err = c.enableAuth(); err == nil {
+				return c, nil
+			}
 		}
 		c.Close()
 		if !isAddrInUse(err) || attempt == startAttempts {
@@ -196,6 +201,9 @@ func (c *Cluster) bootstrap(n int) error {
 	if err != nil {
 		return err
 	}
+	if err := c.writeTLSFiles(); err != nil {
+		return err
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	peers := make([]string, n)
@@ -206,6 +214,7 @@ func (c *Cluster) bootstrap(n int) error {
 			peerURL:   localURL(ports[2*i+1]),
 		}
 		m.dir = filepath.Join(c.dir, m.name)
+		m.clientURL.Scheme = c.settings.clientScheme()
 		peers[i] = m.name + "=" + m.peerURL.String()
 		c.members = append(c.members, m)
 	}
@@ -268,6 +277,7 @@ func (c *Cluster) config(i int) *embed.Config {
 	// builder replaces, and at "debug" etcd would also serve pprof.
 	cfg.LogLevel = "error"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(s.logger.Named(m.name))
+	c.configureSecurity(cfg)
 	for _, fn := range s.configure {
 		fn(i, cfg)
 	}
@@ -321,9 +331,9 @@ func (c *Cluster) Member(i int) *embed.Etcd {
 	return c.members[i].etcd
 }
 
-// Endpoint returns the client URL of member i ("http://127.0.0.1:port"),
-// whether or not it is running. It stays the same across Stop and Restart.
-// It panics if i is out of range.
+// Endpoint returns the client URL of member i ("http://127.0.0.1:port", or
+// https with WithTLS), whether or not it is running. It stays the same
+// across Stop and Restart. It panics if i is out of range.
 func (c *Cluster) Endpoint(i int) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -346,14 +356,17 @@ func (c *Cluster) Endpoints() []string {
 
 // ClientConfig returns a client configuration for the running members
 // (Endpoints), with a dial timeout and a logger that discards everything.
+// With WithTLS or WithAuth it logs in as root (see WithTLS and WithAuth).
 // The caller may change it, e.g. set Endpoints to a single member, before
 // passing it to clientv3.New.
 func (c *Cluster) ClientConfig() clientv3.Config {
-	return clientv3.Config{
+	cfg := clientv3.Config{
 		Endpoints:   c.Endpoints(),
 		DialTimeout: dialTimeout,
 		Logger:      zap.NewNop(),
 	}
+	c.addCredentials(&cfg)
+	return cfg
 }
 
 // Client returns a new client connected to the members running at the time

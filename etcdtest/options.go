@@ -40,6 +40,7 @@ type settings struct {
 	compactionKeep  string
 	logger          *zap.Logger
 	configure       []func(member int, cfg *embed.Config)
+	security        security // WithTLS, WithAuth; see tls.go
 }
 
 func defaultSettings() settings {
