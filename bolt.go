@@ -270,6 +270,7 @@ func decodeBolt(sb *bolt.Bucket) (*record, error) {
 			if err := ts.t.UnmarshalBinary(v); err != nil {
 				return nil, fmt.Errorf("bad %q: %v: %w", ts.key, err, ErrCorrupt)
 			}
+			*ts.t = ts.t.UTC() // a zone this package never writes would not encode again
 		}
 	}
 	if lb := sb.Bucket([]byte(KeyLabels)); lb != nil {

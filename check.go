@@ -140,12 +140,12 @@ func (c *checker) checkParent(name string, r *record) {
 	if p.Kind != snapshots.KindCommitted {
 		c.report(name, "parent %q is %s, not committed", r.Parent, kindName(p.Kind))
 	}
-	if len(r.ParentIDs) == 0 {
-		return // a record written by containerd: the chain is followed
-	}
-	if followed, ok := c.follow(r); !ok {
+	followed, ok := c.follow(r)
+	switch {
+	case !ok:
 		c.report(name, "parent chain cannot be followed (a parent is missing or the chain loops)")
-	} else if !slices.Equal(followed, r.ParentIDs) {
+	case len(r.ParentIDs) > 0 && !slices.Equal(followed, r.ParentIDs):
+		// No stored chain is fine: containerd's records have none.
 		c.report(name, "stored parent chain %v differs from the followed chain %v", r.ParentIDs, followed)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -148,11 +149,12 @@ func checkRoot(root string) error {
 }
 
 type etcdEngine struct {
-	cli  *clientv3.Client
-	own  bool
-	kv   clientv3.KV
-	keys etcdKeys
-	opts etcdOptions
+	closed atomic.Bool // set by close: requests of live transactions fail with ErrClosed
+	cli    *clientv3.Client
+	own    bool
+	kv     clientv3.KV
+	keys   etcdKeys
+	opts   etcdOptions
 
 	// ids is this store's reserved block of IDs: [next, end).
 	idMu    sync.Mutex
@@ -165,6 +167,7 @@ func (e *etcdEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 }
 
 func (e *etcdEngine) close() error {
+	e.closed.Store(true)
 	if e.own {
 		return e.cli.Close()
 	}
@@ -176,6 +179,9 @@ var errRequestTimeout = errors.New("etcd request timeout")
 
 // call runs one etcd request under the request timeout and maps its error.
 func (e *etcdEngine) call(ctx context.Context, fn func(ctx context.Context) error) error {
+	if e.closed.Load() {
+		return ErrClosed
+	}
 	if e.opts.requestTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, e.opts.requestTimeout, errRequestTimeout)
@@ -853,7 +859,7 @@ func (d *recordDecoder) varint(what string) int64 {
 // decoding allocate without bound.
 func (d *recordDecoder) count(what string, min int) int {
 	n := d.uvarint(what)
-	if d.err == nil && n > uint64(len(d.b)/min) {
+	if d.err != nil || n > uint64(len(d.b)/min) {
 		d.fail(what)
 		return 0
 	}
@@ -906,6 +912,7 @@ func decodeRecord(b []byte) (*record, error) {
 			if err := t.UnmarshalBinary(tb); err != nil {
 				d.fail("timestamp")
 			}
+			*t = t.UTC() // a zone this package never writes would not encode again
 		}
 	}
 	r.Usage.Inodes = d.varint("inodes")

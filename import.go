@@ -115,7 +115,7 @@ func importOne(ctx context.Context, tx engineTx, rec Record) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	rs, err := tx.get(ctx, rec.Name, rec.Parent)
+	rs, err := lookup(ctx, tx, rec.Name, rec.Parent)
 	if err != nil {
 		return 0, err
 	}

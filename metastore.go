@@ -154,7 +154,11 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 		t := &transaction{ctx: ctx, tx: etx, writable: true}
 		// The group commits; the callback's transaction ends with it.
 		defer t.done.Store(true)
-		return fn(ContextWithTransactor(ctx, t))
+		if err := fn(ContextWithTransactor(ctx, t)); err != nil {
+			return err
+		}
+		// A canceled transaction commits nothing, as Commit.
+		return ctx.Err()
 	})
 }
 

@@ -167,7 +167,7 @@ func walkRecords(ctx context.Context, tx engineTx, fn func(name string, r *recor
 
 // getOne returns the record of name, or a NotFound error.
 func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
-	rs, err := tx.get(ctx, name)
+	rs, err := lookup(ctx, tx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -181,11 +181,19 @@ func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
 // p (immediate parent first), using the stored chain when there is one.
 func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 	chain := []uint64{p.ID}
+	var visited map[string]bool // only records without a stored chain are followed
 	for p.Parent != "" {
 		if len(p.ParentIDs) > 0 {
 			return append(chain, p.ParentIDs...), nil
 		}
-		next, err := tx.get(ctx, p.Parent)
+		if visited[p.Parent] {
+			return nil, fmt.Errorf("parent chain loops at %q: %w", p.Parent, ErrCorrupt)
+		}
+		if visited == nil {
+			visited = map[string]bool{}
+		}
+		visited[p.Parent] = true
+		next, err := lookup(ctx, tx, p.Parent)
 		if err != nil {
 			return nil, err
 		}
@@ -198,13 +206,24 @@ func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 	return chain, nil
 }
 
+// lookup reads the records of names; a name no snapshot can have (empty, or
+// over MaxNameSize) is absent without asking the engine.
+func lookup(ctx context.Context, tx engineTx, names ...string) ([]*record, error) {
+	for i, name := range names {
+		if len(name) > MaxNameSize {
+			names[i] = ""
+		}
+	}
+	return tx.get(ctx, names...)
+}
+
 // recordChain returns r's parent chain, following parents when r does not
 // store it.
 func recordChain(ctx context.Context, tx engineTx, r *record) ([]uint64, error) {
 	if r.Parent == "" || len(r.ParentIDs) > 0 {
 		return r.ParentIDs, nil
 	}
-	p, err := tx.get(ctx, r.Parent)
+	p, err := lookup(ctx, tx, r.Parent)
 	if err != nil {
 		return nil, err
 	}
@@ -374,7 +393,7 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return err
 		}
 		// One lookup for both names lets an engine answer in one round trip.
-		rs, err := tx.get(ctx, key, parent)
+		rs, err := lookup(ctx, tx, key, parent)
 		if err != nil {
 			return err
 		}
@@ -457,7 +476,7 @@ func parentID(ctx context.Context, tx engineTx, r *record) (uint64, error) {
 	if len(r.ParentIDs) > 0 {
 		return r.ParentIDs[0], nil
 	}
-	p, err := tx.get(ctx, r.Parent)
+	p, err := lookup(ctx, tx, r.Parent)
 	if err != nil {
 		return 0, err
 	}
@@ -480,7 +499,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 		if err != nil {
 			return err
 		}
-		rs, err := tx.get(ctx, name, key, base.Parent)
+		rs, err := lookup(ctx, tx, name, key, base.Parent)
 		if err != nil {
 			return err
 		}

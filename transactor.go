@@ -85,6 +85,11 @@ func (t *transaction) Commit() error {
 	if !t.done.CompareAndSwap(false, true) {
 		return ErrTransactionDone
 	}
+	// A canceled transaction commits nothing, on every engine.
+	if err := t.ctx.Err(); err != nil {
+		_ = t.tx.rollback()
+		return err
+	}
 	return t.tx.commit(t.ctx)
 }
 
