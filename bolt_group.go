@@ -17,9 +17,11 @@ import (
 // runs its own callback, in turn and on its own goroutine, on the open
 // transaction; the last caller of a group, the one that finds nobody
 // waiting, commits for all of them with one fsync. Every caller returns
-// only after that commit, with its error. A callback that fails has its
-// writes undone from an undo log before the next callback runs, so it
-// affects no other caller, and no callback ever runs twice. A lone writer
+// only after that commit, with its error (a caller whose callback failed
+// also waits, since its callback may have read the group's earlier writes).
+// A callback that fails has its writes undone from an undo log before the
+// next callback runs, so it affects no other caller, and no callback ever
+// runs twice. A lone writer
 // commits at once: there is no batching delay.
 
 // maxGroupSize bounds how many callers share one commit, so that a steady
@@ -86,6 +88,9 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	} else {
 		g.mu.Unlock()
 	}
+	// A failed callback waits too: it may have seen the group's earlier
+	// writes, which are not to be observed before they are durable.
+	<-gc.done
 	var p *callbackPanic
 	if errors.As(err, &p) {
 		panic(p.value)
@@ -93,7 +98,6 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	if err != nil {
 		return err
 	}
-	<-gc.done
 	if gc.err != nil {
 		return fmt.Errorf("commit failed: %w", gc.err)
 	}
