@@ -52,6 +52,22 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	return newMetaStore(&boltEngine{db: db}), nil
 }
 
+// The layout's keys as bytes, converted once rather than on every access.
+var (
+	bKeyVersion   = []byte(KeyVersion)
+	bKeySnapshots = []byte(KeySnapshots)
+	bKeyParents   = []byte(KeyParents)
+	bKeyID        = []byte(KeyID)
+	bKeyKind      = []byte(KeyKind)
+	bKeyParent    = []byte(KeyParent)
+	bKeyCreatedAt = []byte(KeyCreatedAt)
+	bKeyUpdatedAt = []byte(KeyUpdatedAt)
+	bKeyLabels    = []byte(KeyLabels)
+	bKeyInodes    = []byte(KeyInodes)
+	bKeySize      = []byte(KeySize)
+	bKeyParentIDs = []byte(KeyParentIDs)
+)
+
 type boltEngine struct {
 	db    *bolt.DB
 	group boltGroup
@@ -67,9 +83,9 @@ func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 
 func newBoltTx(tx *bolt.Tx) *boltTx {
 	bt := &boltTx{tx: tx}
-	if v := tx.Bucket([]byte(KeyVersion)); v != nil {
-		bt.snaps = v.Bucket([]byte(KeySnapshots))
-		bt.parents = v.Bucket([]byte(KeyParents))
+	if v := tx.Bucket(bKeyVersion); v != nil {
+		bt.snaps = v.Bucket(bKeySnapshots)
+		bt.parents = v.Bucket(bKeyParents)
 	}
 	return bt
 }
@@ -96,14 +112,14 @@ func (b *boltTx) ensureBuckets() error {
 		return nil
 	}
 	b.undo.bucketsCreated(b)
-	v, err := b.tx.CreateBucketIfNotExists([]byte(KeyVersion))
+	v, err := b.tx.CreateBucketIfNotExists(bKeyVersion)
 	if err != nil {
 		return fmt.Errorf("failed to create version bucket: %w", err)
 	}
-	if b.snaps, err = v.CreateBucketIfNotExists([]byte(KeySnapshots)); err != nil {
+	if b.snaps, err = v.CreateBucketIfNotExists(bKeySnapshots); err != nil {
 		return fmt.Errorf("failed to create snapshots bucket: %w", err)
 	}
-	if b.parents, err = v.CreateBucketIfNotExists([]byte(KeyParents)); err != nil {
+	if b.parents, err = v.CreateBucketIfNotExists(bKeyParents); err != nil {
 		return fmt.Errorf("failed to create parents bucket: %w", err)
 	}
 	return nil
@@ -136,11 +152,15 @@ func (b *boltTx) put(name string, r *record) error {
 		return err
 	}
 	b.undo.bucketChanged(b.snaps, name)
-	sb, err := b.snaps.CreateBucketIfNotExists([]byte(name))
-	if err != nil {
-		return fmt.Errorf("snapshot %q: %w", name, err)
+	sb := b.snaps.Bucket([]byte(name))
+	fresh := sb == nil
+	if fresh {
+		var err error
+		if sb, err = b.snaps.CreateBucket([]byte(name)); err != nil {
+			return fmt.Errorf("snapshot %q: %w", name, err)
+		}
 	}
-	if err := encodeBolt(sb, r); err != nil {
+	if err := encodeBolt(sb, r, fresh); err != nil {
 		return fmt.Errorf("snapshot %q: %w", name, err)
 	}
 	return nil
@@ -171,6 +191,8 @@ func (b *boltTx) unlink(parent, child ref) error {
 	b.undo.keyChanged(b.parents, k)
 	return b.parents.Delete(k)
 }
+
+func (b *boltTx) willCheckChildren(string) {} // a cursor seek is cheap
 
 func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 	if b.parents == nil {
@@ -251,29 +273,29 @@ func parentLinkPrefix(parent uint64) []byte {
 // is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket) (*record, error) {
 	var r record
-	id, n := binary.Uvarint(sb.Get([]byte(KeyID)))
+	id, n := binary.Uvarint(sb.Get(bKeyID))
 	if n <= 0 {
 		return nil, fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
 	}
 	r.ID = id
-	kind := sb.Get([]byte(KeyKind))
+	kind := sb.Get(bKeyKind)
 	if len(kind) != 1 {
 		return nil, fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
 	}
 	r.Kind = snapshots.Kind(kind[0])
-	r.Parent = string(sb.Get([]byte(KeyParent)))
+	r.Parent = string(sb.Get(bKeyParent))
 	for _, ts := range []struct {
-		key string
+		key []byte
 		t   *time.Time
-	}{{KeyCreatedAt, &r.Created}, {KeyUpdatedAt, &r.Updated}} {
-		if v := sb.Get([]byte(ts.key)); v != nil {
+	}{{bKeyCreatedAt, &r.Created}, {bKeyUpdatedAt, &r.Updated}} {
+		if v := sb.Get(ts.key); v != nil {
 			if err := ts.t.UnmarshalBinary(v); err != nil {
 				return nil, fmt.Errorf("bad %q: %v: %w", ts.key, err, ErrCorrupt)
 			}
 			*ts.t = ts.t.UTC() // a zone this package never writes would not encode again
 		}
 	}
-	if lb := sb.Bucket([]byte(KeyLabels)); lb != nil {
+	if lb := sb.Bucket(bKeyLabels); lb != nil {
 		_ = lb.ForEach(func(k, v []byte) error {
 			if r.Labels == nil {
 				r.Labels = map[string]string{}
@@ -283,10 +305,10 @@ func decodeBolt(sb *bolt.Bucket) (*record, error) {
 		})
 	}
 	for _, u := range []struct {
-		key string
+		key []byte
 		v   *int64
-	}{{KeyInodes, &r.Usage.Inodes}, {KeySize, &r.Usage.Size}} {
-		if v := sb.Get([]byte(u.key)); v != nil {
+	}{{bKeyInodes, &r.Usage.Inodes}, {bKeySize, &r.Usage.Size}} {
+		if v := sb.Get(u.key); v != nil {
 			x, n := binary.Varint(v)
 			if n <= 0 {
 				return nil, fmt.Errorf("bad %q: %w", u.key, ErrCorrupt)
@@ -294,7 +316,7 @@ func decodeBolt(sb *bolt.Bucket) (*record, error) {
 			*u.v = x
 		}
 	}
-	for v := sb.Get([]byte(KeyParentIDs)); len(v) > 0; {
+	for v := sb.Get(bKeyParentIDs); len(v) > 0; {
 		id, n := binary.Uvarint(v)
 		if n <= 0 {
 			return nil, fmt.Errorf("bad %q: %w", KeyParentIDs, ErrCorrupt)
@@ -306,13 +328,17 @@ func decodeBolt(sb *bolt.Bucket) (*record, error) {
 }
 
 // encodeBolt writes r into a snapshot bucket the way containerd does, plus
-// the parent chain.
-func encodeBolt(sb *bolt.Bucket, r *record) error {
-	put := func(key string, v []byte) error {
-		if v == nil {
-			return sb.Delete([]byte(key))
+// the parent chain; fresh says the bucket was just created (nothing to
+// delete).
+func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
+	put := func(key, v []byte) error {
+		switch {
+		case v != nil:
+			return sb.Put(key, v)
+		case fresh:
+			return nil
 		}
-		return sb.Put([]byte(key), v)
+		return sb.Delete(key)
 	}
 	created, err := r.Created.MarshalBinary()
 	if err != nil {
@@ -334,37 +360,37 @@ func encodeBolt(sb *bolt.Bucket, r *record) error {
 		chain = binary.AppendUvarint(chain, id)
 	}
 	for _, kv := range []struct {
-		key string
+		key []byte
 		v   []byte
 	}{
-		{KeyID, binary.AppendUvarint(nil, r.ID)},
-		{KeyKind, []byte{byte(r.Kind)}},
-		{KeyParent, parent},
-		{KeyCreatedAt, created},
-		{KeyUpdatedAt, updated},
-		{KeyInodes, inodes},
-		{KeySize, size},
-		{KeyParentIDs, chain},
+		{bKeyID, binary.AppendUvarint(nil, r.ID)},
+		{bKeyKind, []byte{byte(r.Kind)}},
+		{bKeyParent, parent},
+		{bKeyCreatedAt, created},
+		{bKeyUpdatedAt, updated},
+		{bKeyInodes, inodes},
+		{bKeySize, size},
+		{bKeyParentIDs, chain},
 	} {
 		if err := put(kv.key, kv.v); err != nil {
 			return fmt.Errorf("failed to write %q: %w", kv.key, err)
 		}
 	}
-	return writeBoltLabels(sb, r.Labels)
+	return writeBoltLabels(sb, r.Labels, fresh)
 }
 
 // writeBoltLabels replaces the labels bucket; containerd keeps no bucket for
 // no labels.
-func writeBoltLabels(sb *bolt.Bucket, labels map[string]string) error {
-	if sb.Bucket([]byte(KeyLabels)) != nil {
-		if err := sb.DeleteBucket([]byte(KeyLabels)); err != nil {
+func writeBoltLabels(sb *bolt.Bucket, labels map[string]string, fresh bool) error {
+	if !fresh && sb.Bucket(bKeyLabels) != nil {
+		if err := sb.DeleteBucket(bKeyLabels); err != nil {
 			return err
 		}
 	}
 	if len(labels) == 0 {
 		return nil
 	}
-	lb, err := sb.CreateBucket([]byte(KeyLabels))
+	lb, err := sb.CreateBucket(bKeyLabels)
 	if err != nil {
 		return err
 	}

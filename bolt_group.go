@@ -151,14 +151,14 @@ func (u *undoLog) bucketsCreated(b *boltTx) {
 		return
 	}
 	tx := b.tx
-	if tx.Bucket([]byte(KeyVersion)) == nil {
+	if tx.Bucket(bKeyVersion) == nil {
 		u.add(func() error {
 			b.snaps, b.parents = nil, nil
-			return tx.DeleteBucket([]byte(KeyVersion))
+			return tx.DeleteBucket(bKeyVersion)
 		})
 		return
 	}
-	v := tx.Bucket([]byte(KeyVersion))
+	v := tx.Bucket(bKeyVersion)
 	for _, name := range []string{KeySnapshots, KeyParents} {
 		if v.Bucket([]byte(name)) == nil {
 			u.add(func() error {

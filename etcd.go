@@ -15,6 +15,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -182,7 +183,7 @@ func (e *etcdEngine) call(ctx context.Context, fn func(ctx context.Context) erro
 	if e.closed.Load() {
 		return ErrClosed
 	}
-	if e.opts.requestTimeout > 0 {
+	if d, ok := ctx.Deadline(); e.opts.requestTimeout > 0 && (!ok || time.Until(d) > e.opts.requestTimeout) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, e.opts.requestTimeout, errRequestTimeout)
 		defer cancel()
@@ -325,6 +326,16 @@ type etcdTx struct {
 	ranges map[string]string  // ranges read, guarded against any change since rev
 	peeks  map[string]childPeek
 	writes map[string][]byte // buffered writes; nil value deletes
+	// wantChildren holds the names whose children check was announced, to
+	// be read along with their records.
+	wantChildren map[string]bool
+}
+
+func (t *etcdTx) willCheckChildren(name string) {
+	if t.wantChildren == nil {
+		t.wantChildren = map[string]bool{}
+	}
+	t.wantChildren[name] = true
 }
 
 func (t *etcdTx) readOpts(opts ...clientv3.OpOption) []clientv3.OpOption {
@@ -375,15 +386,72 @@ func (t *etcdTx) get(ctx context.Context, names ...string) ([]*record, error) {
 	if len(fetch) == 0 {
 		return out, nil
 	}
-	// One request for every record, and in a writable transaction also the
-	// first children of each, so that Remove costs one round trip.
+	// One request for every record, and for the children of any name whose
+	// children check was announced, so that Remove costs one round trip.
+	type read struct {
+		name     string
+		children bool
+	}
+	var reads []read
 	var ops []clientv3.Op
+	asked := map[string]bool{}
 	for _, i := range fetch {
+		if asked[names[i]] {
+			continue // the same name twice, as CommitActive(key, key)
+		}
+		asked[names[i]] = true
+		reads = append(reads, read{names[i], false})
 		ops = append(ops, clientv3.OpGet(t.e.keys.snapshot(names[i]), t.readOpts()...))
-		if t.writable {
+		if t.wantChildren[names[i]] {
+			reads = append(reads, read{names[i], true})
 			ops = append(ops, clientv3.OpGet(t.e.keys.childPrefix(names[i]),
 				t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(1))...))
 		}
+	}
+	results, err := t.readMany(ctx, ops)
+	if err != nil {
+		return nil, err
+	}
+	for j, rd := range reads {
+		rr := results[j]
+		if rd.children {
+			t.peek(rd.name, rr.Kvs, rr.More)
+			continue
+		}
+		s := seenKey{}
+		if len(rr.Kvs) > 0 {
+			s = seenKey{modRev: rr.Kvs[0].ModRevision, value: rr.Kvs[0].Value}
+			r, err := decodeRecord(s.value)
+			if err != nil {
+				return nil, fmt.Errorf("snapshot %q: %w", rd.name, err)
+			}
+			for _, i := range fetch {
+				if names[i] == rd.name {
+					out[i] = r
+				}
+			}
+		}
+		t.seen[t.e.keys.snapshot(rd.name)] = s
+	}
+	return out, nil
+}
+
+// readMany sends reads in one round trip: a plain Get for one (cheaper for
+// etcd than a transaction), a Txn of Gets for more, which etcd answers at
+// one revision. The first read's revision becomes the transaction's.
+func (t *etcdTx) readMany(ctx context.Context, ops []clientv3.Op) ([]*etcdserverpb.RangeResponse, error) {
+	if len(ops) == 1 {
+		var resp clientv3.OpResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Do(ctx, ops[0])
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		get := resp.Get()
+		t.pinRevision(get.Header.Revision)
+		return []*etcdserverpb.RangeResponse{(*etcdserverpb.RangeResponse)(get)}, nil
 	}
 	var resp *clientv3.TxnResponse
 	err := t.e.call(ctx, func(ctx context.Context) (err error) {
@@ -394,24 +462,9 @@ func (t *etcdTx) get(ctx context.Context, names ...string) ([]*record, error) {
 		return nil, err
 	}
 	t.pinRevision(resp.Header.Revision)
-	per := len(ops) / len(fetch)
-	for j, i := range fetch {
-		k := t.e.keys.snapshot(names[i])
-		rr := resp.Responses[j*per].GetResponseRange()
-		s := seenKey{}
-		if kvs := rr.GetKvs(); len(kvs) > 0 {
-			s = seenKey{modRev: kvs[0].ModRevision, value: kvs[0].Value}
-			r, err := decodeRecord(s.value)
-			if err != nil {
-				return nil, fmt.Errorf("snapshot %q: %w", names[i], err)
-			}
-			out[i] = r
-		}
-		t.seen[k] = s
-		if per == 2 {
-			cr := resp.Responses[j*per+1].GetResponseRange()
-			t.peek(names[i], cr.GetKvs(), cr.GetMore())
-		}
+	out := make([]*etcdserverpb.RangeResponse, len(resp.Responses))
+	for i, r := range resp.Responses {
+		out[i] = r.GetResponseRange()
 	}
 	return out, nil
 }

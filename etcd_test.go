@@ -644,6 +644,11 @@ type slowKV struct{ clientv3.KV }
 
 func (s slowKV) Txn(ctx context.Context) clientv3.Txn { return slowTxn{ctx: ctx, Txn: s.KV.Txn(ctx)} }
 
+func (s slowKV) Do(ctx context.Context, _ clientv3.Op) (clientv3.OpResponse, error) {
+	<-ctx.Done()
+	return clientv3.OpResponse{}, ctx.Err()
+}
+
 type slowTxn struct {
 	clientv3.Txn
 	ctx context.Context

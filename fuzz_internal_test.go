@@ -275,7 +275,7 @@ func FuzzBoltRecord(f *testing.F) {
 			badLabel = badLabel || k == "" || len(k) > bolt.MaxKeySize
 		}
 		fuzzInBucket(t, db, func(sb *bolt.Bucket) {
-			err := encodeBolt(sb, r)
+			err := encodeBolt(sb, r, false)
 			if badLabel {
 				// The rules refuse such labels before any write; bbolt
 				// cannot store them.
@@ -301,7 +301,7 @@ func FuzzBoltRecord(f *testing.F) {
 			// Writing again over the same bucket (as UpdateInfo does)
 			// leaves nothing of the old record behind.
 			other := &record{ID: id + 1, Kind: snapshots.KindView, Created: want.Created, Updated: want.Updated}
-			if err := encodeBolt(sb, other); err != nil {
+			if err := encodeBolt(sb, other, false); err != nil {
 				t.Fatalf("encodeBolt over an existing record: %v", err)
 			}
 			got, err = decodeBolt(sb)
@@ -363,7 +363,7 @@ func FuzzBoltDecode(f *testing.F) {
 				}
 				return
 			}
-			if err := encodeBolt(sb, r); err != nil {
+			if err := encodeBolt(sb, r, false); err != nil {
 				t.Fatalf("a record decodeBolt read cannot be written back: %v\nrecord %+v", err, r)
 			}
 			r2, err := decodeBolt(sb)

@@ -64,6 +64,9 @@ type engineTx interface {
 	unlink(parent, child ref) error
 	// hasChildren reports whether any index entry has parent p.
 	hasChildren(ctx context.Context, p ref) (bool, error)
+	// willCheckChildren announces that hasChildren of name will follow
+	// its get, so an engine may read both in one round trip.
+	willCheckChildren(name string)
 	// scan calls fn for every stored snapshot in name order, with its record
 	// or the error decoding it, and stops at fn's first error.
 	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
@@ -82,12 +85,14 @@ type engineTx interface {
 	rollback() error
 }
 
+// info hands r's labels over: records are decoded afresh for every read,
+// and no engine keeps them.
 func (r *record) info(name string) snapshots.Info {
 	return snapshots.Info{
 		Kind:    r.Kind,
 		Name:    name,
 		Parent:  r.Parent,
-		Labels:  maps.Clone(r.Labels),
+		Labels:  r.Labels,
 		Created: r.Created,
 		Updated: r.Updated,
 	}
@@ -438,6 +443,7 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 
 func (t *transaction) Remove(ctx context.Context, key string) (id string, kind snapshots.Kind, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
+		tx.willCheckChildren(key)
 		r, err := getOne(ctx, tx, key)
 		if err != nil {
 			return err
