@@ -59,23 +59,28 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	}
 	gc := g.commit
 	bt := newBoltTx(g.tx)
-	bt.undo = &undoLog{}
-
-	err := runGuarded(fn, bt)
-	if err == nil {
-		gc.members++
-	} else if uerr := bt.undo.revert(); uerr != nil {
-		// The shared transaction is in an unknown state: nobody's share
-		// may be committed.
-		_ = g.tx.Rollback()
-		g.tx = nil
-		gc.err = fmt.Errorf("group commit aborted: undo failed: %w", uerr)
-		close(gc.done)
-		g.mu.Unlock()
-		return errors.Join(err, gc.err)
+	// Until a callback succeeds the transaction holds nobody's writes, so a
+	// failure drops it whole and needs no undo log.
+	first := gc.members == 0
+	if !first {
+		bt.undo = &undoLog{}
 	}
 
-	if g.waiting.Load() == 0 || gc.members >= maxGroupSize {
+	err := runGuarded(fn, bt)
+	switch {
+	case err == nil:
+		gc.members++
+	case first:
+		g.abandon(nil)
+	default:
+		if uerr := bt.undo.revert(); uerr != nil {
+			// The shared transaction is in an unknown state: nobody's
+			// share may be committed.
+			g.abandon(fmt.Errorf("group commit aborted: undo failed: %w", uerr))
+		}
+	}
+
+	if g.tx != nil && (g.waiting.Load() == 0 || gc.members >= maxGroupSize) {
 		tx := g.tx
 		g.tx, g.commit = nil, nil
 		g.mu.Unlock()
@@ -102,6 +107,15 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		return fmt.Errorf("commit failed: %w", gc.err)
 	}
 	return nil
+}
+
+// abandon rolls back the open transaction and ends its group with err.
+// Called with mu held.
+func (g *boltGroup) abandon(err error) {
+	_ = g.tx.Rollback()
+	g.commit.err = err
+	close(g.commit.done)
+	g.tx, g.commit = nil, nil
 }
 
 // callbackPanic carries a callback's panic past the group bookkeeping, to
