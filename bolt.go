@@ -83,11 +83,19 @@ func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 
 func newBoltTx(tx *bolt.Tx) *boltTx {
 	bt := &boltTx{tx: tx}
-	if v := tx.Bucket(bKeyVersion); v != nil {
-		bt.snaps = v.Bucket(bKeySnapshots)
-		bt.parents = v.Bucket(bKeyParents)
+	if bt.version = tx.Bucket(bKeyVersion); bt.version != nil {
+		bt.snaps = bt.version.Bucket(bKeySnapshots)
 	}
 	return bt
+}
+
+// parentsBucket returns the parents bucket, looked up on first use: most
+// reads never need it.
+func (b *boltTx) parentsBucket() *bolt.Bucket {
+	if b.parents == nil && b.version != nil {
+		b.parents = b.version.Bucket(bKeyParents)
+	}
+	return b.parents
 }
 
 func (e *boltEngine) close() error { return e.db.Close() }
@@ -96,8 +104,9 @@ func (e *boltEngine) close() error { return e.db.Close() }
 // creates them, as containerd does.
 type boltTx struct {
 	tx      *bolt.Tx
+	version *bolt.Bucket
 	snaps   *bolt.Bucket
-	parents *bolt.Bucket
+	parents *bolt.Bucket // see parentsBucket
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
@@ -108,7 +117,7 @@ func (b *boltTx) rollback() error              { return b.tx.Rollback() }
 
 // ensureBuckets creates the layout's buckets for a write.
 func (b *boltTx) ensureBuckets() error {
-	if b.snaps != nil && b.parents != nil {
+	if b.snaps != nil && b.parentsBucket() != nil {
 		return nil
 	}
 	b.undo.bucketsCreated(b)
@@ -119,30 +128,35 @@ func (b *boltTx) ensureBuckets() error {
 	if b.snaps, err = v.CreateBucketIfNotExists(bKeySnapshots); err != nil {
 		return fmt.Errorf("failed to create snapshots bucket: %w", err)
 	}
+	b.version = v
 	if b.parents, err = v.CreateBucketIfNotExists(bKeyParents); err != nil {
 		return fmt.Errorf("failed to create parents bucket: %w", err)
 	}
 	return nil
 }
 
-func (b *boltTx) get(_ context.Context, names ...string) ([]*record, error) {
-	out := make([]*record, len(names))
-	if b.snaps == nil {
-		return out, nil
+func (b *boltTx) get(_ context.Context, name string) (*record, error) {
+	if b.snaps == nil || name == "" {
+		return nil, nil
 	}
+	sb := b.snaps.Bucket([]byte(name))
+	if sb == nil {
+		return nil, nil
+	}
+	r, err := decodeBolt(sb)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w", name, err)
+	}
+	return r, nil
+}
+
+func (b *boltTx) getMany(ctx context.Context, names ...string) ([]*record, error) {
+	out := make([]*record, len(names))
 	for i, name := range names {
-		if name == "" {
-			continue
+		var err error
+		if out[i], err = b.get(ctx, name); err != nil {
+			return nil, err
 		}
-		sb := b.snaps.Bucket([]byte(name))
-		if sb == nil {
-			continue
-		}
-		r, err := decodeBolt(sb)
-		if err != nil {
-			return nil, fmt.Errorf("snapshot %q: %w", name, err)
-		}
-		out[i] = r
 	}
 	return out, nil
 }
@@ -184,7 +198,7 @@ func (b *boltTx) link(parent, child ref) error {
 }
 
 func (b *boltTx) unlink(parent, child ref) error {
-	if b.parents == nil {
+	if b.parentsBucket() == nil {
 		return nil
 	}
 	k := parentLinkKey(parent.id, child.id)
@@ -195,7 +209,7 @@ func (b *boltTx) unlink(parent, child ref) error {
 func (b *boltTx) willCheckChildren(string) {} // a cursor seek is cheap
 
 func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
-	if b.parents == nil {
+	if b.parentsBucket() == nil {
 		return false, nil
 	}
 	prefix := parentLinkPrefix(p.id)
@@ -214,7 +228,7 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 }
 
 func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref) error) error {
-	if b.parents == nil {
+	if b.parentsBucket() == nil {
 		return nil
 	}
 	return b.parents.ForEach(func(k, v []byte) error {
@@ -268,63 +282,92 @@ func parentLinkPrefix(parent uint64) []byte {
 	return append(k, 0)
 }
 
-// decodeBolt reads a snapshot bucket. Containerd leaves some keys out (usage
-// of non-committed snapshots, our parentids); anything present but malformed
-// is ErrCorrupt.
+// decodeBolt reads a snapshot bucket in one cursor pass (cheaper than a
+// lookup per key). Containerd leaves some keys out (usage of non-committed
+// snapshots, our parentids) and may add others, which are ignored; anything
+// present but malformed, or a missing ID or kind, is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket) (*record, error) {
 	var r record
-	id, n := binary.Uvarint(sb.Get(bKeyID))
-	if n <= 0 {
+	var haveID, haveKind bool
+	c := sb.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		var err error
+		switch string(k) {
+		case KeyID:
+			var n int
+			r.ID, n = binary.Uvarint(v)
+			haveID = n > 0
+		case KeyKind:
+			haveKind = len(v) == 1
+			if haveKind {
+				r.Kind = snapshots.Kind(v[0])
+			}
+		case KeyParent:
+			r.Parent = string(v)
+		case KeyCreatedAt:
+			err = decodeBoltTime(v, &r.Created)
+		case KeyUpdatedAt:
+			err = decodeBoltTime(v, &r.Updated)
+		case KeyInodes:
+			err = decodeBoltVarint(v, &r.Usage.Inodes)
+		case KeySize:
+			err = decodeBoltVarint(v, &r.Usage.Size)
+		case KeyParentIDs:
+			for len(v) > 0 {
+				id, n := binary.Uvarint(v)
+				if n <= 0 {
+					err = ErrCorrupt
+					break
+				}
+				r.ParentIDs = append(r.ParentIDs, id)
+				v = v[n:]
+			}
+		case KeyLabels:
+			if v == nil {
+				r.Labels = decodeBoltLabels(sb.Bucket(bKeyLabels))
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)
+		}
+	}
+	if !haveID {
 		return nil, fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
 	}
-	r.ID = id
-	kind := sb.Get(bKeyKind)
-	if len(kind) != 1 {
+	if !haveKind {
 		return nil, fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
 	}
-	r.Kind = snapshots.Kind(kind[0])
-	r.Parent = string(sb.Get(bKeyParent))
-	for _, ts := range []struct {
-		key []byte
-		t   *time.Time
-	}{{bKeyCreatedAt, &r.Created}, {bKeyUpdatedAt, &r.Updated}} {
-		if v := sb.Get(ts.key); v != nil {
-			if err := ts.t.UnmarshalBinary(v); err != nil {
-				return nil, fmt.Errorf("bad %q: %v: %w", ts.key, err, ErrCorrupt)
-			}
-			*ts.t = ts.t.UTC() // a zone this package never writes would not encode again
-		}
-	}
-	if lb := sb.Bucket(bKeyLabels); lb != nil {
-		_ = lb.ForEach(func(k, v []byte) error {
-			if r.Labels == nil {
-				r.Labels = map[string]string{}
-			}
-			r.Labels[string(k)] = string(v)
-			return nil
-		})
-	}
-	for _, u := range []struct {
-		key []byte
-		v   *int64
-	}{{bKeyInodes, &r.Usage.Inodes}, {bKeySize, &r.Usage.Size}} {
-		if v := sb.Get(u.key); v != nil {
-			x, n := binary.Varint(v)
-			if n <= 0 {
-				return nil, fmt.Errorf("bad %q: %w", u.key, ErrCorrupt)
-			}
-			*u.v = x
-		}
-	}
-	for v := sb.Get(bKeyParentIDs); len(v) > 0; {
-		id, n := binary.Uvarint(v)
-		if n <= 0 {
-			return nil, fmt.Errorf("bad %q: %w", KeyParentIDs, ErrCorrupt)
-		}
-		r.ParentIDs = append(r.ParentIDs, id)
-		v = v[n:]
-	}
 	return &r, nil
+}
+
+func decodeBoltTime(v []byte, t *time.Time) error {
+	if err := t.UnmarshalBinary(v); err != nil {
+		return err
+	}
+	*t = t.UTC() // a zone this package never writes would not encode again
+	return nil
+}
+
+func decodeBoltVarint(v []byte, x *int64) error {
+	n := 0
+	if *x, n = binary.Varint(v); n <= 0 {
+		return errors.New("bad varint")
+	}
+	return nil
+}
+
+// decodeBoltLabels reads a labels bucket; containerd may leave an empty one,
+// which is no labels.
+func decodeBoltLabels(lb *bolt.Bucket) map[string]string {
+	var labels map[string]string
+	_ = lb.ForEach(func(k, v []byte) error {
+		if labels == nil {
+			labels = map[string]string{}
+		}
+		labels[string(k)] = string(v)
+		return nil
+	})
+	return labels
 }
 
 // encodeBolt writes r into a snapshot bucket the way containerd does, plus

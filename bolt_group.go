@@ -167,7 +167,7 @@ func (u *undoLog) bucketsCreated(b *boltTx) {
 	tx := b.tx
 	if tx.Bucket(bKeyVersion) == nil {
 		u.add(func() error {
-			b.snaps, b.parents = nil, nil
+			b.version, b.snaps, b.parents = nil, nil, nil
 			return tx.DeleteBucket(bKeyVersion)
 		})
 		return

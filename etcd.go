@@ -352,7 +352,15 @@ func (t *etcdTx) pinRevision(rev int64) {
 	}
 }
 
-func (t *etcdTx) get(ctx context.Context, names ...string) ([]*record, error) {
+func (t *etcdTx) get(ctx context.Context, name string) (*record, error) {
+	rs, err := t.getMany(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return rs[0], nil
+}
+
+func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error) {
 	out := make([]*record, len(names))
 	var fetch []int
 	for i, name := range names {

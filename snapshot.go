@@ -52,9 +52,11 @@ type ref struct {
 // children index. It never checks a snapshot rule; the rules never know which
 // engine they run on.
 type engineTx interface {
-	// get returns the records stored under names, nil for an absent one.
-	// Engines may answer several names in one round trip.
-	get(ctx context.Context, names ...string) ([]*record, error)
+	// get returns the record stored under name, nil when there is none.
+	get(ctx context.Context, name string) (*record, error)
+	// getMany returns the records stored under names, nil for an absent
+	// one; engines may answer all of them in one round trip.
+	getMany(ctx context.Context, names ...string) ([]*record, error)
 	// put stores r under name, replacing any record there.
 	put(name string, r *record) error
 	// delete removes the record stored under name.
@@ -170,16 +172,20 @@ func walkRecords(ctx context.Context, tx engineTx, fn func(name string, r *recor
 	})
 }
 
-// getOne returns the record of name, or a NotFound error.
+// getOne returns the record of name, or a NotFound error. A name no
+// snapshot can have (over MaxNameSize) is absent without asking the engine.
 func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
-	rs, err := lookup(ctx, tx, name)
-	if err != nil {
-		return nil, err
+	var r *record
+	if len(name) <= MaxNameSize {
+		var err error
+		if r, err = tx.get(ctx, name); err != nil {
+			return nil, err
+		}
 	}
-	if rs[0] == nil {
+	if r == nil {
 		return nil, fmt.Errorf("snapshot %q does not exist: %w", name, errdefs.ErrNotFound)
 	}
-	return rs[0], nil
+	return r, nil
 }
 
 // chainOf returns the parent ID chain of a snapshot whose immediate parent is
@@ -198,28 +204,26 @@ func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 			visited = map[string]bool{}
 		}
 		visited[p.Parent] = true
-		next, err := lookup(ctx, tx, p.Parent)
+		next, err := getOne(ctx, tx, p.Parent)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("parent chain: %w", err)
 		}
-		if next[0] == nil {
-			return nil, fmt.Errorf("parent %q of chain does not exist: %w", p.Parent, errdefs.ErrNotFound)
-		}
-		p = next[0]
+		p = next
 		chain = append(chain, p.ID)
 	}
 	return chain, nil
 }
 
-// lookup reads the records of names; a name no snapshot can have (empty, or
-// over MaxNameSize) is absent without asking the engine.
+// lookup reads the records of names, nil for an absent one; a name no
+// snapshot can have (empty, or over MaxNameSize) is absent without asking
+// the engine.
 func lookup(ctx context.Context, tx engineTx, names ...string) ([]*record, error) {
 	for i, name := range names {
 		if len(name) > MaxNameSize {
 			names[i] = ""
 		}
 	}
-	return tx.get(ctx, names...)
+	return tx.getMany(ctx, names...)
 }
 
 // recordChain returns r's parent chain, following parents when r does not
@@ -228,14 +232,11 @@ func recordChain(ctx context.Context, tx engineTx, r *record) ([]uint64, error) 
 	if r.Parent == "" || len(r.ParentIDs) > 0 {
 		return r.ParentIDs, nil
 	}
-	p, err := lookup(ctx, tx, r.Parent)
+	p, err := getOne(ctx, tx, r.Parent)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("parent: %w", err)
 	}
-	if p[0] == nil {
-		return nil, fmt.Errorf("parent %q does not exist: %w", r.Parent, errdefs.ErrNotFound)
-	}
-	return chainOf(ctx, tx, p[0])
+	return chainOf(ctx, tx, p)
 }
 
 func formatIDs(ids []uint64) []string {
@@ -482,14 +483,11 @@ func parentID(ctx context.Context, tx engineTx, r *record) (uint64, error) {
 	if len(r.ParentIDs) > 0 {
 		return r.ParentIDs[0], nil
 	}
-	p, err := lookup(ctx, tx, r.Parent)
+	p, err := getOne(ctx, tx, r.Parent)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("parent: %w", err)
 	}
-	if p[0] == nil {
-		return 0, fmt.Errorf("parent %q does not exist: %w", r.Parent, errdefs.ErrNotFound)
-	}
-	return p[0].ID, nil
+	return p.ID, nil
 }
 
 func (t *transaction) CommitActive(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (id string, err error) {
