@@ -559,11 +559,8 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 			return err
 		}
 		if committed.Parent != "" {
-			if r.Parent != "" {
-				if err := tx.unlink(ref{r.Parent, pid}, ref{key, r.ID}); err != nil {
-					return err
-				}
-			}
+			// The link is keyed by the IDs, which stay: linking again
+			// renames the child in place.
 			if err := tx.link(ref{committed.Parent, pid}, ref{name, r.ID}); err != nil {
 				return fmt.Errorf("failed to update parent link of %q: %w", name, err)
 			}
