@@ -383,31 +383,57 @@ func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
 		}
 		return sb.Delete(key)
 	}
-	created, err := r.Created.MarshalBinary()
-	if err != nil {
+	// bbolt keeps the value slices until the transaction ends, so each is
+	// cut, capacity-capped, from one buffer: one allocation for them all.
+	buf := make([]byte, 0, binary.MaxVarintLen64*(3+len(r.ParentIDs))+2*16+1+len(r.Parent))
+	var from int
+	mark := func() { from = len(buf) }
+	cut := func() []byte { return buf[from:len(buf):len(buf)] }
+
+	mark()
+	buf = binary.AppendUvarint(buf, r.ID)
+	id := cut()
+	mark()
+	buf = append(buf, byte(r.Kind))
+	kind := cut()
+	var err error
+	mark()
+	if buf, err = r.Created.AppendBinary(buf); err != nil {
 		return err
 	}
-	updated, err := r.Updated.MarshalBinary()
-	if err != nil {
+	created := cut()
+	mark()
+	if buf, err = r.Updated.AppendBinary(buf); err != nil {
 		return err
 	}
+	updated := cut()
 	var parent, inodes, size, chain []byte
 	if r.Parent != "" {
-		parent = []byte(r.Parent)
+		mark()
+		buf = append(buf, r.Parent...)
+		parent = cut()
 	}
 	if r.Kind == snapshots.KindCommitted {
-		inodes = binary.AppendVarint(nil, r.Usage.Inodes)
-		size = binary.AppendVarint(nil, r.Usage.Size)
+		mark()
+		buf = binary.AppendVarint(buf, r.Usage.Inodes)
+		inodes = cut()
+		mark()
+		buf = binary.AppendVarint(buf, r.Usage.Size)
+		size = cut()
 	}
-	for _, id := range r.ParentIDs {
-		chain = binary.AppendUvarint(chain, id)
+	if len(r.ParentIDs) > 0 {
+		mark()
+		for _, pid := range r.ParentIDs {
+			buf = binary.AppendUvarint(buf, pid)
+		}
+		chain = cut()
 	}
 	for _, kv := range []struct {
 		key []byte
 		v   []byte
 	}{
-		{bKeyID, binary.AppendUvarint(nil, r.ID)},
-		{bKeyKind, []byte{byte(r.Kind)}},
+		{bKeyID, id},
+		{bKeyKind, kind},
 		{bKeyParent, parent},
 		{bKeyCreatedAt, created},
 		{bKeyUpdatedAt, updated},

@@ -151,6 +151,7 @@ func checkName(what, name string) error {
 	return nil
 }
 
+// applyOpts applies opts to an empty Info and cleans its labels.
 func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
 	var base snapshots.Info
 	for _, opt := range opts {
@@ -158,7 +159,9 @@ func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
 			return snapshots.Info{}, err
 		}
 	}
-	return base, nil
+	labels, err := cleanLabels(base.Labels)
+	base.Labels = labels
+	return base, err
 }
 
 // walkRecords calls fn for every record in name order; a record that does
@@ -191,7 +194,8 @@ func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
 // chainOf returns the parent ID chain of a snapshot whose immediate parent is
 // p (immediate parent first), using the stored chain when there is one.
 func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
-	chain := []uint64{p.ID}
+	chain := make([]uint64, 1, 1+len(p.ParentIDs))
+	chain[0] = p.ID
 	var visited map[string]bool // only records without a stored chain are followed
 	for p.Parent != "" {
 		if len(p.ParentIDs) > 0 {
@@ -394,10 +398,6 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err != nil {
 			return err
 		}
-		labels, err := cleanLabels(base.Labels)
-		if err != nil {
-			return err
-		}
 		// One lookup for both names lets an engine answer in one round trip.
 		rs, err := lookup(ctx, tx, key, parent)
 		if err != nil {
@@ -424,7 +424,7 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return fmt.Errorf("unable to get identifier for snapshot %q: %w", key, err)
 		}
 		now := time.Now().UTC()
-		r := &record{ID: id, Kind: kind, Parent: parent, ParentIDs: chain, Labels: labels, Created: now, Updated: now}
+		r := &record{ID: id, Kind: kind, Parent: parent, ParentIDs: chain, Labels: base.Labels, Created: now, Updated: now}
 		if err := tx.put(key, r); err != nil {
 			return err
 		}
@@ -499,10 +499,6 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 		if err != nil {
 			return err
 		}
-		labels, err := cleanLabels(base.Labels)
-		if err != nil {
-			return err
-		}
 		rs, err := lookup(ctx, tx, name, key, base.Parent)
 		if err != nil {
 			return err
@@ -522,7 +518,7 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 		committed.Kind = snapshots.KindCommitted
 		committed.Created = time.Now().UTC()
 		committed.Updated = committed.Created
-		committed.Labels = labels // replaced, not inherited
+		committed.Labels = base.Labels // replaced, not inherited
 		committed.Usage = usage
 
 		var pid uint64

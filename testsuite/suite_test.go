@@ -4,9 +4,16 @@ import (
 	"path/filepath"
 	"testing"
 
+	"go.uber.org/goleak"
+
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/testsuite"
 )
+
+// TestMain fails the run if a goroutine outlives the tests.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 // TestBoltMetaStoreSuite runs the conformance suite against the bbolt engine,
 // one database file per root directory.

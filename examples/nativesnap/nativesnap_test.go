@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 	"github.com/containerd/errdefs"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
 
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
@@ -30,10 +31,18 @@ var (
 	prefixSeq   atomic.Int64
 )
 
+// TestMain closes the shared etcd and fails the run if a goroutine outlives
+// the tests: every snapshotter and store must be closed.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if etcdCluster != nil {
 		etcdCluster.Close()
+	}
+	if code == 0 {
+		if err := goleak.Find(etcdtest.GoleakIgnores...); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines outlived the tests: %v\n", err)
+			code = 1
+		}
 	}
 	os.Exit(code)
 }
