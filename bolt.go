@@ -136,6 +136,21 @@ func (b *boltTx) ensureBuckets() error {
 }
 
 func (b *boltTx) get(_ context.Context, name string) (*record, error) {
+	return b.read(name, true)
+}
+
+func (b *boltTx) getMany(_ context.Context, names lookupNames) (out [maxLookup]*record, err error) {
+	for i, name := range names {
+		if out[i], err = b.read(name, false); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// read decodes the record of name, nil when there is none; full adds the
+// labels, times and usage to its identity.
+func (b *boltTx) read(name string, full bool) (*record, error) {
 	if b.snaps == nil || name == "" {
 		return nil, nil
 	}
@@ -143,22 +158,11 @@ func (b *boltTx) get(_ context.Context, name string) (*record, error) {
 	if sb == nil {
 		return nil, nil
 	}
-	r, err := decodeBolt(sb)
+	r, err := decodeBolt(sb, full)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q: %w", name, err)
 	}
 	return r, nil
-}
-
-func (b *boltTx) getMany(ctx context.Context, names ...string) ([]*record, error) {
-	out := make([]*record, len(names))
-	for i, name := range names {
-		var err error
-		if out[i], err = b.get(ctx, name); err != nil {
-			return nil, err
-		}
-	}
-	return out, nil
 }
 
 func (b *boltTx) put(name string, r *record) error {
@@ -222,7 +226,7 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 		return nil
 	}
 	return b.snaps.ForEachBucket(func(k []byte) error {
-		r, err := decodeBolt(b.snaps.Bucket(k))
+		r, err := decodeBolt(b.snaps.Bucket(k), true)
 		return fn(string(k), r, err)
 	})
 }
@@ -283,16 +287,21 @@ func parentLinkPrefix(parent uint64) []byte {
 }
 
 // decodeBolt reads a snapshot bucket in one cursor pass (cheaper than a
-// lookup per key). Containerd leaves some keys out (usage of non-committed
+// lookup per key); without full, only the record's identity (ID, kind,
+// parent, parent chain). Containerd leaves some keys out (usage of non-committed
 // snapshots, our parentids) and may add others, which are ignored; anything
 // present but malformed, or a missing ID or kind, is ErrCorrupt.
-func decodeBolt(sb *bolt.Bucket) (*record, error) {
+func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 	var r record
 	var haveID, haveKind bool
 	c := sb.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		var err error
-		switch string(k) {
+		key := string(k)
+		if !full && key != KeyID && key != KeyKind && key != KeyParent && key != KeyParentIDs {
+			continue
+		}
+		switch key {
 		case KeyID:
 			var n int
 			r.ID, n = binary.Uvarint(v)

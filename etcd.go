@@ -353,15 +353,12 @@ func (t *etcdTx) pinRevision(rev int64) {
 }
 
 func (t *etcdTx) get(ctx context.Context, name string) (*record, error) {
-	rs, err := t.getMany(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	return rs[0], nil
+	rs, err := t.getMany(ctx, lookupNames{name})
+	return rs[0], err
 }
 
-func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error) {
-	out := make([]*record, len(names))
+func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*record, error) {
+	var out [maxLookup]*record
 	var fetch []int
 	for i, name := range names {
 		if name == "" {
@@ -374,7 +371,7 @@ func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error
 			}
 			r, err := decodeRecord(v)
 			if err != nil {
-				return nil, err
+				return out, err
 			}
 			out[i] = r
 			continue
@@ -383,7 +380,7 @@ func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error
 			if s.value != nil {
 				r, err := decodeRecord(s.value)
 				if err != nil {
-					return nil, fmt.Errorf("snapshot %q: %w", name, err)
+					return out, fmt.Errorf("snapshot %q: %w", name, err)
 				}
 				out[i] = r
 			}
@@ -418,7 +415,7 @@ func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error
 	}
 	results, err := t.readMany(ctx, ops)
 	if err != nil {
-		return nil, err
+		return out, err
 	}
 	for j, rd := range reads {
 		rr := results[j]
@@ -431,7 +428,7 @@ func (t *etcdTx) getMany(ctx context.Context, names ...string) ([]*record, error
 			s = seenKey{modRev: rr.Kvs[0].ModRevision, value: rr.Kvs[0].Value}
 			r, err := decodeRecord(s.value)
 			if err != nil {
-				return nil, fmt.Errorf("snapshot %q: %w", rd.name, err)
+				return out, fmt.Errorf("snapshot %q: %w", rd.name, err)
 			}
 			for _, i := range fetch {
 				if names[i] == rd.name {

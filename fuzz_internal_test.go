@@ -287,7 +287,7 @@ func FuzzBoltRecord(f *testing.F) {
 			if err != nil {
 				t.Fatalf("encodeBolt(%+v): %v", r, err)
 			}
-			got, err := decodeBolt(sb)
+			got, err := decodeBolt(sb, true)
 			if err != nil {
 				t.Fatalf("decodeBolt after encodeBolt(%+v): %v", r, err)
 			}
@@ -304,7 +304,7 @@ func FuzzBoltRecord(f *testing.F) {
 			if err := encodeBolt(sb, other, false); err != nil {
 				t.Fatalf("encodeBolt over an existing record: %v", err)
 			}
-			got, err = decodeBolt(sb)
+			got, err = decodeBolt(sb, true)
 			if err != nil {
 				t.Fatalf("decodeBolt after rewriting: %v", err)
 			}
@@ -356,7 +356,7 @@ func FuzzBoltDecode(f *testing.F) {
 					}
 				}
 			}
-			r, err := decodeBolt(sb)
+			r, err := decodeBolt(sb, true)
 			if err != nil {
 				if !errors.Is(err, ErrCorrupt) {
 					t.Fatalf("decode error is not ErrCorrupt: %v", err)
@@ -366,7 +366,7 @@ func FuzzBoltDecode(f *testing.F) {
 			if err := encodeBolt(sb, r, false); err != nil {
 				t.Fatalf("a record decodeBolt read cannot be written back: %v\nrecord %+v", err, r)
 			}
-			r2, err := decodeBolt(sb)
+			r2, err := decodeBolt(sb, true)
 			if err != nil {
 				t.Fatalf("a record decodeBolt read does not decode after writing it back: %v", err)
 			}

@@ -55,8 +55,11 @@ type engineTx interface {
 	// get returns the record stored under name, nil when there is none.
 	get(ctx context.Context, name string) (*record, error)
 	// getMany returns the records stored under names, nil for an absent
-	// one; engines may answer all of them in one round trip.
-	getMany(ctx context.Context, names ...string) ([]*record, error)
+	// one; engines may answer all of them in one round trip. Only their
+	// identity is promised (ID, Kind, Parent, ParentIDs): labels, times and
+	// usage may be left out, as the rules that look up several names never
+	// use them.
+	getMany(ctx context.Context, names lookupNames) ([maxLookup]*record, error)
 	// put stores r under name, replacing any record there.
 	put(name string, r *record) error
 	// delete removes the record stored under name.
@@ -218,17 +221,25 @@ func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 	return chain, nil
 }
 
-// lookup reads the records of names, nil for an absent one; a name no
-// snapshot can have (empty, or over MaxNameSize) is absent without asking
-// the engine.
-func lookup(ctx context.Context, tx engineTx, names ...string) ([]*record, error) {
+// lookup reads the identity of the records of names (see getMany), nil for
+// an absent one; a name no snapshot can have (empty, or over MaxNameSize) is
+// absent without asking the engine.
+func lookup(ctx context.Context, tx engineTx, names ...string) ([maxLookup]*record, error) {
+	var set lookupNames
 	for i, name := range names {
-		if len(name) > MaxNameSize {
-			names[i] = ""
+		if len(name) <= MaxNameSize {
+			set[i] = name
 		}
 	}
-	return tx.getMany(ctx, names...)
+	return tx.getMany(ctx, set)
 }
+
+// maxLookup is the most names one lookup reads (CommitActive's three). A
+// fixed array keeps lookups free of allocations.
+const maxLookup = 3
+
+// lookupNames are the names of one lookup; empty ones are not read.
+type lookupNames [maxLookup]string
 
 // recordChain returns r's parent chain, following parents when r does not
 // store it.
