@@ -120,11 +120,17 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 		return s.runInGroup(ctx, gcm, fn)
 	}
 	backoff := retryBackoffMin
+	var lastConflict error
 	for {
 		err := s.runOnce(ctx, writable, fn)
+		if err != nil && lastConflict != nil && ctx.Err() != nil {
+			// The context ended during a retry: the conflicts are why.
+			return errors.Join(lastConflict, err)
+		}
 		if err == nil || !errdefs.IsConflict(err) {
 			return err
 		}
+		lastConflict = err
 		// Full jitter: concurrent losers of one race spread out.
 		wait := time.Duration(rand.Int64N(int64(backoff))) + 1
 		timer := time.NewTimer(wait)
