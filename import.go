@@ -129,25 +129,11 @@ func importOne(ctx context.Context, tx engineTx, rec Record) (uint64, error) {
 	if rec.Kind == snapshots.KindCommitted {
 		r.Usage = rec.Usage
 	}
-	p := rs[1]
-	if rec.Parent != "" {
-		if p == nil {
-			return 0, fmt.Errorf("missing parent %q of %q: %w", rec.Parent, rec.Name, errdefs.ErrNotFound)
-		}
-		if p.Kind != snapshots.KindCommitted {
-			return 0, fmt.Errorf("parent %q of %q is not committed: %w", rec.Parent, rec.Name, errdefs.ErrInvalidArgument)
-		}
-		if r.ParentIDs, err = chainOf(ctx, tx, p); err != nil {
-			return 0, err
-		}
+	if r.ParentIDs, err = newParentChain(ctx, tx, rec.Parent, rs[1]); err != nil {
+		return 0, fmt.Errorf("snapshot %q: %w", rec.Name, err)
 	}
-	if err := tx.put(rec.Name, r); err != nil {
+	if err := putNew(tx, rec.Name, r); err != nil {
 		return 0, err
-	}
-	if rec.Parent != "" {
-		if err := tx.link(ref{rec.Parent, p.ID}, ref{rec.Name, id}); err != nil {
-			return 0, err
-		}
 	}
 	return id, nil
 }

@@ -80,18 +80,28 @@ func newMetaStore(eng engine) *metaStore {
 	return &metaStore{eng: eng}
 }
 
-func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
+// enter checks that work may start on the store, and holds off Close until
+// the caller's RUnlock.
+func (s *metaStore) enter(ctx context.Context) error {
 	if ctx == nil {
-		return nil, nil, fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
+		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
 	}
 	if err := ctx.Err(); err != nil {
-		return ctx, nil, err
+		return err
 	}
 	s.mu.RLock()
-	defer s.mu.RUnlock()
 	if s.closed {
-		return ctx, nil, ErrClosed
+		s.mu.RUnlock()
+		return ErrClosed
 	}
+	return nil
+}
+
+func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
+	if err := s.enter(ctx); err != nil {
+		return ctx, nil, err
+	}
+	defer s.mu.RUnlock()
 	etx, err := s.eng.begin(ctx, writable)
 	if err != nil {
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
@@ -145,17 +155,10 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 }
 
 func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn TransactionCallback) error {
-	if ctx == nil {
-		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := s.enter(ctx); err != nil {
 		return err
 	}
-	s.mu.RLock()
 	defer s.mu.RUnlock()
-	if s.closed {
-		return ErrClosed
-	}
 	return gcm.runInGroup(func(etx engineTx) error {
 		t := &transaction{ctx: ctx, tx: etx, writable: true}
 		// The group commits; the callback's transaction ends with it.

@@ -397,6 +397,36 @@ func (t *transaction) GetSnapshot(ctx context.Context, key string) (s Snapshot, 
 	return s, nil
 }
 
+// newParentChain checks that parent (whose record is p, nil when absent)
+// may have a new child, and returns the child's parent chain; no parent
+// means no chain.
+func newParentChain(ctx context.Context, tx engineTx, parent string, p *record) ([]uint64, error) {
+	switch {
+	case parent == "":
+		return nil, nil
+	case p == nil:
+		return nil, fmt.Errorf("missing parent %q: %w", parent, errdefs.ErrNotFound)
+	case p.Kind != snapshots.KindCommitted:
+		return nil, fmt.Errorf("parent %q is not committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
+	}
+	return chainOf(ctx, tx, p)
+}
+
+// putNew stores the record of a new snapshot and its link to its parent,
+// whose ID heads r's chain.
+func putNew(tx engineTx, name string, r *record) error {
+	if err := tx.put(name, r); err != nil {
+		return err
+	}
+	if r.Parent == "" {
+		return nil
+	}
+	if err := tx.link(ref{r.Parent, r.ParentIDs[0]}, ref{name, r.ID}); err != nil {
+		return fmt.Errorf("failed to write parent link for snapshot %q: %w", name, err)
+	}
+	return nil
+}
+
 func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts ...snapshots.Opt) (s Snapshot, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
 		if kind != snapshots.KindActive && kind != snapshots.KindView {
@@ -415,17 +445,9 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return err
 		}
 		existing, p := rs[0], rs[1]
-		var chain []uint64
-		if parent != "" {
-			if p == nil {
-				return fmt.Errorf("missing parent %q: %w", parent, errdefs.ErrNotFound)
-			}
-			if p.Kind != snapshots.KindCommitted {
-				return fmt.Errorf("parent %q is not committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
-			}
-			if chain, err = chainOf(ctx, tx, p); err != nil {
-				return err
-			}
+		chain, err := newParentChain(ctx, tx, parent, p)
+		if err != nil {
+			return err
 		}
 		if existing != nil {
 			return fmt.Errorf("snapshot %q: %w", key, errdefs.ErrAlreadyExists)
@@ -436,13 +458,8 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 		}
 		now := time.Now().UTC()
 		r := &record{ID: id, Kind: kind, Parent: parent, ParentIDs: chain, Labels: base.Labels, Created: now, Updated: now}
-		if err := tx.put(key, r); err != nil {
+		if err := putNew(tx, key, r); err != nil {
 			return err
-		}
-		if parent != "" {
-			if err := tx.link(ref{parent, p.ID}, ref{key, id}); err != nil {
-				return fmt.Errorf("failed to write parent link for snapshot %q: %w", key, err)
-			}
 		}
 		s = Snapshot{Kind: kind, ID: formatID(id), ParentIDs: formatIDs(chain)}
 		return nil
