@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -565,5 +566,328 @@ func TestLeftoverReplaced(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Failures and retries. faultyStore is a MetaStore whose writable commits
+// fail on demand. It hands out its own Transactor through
+// storage.ContextWithTransactor, so the driver's package-level calls reach
+// it, and runs WithTransaction itself under the MetaStore contract:
+// conflicts are retried until ctx ends.
+type faultyStore struct {
+	storage.MetaStore
+
+	mu      sync.Mutex
+	fault   fault
+	commits int // commits attempted while fault was set
+}
+
+// fault says what the Commit of a writable transaction does: apply the
+// transaction or not, then return err. A transaction not applied is rolled
+// back, then then runs (if not nil).
+type fault func(n int) (apply bool, then func(), err error)
+
+var (
+	errConflict    = fmt.Errorf("injected: %w", errdefs.ErrConflict)
+	errUnavailable = fmt.Errorf("injected: %w", errdefs.ErrUnavailable)
+)
+
+func conflictFirst(k int) fault {
+	return func(n int) (bool, func(), error) {
+		if n <= k {
+			return false, nil, errConflict
+		}
+		return true, nil, nil
+	}
+}
+
+func (s *faultyStore) setFault(f fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.fault, s.commits = f, 0
+}
+
+func (s *faultyStore) attempts() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.commits
+}
+
+func (s *faultyStore) TransactionContext(ctx context.Context, writable bool) (context.Context, storage.Transactor, error) {
+	_, tx, err := s.MetaStore.TransactionContext(ctx, writable)
+	if err != nil {
+		return ctx, nil, err
+	}
+	ft := &faultyTx{Transactor: tx, s: s}
+	return storage.ContextWithTransactor(ctx, ft), ft, nil
+}
+
+func (s *faultyStore) WithTransaction(ctx context.Context, writable bool, fn storage.TransactionCallback) error {
+	for {
+		err := s.runOnce(ctx, writable, fn)
+		if err == nil || !errdefs.IsConflict(err) || ctx.Err() != nil {
+			return err
+		}
+	}
+}
+
+func (s *faultyStore) runOnce(ctx context.Context, writable bool, fn storage.TransactionCallback) error {
+	tctx, tx, err := s.TransactionContext(ctx, writable)
+	if err != nil {
+		return err
+	}
+	if err := fn(tctx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if !writable {
+		return tx.Rollback()
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit failed: %w", err)
+	}
+	return nil
+}
+
+type faultyTx struct {
+	storage.Transactor
+	s *faultyStore
+}
+
+func (t *faultyTx) Commit() error {
+	t.s.mu.Lock()
+	f := t.s.fault
+	if f != nil {
+		t.s.commits++
+	}
+	n := t.s.commits
+	t.s.mu.Unlock()
+	if f == nil {
+		return t.Transactor.Commit()
+	}
+	apply, then, err := f(n)
+	if !apply {
+		t.Transactor.Rollback()
+		if then != nil {
+			then()
+		}
+		return err
+	}
+	if cerr := t.Transactor.Commit(); cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+// faulty returns a snapshotter on a faulty store over a fresh store of
+// open, with a committed snapshot "base" holding the file "base"; and its
+// root and base's ID.
+func faulty(t *testing.T, open func(string) (storage.MetaStore, error), opts ...overlaysnap.Opt) (snapshots.Snapshotter, *faultyStore, string, string) {
+	t.Helper()
+	var fs *faultyStore
+	sn, root := newSnapshotter(t, open, func(ms storage.MetaStore) storage.MetaStore {
+		fs = &faultyStore{MetaStore: ms}
+		return fs
+	}, opts...)
+	return sn, fs, root, layer(t, sn, "base", "", "base")
+}
+
+// TestCreateCommitFailure forces the metadata transaction of Prepare and
+// View to fail at Commit, and checks that the error is returned and that no
+// directory and no metadata are left.
+func TestCreateCommitFailure(t *testing.T) {
+	for _, eng := range engines {
+		for _, fc := range []struct {
+			name  string
+			err   error
+			class func(error) bool
+		}{
+			{"Conflict", errConflict, errdefs.IsConflict},
+			{"Unavailable", errUnavailable, errdefs.IsUnavailable},
+		} {
+			for _, op := range []struct {
+				name   string
+				parent string
+				view   bool
+			}{
+				{"Prepare", "", false},
+				{"PrepareOnParent", "base", false},
+				{"View", "", true},
+				{"ViewOnParent", "base", true},
+			} {
+				t.Run(eng.name+"/"+fc.name+"/"+op.name, func(t *testing.T) {
+					t.Parallel()
+					sn, fs, root, baseID := faulty(t, eng.open, overlaysnap.WithUpperdirLabel())
+					// A conflict is retried until ctx ends: end it at the
+					// third attempt, so the last error is that conflict.
+					ctx, cancel := context.WithCancel(context.Background())
+					defer cancel()
+					fs.setFault(func(n int) (bool, func(), error) {
+						if n == 3 {
+							cancel()
+						}
+						return false, nil, fc.err
+					})
+					create := sn.Prepare
+					if op.view {
+						create = sn.View
+					}
+					_, err := create(ctx, "doomed", op.parent)
+					if err == nil || !fc.class(err) {
+						t.Fatalf("create = %v, want an error of the injected class (%v)", err, fc.err)
+					}
+					if n, want := fs.attempts(), map[bool]int{true: 3, false: 1}[fc.err == errConflict]; n != want {
+						t.Errorf("%d commit attempts, want %d", n, want)
+					}
+					if got := snapshotDirs(t, root); !slices.Equal(got, []string{baseID}) {
+						t.Errorf("snapshot directories = %v, want only base's [%s]", got, baseID)
+					}
+					if _, err := sn.Stat(context.Background(), "doomed"); !errdefs.IsNotFound(err) {
+						t.Errorf("Stat after failed create = %v, want not found", err)
+					}
+
+					// The same call now succeeds.
+					fs.setFault(nil)
+					if _, err := create(context.Background(), "doomed", op.parent); err != nil {
+						t.Fatal(err)
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestCommitOutcomeUnknown: Commit applied the transaction but reported an
+// error (a timeout after etcd applied it). Prepare sees the snapshot there
+// with its ID, keeps its directory and succeeds.
+func TestCommitOutcomeUnknown(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			t.Parallel()
+			sn, fs, root, baseID := faulty(t, eng.open)
+			fs.setFault(func(int) (bool, func(), error) { return true, nil, errUnavailable })
+			m, err := sn.Prepare(context.Background(), "child", "base")
+			if err != nil {
+				t.Fatalf("Prepare = %v, want success", err)
+			}
+			fs.setFault(nil)
+			id := idOfUpper(upperOf(t, m))
+			if got, want := snapshotDirs(t, root), sorted(baseID, id); !slices.Equal(got, want) {
+				t.Errorf("snapshot directories = %v, want %v", got, want)
+			}
+			again, err := sn.Mounts(context.Background(), "child")
+			if err != nil || !slices.EqualFunc(again, m, mountEqual) {
+				t.Errorf("Mounts = %+v, %v; Prepare returned %+v", again, err, m)
+			}
+		})
+	}
+}
+
+// TestRetriedAfterConflict: the first commits lose a race; Prepare, Commit
+// and Remove run again and leave exactly the directories of the snapshots
+// that exist, and the label names the directory the mounts use.
+func TestRetriedAfterConflict(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			t.Parallel()
+			sn, fs, root, baseID := faulty(t, eng.open, overlaysnap.WithUpperdirLabel())
+			ctx := context.Background()
+
+			fs.setFault(conflictFirst(3))
+			m, err := sn.Prepare(ctx, "child", "base")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := fs.attempts(); n != 4 {
+				t.Errorf("%d commit attempts, want 4", n)
+			}
+			upper := upperOf(t, m)
+			id := idOfUpper(upper)
+			if got, want := snapshotDirs(t, root), sorted(baseID, id); !slices.Equal(got, want) {
+				t.Errorf("snapshot directories = %v, want %v", got, want)
+			}
+			info, err := sn.Stat(ctx, "child")
+			if err != nil || info.Labels[overlaysnap.UpperdirLabel] != upper {
+				t.Errorf("label = %v, %v; want %s", info.Labels, err, upper)
+			}
+			if err := os.WriteFile(filepath.Join(upper, "hello"), []byte("hello\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+
+			fs.setFault(conflictFirst(2))
+			if err := sn.Commit(ctx, "child-committed", "child"); err != nil {
+				t.Fatal(err)
+			}
+			u, err := sn.Usage(ctx, "child-committed")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if u.Inodes < 2 || u.Size < int64(len("hello\n")) {
+				t.Errorf("usage of committed child = %+v, want the directory and its file", u)
+			}
+
+			fs.setFault(conflictFirst(2))
+			if err := sn.Remove(ctx, "child-committed"); err != nil {
+				t.Fatal(err)
+			}
+			if got := snapshotDirs(t, root); !slices.Equal(got, []string{baseID}) {
+				t.Errorf("snapshot directories after Remove = %v, want [%s]", got, baseID)
+			}
+		})
+	}
+}
+
+// TestFailedPrepareSparesNextOwner: on bbolt the ID of a Prepare whose
+// commit failed is handed out again at once, possibly before that Prepare
+// has removed the directory it published. The next Prepare given the ID
+// must neither take that directory for a leftover nor have its own removed
+// by the failed Prepare's cleanup.
+func TestFailedPrepareSparesNextOwner(t *testing.T) {
+	t.Parallel()
+	sn, fs, root, baseID := faulty(t, openBolt)
+	ctx := context.Background()
+	var (
+		wg       sync.WaitGroup
+		mounts   []mount.Mount
+		nextErr  error
+		failedID string // the directory the failed Prepare published
+	)
+	fs.setFault(func(n int) (bool, func(), error) {
+		if n > 1 {
+			return true, nil, nil
+		}
+		// The failed transaction has been rolled back; start the next
+		// Prepare, and give it time to be given the same ID, before the
+		// failed one goes on to remove its directory.
+		return false, func() {
+			for _, d := range snapshotDirs(t, root) {
+				if d != baseID && !strings.HasPrefix(d, "new-") {
+					failedID = d
+				}
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				mounts, nextErr = sn.Prepare(ctx, "next", "base")
+			}()
+			time.Sleep(100 * time.Millisecond)
+		}, errUnavailable
+	})
+	if _, err := sn.Prepare(ctx, "failed", "base"); !errdefs.IsUnavailable(err) {
+		t.Fatalf("Prepare = %v, want the injected error", err)
+	}
+	wg.Wait()
+	if nextErr != nil {
+		t.Fatal(nextErr)
+	}
+	upper := upperOf(t, mounts)
+	if fi, err := os.Stat(upper); err != nil || !fi.IsDir() {
+		t.Fatalf("the next Prepare's upper directory: %v", err)
+	}
+	if id := idOfUpper(upper); id != failedID {
+		t.Errorf("the next Prepare got ID %s, the failed one %q: the test did not race", id, failedID)
+	}
+	if got, want := snapshotDirs(t, root), sorted(baseID, failedID); !slices.Equal(got, want) {
+		t.Errorf("snapshot directories = %v, want %v", got, want)
 	}
 }
