@@ -2,6 +2,8 @@ package storage_test
 
 import (
 	"context"
+	"fmt"
+	"math"
 	"strconv"
 	"testing"
 	"time"
@@ -63,38 +65,137 @@ func TestImportKeepsIDsAndRaisesTheAllocator(t *testing.T) {
 	}
 }
 
-func TestImportRefusesBadRecordsAndChangesNothing(t *testing.T) {
-	good := storage.Record{Name: "base", ID: "5", Kind: snapshots.KindCommitted}
+// idState is what a refused operation must leave as it was: every
+// snapshot's identity and labels, and the allocator's limit.
+type idState struct {
+	Snapshots map[string]string // name -> ID, kind, parent, labels
+	Limit     uint64
+}
+
+// readIDState reads idState in the transaction ctx carries.
+func readIDState(t *testing.T, ctx context.Context) idState {
+	t.Helper()
+	st := idState{Snapshots: map[string]string{}}
+	require.NoError(t, storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+		id, _, _, err := storage.GetInfo(ctx, info.Name)
+		st.Snapshots[info.Name] = fmt.Sprintf("id=%s kind=%s parent=%q labels=%v", id, info.Kind, info.Parent, info.Labels)
+		return err
+	}))
+	var err error
+	st.Limit, err = storage.IDLimit(ctx)
+	require.NoError(t, err)
+	return st
+}
+
+func viewIDState(t *testing.T, ms storage.MetaStore) idState {
+	t.Helper()
+	var st idState
+	require.NoError(t, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+		st = readIDState(t, ctx)
+		return nil
+	}))
+	return st
+}
+
+func createID(t *testing.T, ctx context.Context, name string) uint64 {
+	t.Helper()
+	s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "")
+	require.NoError(t, err)
+	id, err := strconv.ParseUint(s.ID, 10, 64)
+	require.NoError(t, err)
+	return id
+}
+
+// TestRefusedImportChangesNothing refuses a batch whose last record is bad
+// after good ones, in a transaction the caller goes on with and commits: the
+// good records must not be written, the allocator must not move, and a new
+// snapshot must not get an ID the refused batch held.
+func TestRefusedImportChangesNothing(t *testing.T) {
+	ok := storage.Record{Name: "ok", ID: "100", Kind: snapshots.KindCommitted}
+	okChild := storage.Record{Name: "ok-child", ID: "101", Kind: snapshots.KindActive, Parent: "ok"}
 	for _, tc := range []struct {
 		name  string
-		rec   storage.Record
+		recs  []storage.Record
 		class func(error) bool
 	}{
-		{"existing name", storage.Record{Name: "base", ID: "6", Kind: snapshots.KindCommitted}, errdefs.IsAlreadyExists},
-		{"missing parent", storage.Record{Name: "x", ID: "6", Kind: snapshots.KindActive, Parent: "nope"}, errdefs.IsNotFound},
-		{"active parent", storage.Record{Name: "y", ID: "7", Kind: snapshots.KindActive, Parent: "active"}, errdefs.IsInvalidArgument},
-		{"bad ID", storage.Record{Name: "x", ID: "x1", Kind: snapshots.KindActive}, errdefs.IsInvalidArgument},
-		{"zero ID", storage.Record{Name: "x", ID: "0", Kind: snapshots.KindActive}, errdefs.IsInvalidArgument},
-		{"unknown kind", storage.Record{Name: "x", ID: "8", Kind: 42}, errdefs.IsInvalidArgument},
-		{"empty name", storage.Record{ID: "8", Kind: snapshots.KindActive}, errdefs.IsInvalidArgument},
+		{"name in the store", []storage.Record{ok, {Name: "base", ID: "102", Kind: snapshots.KindCommitted}}, errdefs.IsAlreadyExists},
+		{"name twice in the batch", []storage.Record{ok, {Name: "ok", ID: "102", Kind: snapshots.KindCommitted}}, errdefs.IsAlreadyExists},
+		{"ID twice in the batch", []storage.Record{ok, {Name: "other", ID: "100", Kind: snapshots.KindCommitted}}, errdefs.IsInvalidArgument},
+		{"ID with a leading zero", []storage.Record{ok, {Name: "x", ID: "0102", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"ID with a sign", []storage.Record{ok, {Name: "x", ID: "+102", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"ID with a space", []storage.Record{ok, {Name: "x", ID: " 102", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"ID not a number", []storage.Record{ok, {Name: "x", ID: "x1", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"ID zero", []storage.Record{ok, {Name: "x", ID: "0", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"ID past 2^64-1", []storage.Record{ok, {Name: "x", ID: "18446744073709551616", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
+		{"missing parent", []storage.Record{ok, okChild, {Name: "x", ID: "102", Kind: snapshots.KindActive, Parent: "nope"}}, errdefs.IsNotFound},
+		{"parent later in the batch", []storage.Record{{Name: "x", ID: "102", Kind: snapshots.KindActive, Parent: "ok"}, ok}, errdefs.IsNotFound},
+		{"active parent in the store", []storage.Record{ok, {Name: "y", ID: "102", Kind: snapshots.KindActive, Parent: "active"}}, errdefs.IsInvalidArgument},
+		{"active parent in the batch", []storage.Record{ok, okChild, {Name: "y", ID: "102", Kind: snapshots.KindActive, Parent: "ok-child"}}, errdefs.IsInvalidArgument},
+		{"unknown kind", []storage.Record{ok, {Name: "x", ID: "102", Kind: 42}}, errdefs.IsInvalidArgument},
+		{"empty name", []storage.Record{ok, {ID: "102", Kind: snapshots.KindActive}}, errdefs.IsInvalidArgument},
 	} {
 		for _, eng := range engines {
 			t.Run(tc.name+"/"+eng.name, func(t *testing.T) {
 				ms := eng.open(t)
 				update(t, ms, func(ctx context.Context) error {
-					return storage.Import(ctx, good, storage.Record{Name: "active", ID: "6", Kind: snapshots.KindActive})
+					return storage.Import(ctx,
+						storage.Record{Name: "base", ID: "5", Kind: snapshots.KindCommitted},
+						storage.Record{Name: "active", ID: "6", Kind: snapshots.KindActive})
 				})
-				err := ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
-					return storage.Import(ctx, storage.Record{Name: "ok", ID: "100", Kind: snapshots.KindCommitted}, tc.rec)
-				})
+				before := viewIDState(t, ms)
+
+				ctx, tx, err := ms.TransactionContext(context.Background(), true)
+				require.NoError(t, err)
+				err = storage.Import(ctx, tc.recs...)
 				assert.True(t, tc.class(err), "got %v", err)
-				require.NoError(t, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
-					ids, err := storage.IDMap(ctx)
-					assert.Equal(t, map[string]string{"5": "base", "6": "active"}, ids)
-					return err
-				}))
+				assert.Equal(t, before, readIDState(t, ctx), "inside the transaction")
+				// A refusal changes nothing, so the caller may go on.
+				require.NoError(t, tx.Commit())
+				assert.Equal(t, before, viewIDState(t, ms), "after the commit")
+
+				var fresh uint64
+				update(t, ms, func(ctx context.Context) error {
+					fresh = createID(t, ctx, "new")
+					return nil
+				})
+				assert.Greater(t, fresh, before.Limit, "a new ID is above the allocator's limit before the refusal")
+				for _, rec := range tc.recs {
+					assert.NotEqual(t, rec.ID, strconv.FormatUint(fresh, 10), "the refused batch's IDs were never the store's")
+				}
+				problems, err := storage.Check(context.Background(), ms)
+				require.NoError(t, err)
+				assert.Empty(t, problems)
 			})
 		}
+	}
+}
+
+// TestImportAcceptsABatchThatRefersToItself checks what the refusals above
+// must not catch: parents earlier in the batch, and IDs in any order.
+func TestImportAcceptsABatchThatRefersToItself(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			ms := eng.open(t)
+			update(t, ms, func(ctx context.Context) error {
+				return storage.Import(ctx,
+					storage.Record{Name: "base", ID: "9", Kind: snapshots.KindCommitted},
+					storage.Record{Name: "mid", ID: "3", Kind: snapshots.KindCommitted, Parent: "base"},
+					storage.Record{Name: "top", ID: "7", Kind: snapshots.KindActive, Parent: "mid"},
+					storage.Record{Name: "side", ID: "18446744073709551614", Kind: snapshots.KindView, Parent: "base"})
+			})
+			require.NoError(t, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+				s, err := storage.GetSnapshot(ctx, "top")
+				require.NoError(t, err)
+				assert.Equal(t, []string{"3", "9"}, s.ParentIDs)
+				limit, err := storage.IDLimit(ctx)
+				require.NoError(t, err)
+				assert.Equal(t, uint64(math.MaxUint64-1), limit)
+				return nil
+			}))
+			problems, err := storage.Check(context.Background(), ms)
+			require.NoError(t, err)
+			assert.Empty(t, problems)
+		})
 	}
 }
 
