@@ -75,9 +75,9 @@ func Import(ctx context.Context, recs ...Record) error {
 }
 
 // IDLimit returns the highest ID the store's allocator may have handed out,
-// in the transaction ctx carries; IDs of removed snapshots may lie below it
-// and are never handed out again. A copy of a store carries it over with
-// RaiseIDs.
+// in the transaction ctx carries (a raise earlier in the transaction
+// included); IDs of removed snapshots may lie below it and are never handed
+// out again. A copy of a store carries it over with RaiseIDs.
 func IDLimit(ctx context.Context) (uint64, error) {
 	t, err := ownTransaction(ctx)
 	if err != nil {
@@ -92,7 +92,22 @@ func IDLimit(ctx context.Context) (uint64, error) {
 }
 
 // RaiseIDs makes sure the store never hands out id or any ID below it, in
-// the writable transaction ctx carries.
+// the writable transaction ctx carries: for the rest of that transaction
+// and, once it commits, on every client of the store. It never lowers the
+// allocator, and refuses nothing but what every write refuses (a read-only
+// or finished transaction, a canceled context).
+//
+// On etcd each client hands out IDs from a block it reserved earlier, and
+// learns of a raise made by another client at its next commit: the commit of
+// every transaction that created a snapshot carries one compare of the
+// root's floor key with its value when the block was reserved (no extra
+// round trip). After a raise, that compare fails once in each other client
+// holding a block: the commit conflicts and applies nothing,
+// MetaStore.WithTransaction runs the callback again (a caller of Commit
+// retries the Conflict itself), and the client reserves a new block above
+// the floor. The raising client drops its own block when the raise commits,
+// without a conflict; a conflict over anything else keeps the block. See
+// keys.go.
 func RaiseIDs(ctx context.Context, id uint64) error {
 	t, err := ownTransaction(ctx)
 	if err != nil {

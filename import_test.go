@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -199,6 +202,66 @@ func TestImportAcceptsABatchThatRefersToItself(t *testing.T) {
 	}
 }
 
+// TestRaisedFloorHoldsForTheRestOfTheTransaction creates snapshots in the
+// transaction that raised the allocator, after the store has already taken
+// IDs (on etcd: reserved a block): every ID handed out then, and after the
+// commit, is above the raised floor.
+func TestRaisedFloorHoldsForTheRestOfTheTransaction(t *testing.T) {
+	const floor = 1000 // above the store's first etcd block (1..128) and the next one
+	for _, raise := range []struct {
+		name string
+		fn   func(ctx context.Context) error
+	}{
+		{"RaiseIDs", func(ctx context.Context) error { return storage.RaiseIDs(ctx, floor) }},
+		{"Import", func(ctx context.Context) error {
+			return storage.Import(ctx, storage.Record{Name: "imported", ID: strconv.Itoa(floor), Kind: snapshots.KindCommitted})
+		}},
+	} {
+		for _, eng := range engines {
+			t.Run(raise.name+"/"+eng.name, func(t *testing.T) {
+				ms := eng.open(t)
+				var first uint64
+				update(t, ms, func(ctx context.Context) error {
+					first = createID(t, ctx, "first")
+					return nil
+				})
+				require.Less(t, first, uint64(floor))
+
+				var inTx []uint64
+				update(t, ms, func(ctx context.Context) error {
+					inTx = nil // WithTransaction may run this again
+					if err := raise.fn(ctx); err != nil {
+						return err
+					}
+					for i := range 3 {
+						inTx = append(inTx, createID(t, ctx, fmt.Sprintf("in-tx-%d", i)))
+					}
+					limit, err := storage.IDLimit(ctx)
+					require.NoError(t, err)
+					assert.GreaterOrEqual(t, limit, slices.Max(inTx), "IDLimit covers the transaction's own IDs")
+					return nil
+				})
+				var after []uint64
+				for i := range 3 {
+					update(t, ms, func(ctx context.Context) error {
+						after = append(after, createID(t, ctx, fmt.Sprintf("after-%d", i)))
+						return nil
+					})
+				}
+				all := append(slices.Clone(inTx), after...)
+				for _, id := range all {
+					assert.Greater(t, id, uint64(floor), "IDs %v", all)
+				}
+				assert.True(t, slices.IsSorted(all), "IDs are handed out in order: %v", all)
+				assert.Len(t, slices.Compact(slices.Clone(all)), len(all), "IDs are unique: %v", all)
+				problems, err := storage.Check(context.Background(), ms)
+				require.NoError(t, err)
+				assert.Empty(t, problems)
+			})
+		}
+	}
+}
+
 func TestIDLimitCarriedByRaiseIDsKeepsRemovedIDsRetired(t *testing.T) {
 	for _, eng := range engines {
 		t.Run(eng.name, func(t *testing.T) {
@@ -234,4 +297,160 @@ func TestIDLimitCarriedByRaiseIDsKeepsRemovedIDsRetired(t *testing.T) {
 			assert.Greater(t, id, limit)
 		})
 	}
+}
+
+// TestEtcdRaisedFloorHoldsForEveryClientOfTheRoot raises the allocator
+// through one client of a root while others hold blocks of IDs reserved
+// below the new floor, idle or in an open transaction: no client hands out an
+// ID at or below the floor afterwards, and each pays at most one conflict.
+func TestEtcdRaisedFloorHoldsForEveryClientOfTheRoot(t *testing.T) {
+	const floor = 1000
+	for _, raise := range []struct {
+		name string
+		fn   func(ctx context.Context) error
+	}{
+		{"RaiseIDs", func(ctx context.Context) error { return storage.RaiseIDs(ctx, floor) }},
+		{"Import", func(ctx context.Context) error {
+			return storage.Import(ctx, storage.Record{Name: "imported", ID: strconv.Itoa(floor), Kind: snapshots.KindCommitted})
+		}},
+	} {
+		t.Run(raise.name, func(t *testing.T) {
+			root := uniqueRoot(t)
+			idle, busy, raiser := openEtcd(t, root), openEtcd(t, root), openEtcd(t, root)
+			ctx := context.Background()
+			// Each client reserves a block under the old floor.
+			for i, ms := range []storage.MetaStore{idle, busy, raiser} {
+				update(t, ms, func(ctx context.Context) error {
+					require.Less(t, createID(t, ctx, fmt.Sprintf("before-%d", i)), uint64(floor))
+					return nil
+				})
+			}
+			// busy has a transaction open, with an ID of its old block.
+			bctx, btx, err := busy.TransactionContext(ctx, true)
+			require.NoError(t, err)
+			require.Less(t, createID(t, bctx, "busy-open"), uint64(floor))
+
+			update(t, raiser, raise.fn)
+
+			err = btx.Commit()
+			assert.True(t, errdefs.IsConflict(err), "a commit with an ID of a block below the new floor conflicts: got %v", err)
+
+			for _, c := range []struct {
+				name    string
+				ms      storage.MetaStore
+				maxRuns int // of its first create after the raise
+			}{
+				// The raiser knows its commit raised the floor.
+				{"raiser", raiser, 1},
+				// idle learns of the raise from one conflict.
+				{"idle", idle, 2},
+				// busy learnt of it from its failed commit.
+				{"busy", busy, 1},
+			} {
+				var ids []uint64
+				for i, maxRuns := range []int{c.maxRuns, 1} {
+					runs := 0
+					var id uint64 // the last run's is the one committed
+					require.NoError(t, c.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+						runs++
+						id = createID(t, ctx, fmt.Sprintf("%s-after-%d", c.name, i))
+						return nil
+					}))
+					assert.LessOrEqual(t, runs, maxRuns, "%s: runs of create %d", c.name, i)
+					ids = append(ids, id)
+				}
+				for _, id := range ids {
+					assert.Greater(t, id, uint64(floor), "%s: IDs %v", c.name, ids)
+				}
+			}
+			problems, err := storage.Check(ctx, raiser)
+			require.NoError(t, err)
+			assert.Empty(t, problems)
+		})
+	}
+}
+
+// TestEtcdOtherConflictsKeepTheIDBlock checks that only a raised floor makes
+// a client drop its block of IDs: a conflict over a snapshot does not, and
+// the client's next ID follows on from the same block.
+func TestEtcdOtherConflictsKeepTheIDBlock(t *testing.T) {
+	root := uniqueRoot(t)
+	a, b := openEtcd(t, root), openEtcd(t, root)
+	ctx := context.Background()
+	var first uint64
+	update(t, a, func(ctx context.Context) error {
+		first = createID(t, ctx, "a-first")
+		return nil
+	})
+	actx, atx, err := a.TransactionContext(ctx, true)
+	require.NoError(t, err)
+	lost := createID(t, actx, "contested")
+	update(t, b, func(ctx context.Context) error {
+		createID(t, ctx, "contested")
+		return nil
+	})
+	err = atx.Commit()
+	require.True(t, errdefs.IsConflict(err), "got %v", err)
+
+	var next uint64
+	update(t, a, func(ctx context.Context) error {
+		next = createID(t, ctx, "a-next")
+		return nil
+	})
+	assert.Equal(t, []uint64{first + 1, lost + 1}, []uint64{lost, next}, "IDs follow on in the same block")
+}
+
+// TestEtcdIDsStayUniqueWhileTheFloorRises runs clients creating snapshots
+// while another raises the floor again and again: IDs stay unique, and every
+// create begun after a raise returned gets an ID above that raise's floor.
+func TestEtcdIDsStayUniqueWhileTheFloorRises(t *testing.T) {
+	const clients, perClient, raises = 3, 60, 6
+	root := uniqueRoot(t)
+	ctx := context.Background()
+	var floor atomic.Uint64 // the last floor whose raise has returned
+	var mu sync.Mutex
+	owner := map[uint64]string{}
+	var wg sync.WaitGroup
+	for c := range clients {
+		ms := openEtcd(t, root)
+		wg.Go(func() {
+			for i := range perClient {
+				name := fmt.Sprintf("c%d-%d", c, i)
+				atLeast := floor.Load()
+				var id uint64
+				require.NoError(t, ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+					s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "")
+					if err == nil {
+						id, err = strconv.ParseUint(s.ID, 10, 64)
+					}
+					return err
+				}))
+				assert.Greater(t, id, atLeast, "%s was created after the floor reached %d", name, atLeast)
+				mu.Lock()
+				prev, dup := owner[id]
+				owner[id] = name
+				mu.Unlock()
+				assert.False(t, dup, "ID %d given to %s and %s", id, prev, name)
+			}
+		})
+	}
+	raiser := openEtcd(t, root)
+	for range raises {
+		var to uint64
+		require.NoError(t, raiser.WithTransaction(ctx, true, func(ctx context.Context) error {
+			limit, err := storage.IDLimit(ctx)
+			to = limit + 1000
+			if err != nil {
+				return err
+			}
+			return storage.RaiseIDs(ctx, to)
+		}))
+		floor.Store(to)
+		time.Sleep(5 * time.Millisecond)
+	}
+	wg.Wait()
+	assert.Len(t, owner, clients*perClient)
+	problems, err := storage.Check(ctx, raiser)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
 }
