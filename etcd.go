@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
+	"math/bits"
 	"slices"
 	"strconv"
 	"strings"
@@ -285,7 +287,12 @@ func (e *etcdEngine) reserveIDs(ctx context.Context) (etcdIDBlock, error) {
 	if err != nil {
 		return etcdIDBlock{}, err
 	}
-	b.next, b.left = etcdIDLimit(floor, block)+1, etcdIDBlockSize
+	base := etcdIDLimit(floor, block)
+	if base == math.MaxUint64 {
+		return etcdIDBlock{}, ErrIDsExhausted
+	}
+	// The block at the top of the ID space ends at 2^64-1.
+	b.next, b.left = base+1, min(etcdIDBlockSize, math.MaxUint64-base)
 	return b, nil
 }
 
@@ -301,9 +308,15 @@ func parseIDFloor(v []byte) (uint64, error) {
 	return floor, nil
 }
 
-// etcdIDLimit is the highest ID blocks blocks above floor hold.
+// etcdIDLimit is the highest ID blocks blocks above floor hold, saturated at
+// 2^64-1: IDs never wrap, and a limit of 2^64-1 leaves no ID to hand out.
 func etcdIDLimit(floor, blocks uint64) uint64 {
-	return floor + blocks*etcdIDBlockSize
+	hi, span := bits.Mul64(blocks, etcdIDBlockSize)
+	limit, carry := bits.Add64(floor, span, 0)
+	if hi != 0 || carry != 0 {
+		return math.MaxUint64
+	}
+	return limit
 }
 
 // takeID hands out the next ID of the store's block, with the floor key
@@ -797,9 +810,13 @@ func (t *etcdTx) nextIDAboveRaisedFloor(ctx context.Context, pending []byte) (ui
 		}
 		t.seen[t.e.keys.idBlock], t.blocksRead = s, true
 	}
-	id := etcdIDLimit(floor, t.blocks) + 1
+	limit := etcdIDLimit(floor, t.blocks)
+	if limit == math.MaxUint64 {
+		return 0, ErrIDsExhausted
+	}
+	// floor < limit here, so floor+1 does not wrap either.
 	t.write(t.e.keys.idFloor, []byte(formatID(floor+1)))
-	return id, nil
+	return limit + 1, nil
 }
 
 // raiseIDs raises the floor of the ID blocks (see keys.go) in this

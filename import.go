@@ -95,7 +95,9 @@ func IDLimit(ctx context.Context) (uint64, error) {
 // the writable transaction ctx carries: for the rest of that transaction
 // and, once it commits, on every client of the store. It never lowers the
 // allocator, and refuses nothing but what every write refuses (a read-only
-// or finished transaction, a canceled context).
+// or finished transaction, a canceled context). IDs never wrap: once 2^64-1
+// is at or below the raised floor (on etcd also once the blocks reserved
+// above the floor reach it), CreateSnapshot fails with ErrIDsExhausted.
 //
 // On etcd each client hands out IDs from a block it reserved earlier, and
 // learns of a raise made by another client at its next commit: the commit of

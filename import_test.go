@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -257,6 +258,88 @@ func TestRaisedFloorHoldsForTheRestOfTheTransaction(t *testing.T) {
 				problems, err := storage.Check(context.Background(), ms)
 				require.NoError(t, err)
 				assert.Empty(t, problems)
+			})
+		}
+	}
+}
+
+// TestIDsNeverWrap raises the allocator to the top of the ID space: the
+// last IDs are handed out, then creates fail with ErrIDsExhausted and
+// change nothing, in the raising transaction and after it.
+func TestIDsNeverWrap(t *testing.T) {
+	const top = math.MaxUint64
+	for _, tc := range []struct {
+		name string
+		// raise runs in the first transaction; left IDs are handed out
+		// after it, in that transaction (inTx) or in later ones.
+		raise func(ctx context.Context) error
+		left  uint64
+		inTx  bool
+	}{
+		{"Import of 2^64-1", func(ctx context.Context) error {
+			return storage.Import(ctx, storage.Record{Name: "imported", ID: "18446744073709551615", Kind: snapshots.KindCommitted})
+		}, 0, false},
+		{"RaiseIDs to 2^64-1", func(ctx context.Context) error { return storage.RaiseIDs(ctx, top) }, 0, false},
+		{"RaiseIDs to 2^64-4", func(ctx context.Context) error { return storage.RaiseIDs(ctx, top-3) }, 3, false},
+		{"RaiseIDs to 2^64-4, creates in the same transaction", func(ctx context.Context) error { return storage.RaiseIDs(ctx, top-3) }, 3, true},
+		{"Import of 2^64-3, creates in the same transaction", func(ctx context.Context) error {
+			return storage.Import(ctx, storage.Record{Name: "imported", ID: "18446744073709551613", Kind: snapshots.KindCommitted})
+		}, 2, true},
+	} {
+		for _, eng := range engines {
+			t.Run(tc.name+"/"+eng.name, func(t *testing.T) {
+				ms := eng.open(t)
+				ctx := context.Background()
+				var got []uint64
+				exhausted := func(ctx context.Context, name string) {
+					t.Helper()
+					before := readIDState(t, ctx)
+					s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "")
+					assert.True(t, errors.Is(err, storage.ErrIDsExhausted), "got %v, snapshot %+v", err, s)
+					assert.True(t, errdefs.IsResourceExhausted(err), "got %v", err)
+					assert.Equal(t, before, readIDState(t, ctx), "a refused create changes nothing")
+				}
+				create := func(ctx context.Context) {
+					t.Helper()
+					for len(got) < int(tc.left) {
+						got = append(got, createID(t, ctx, fmt.Sprintf("s%d", len(got))))
+					}
+					exhausted(ctx, "one-too-many")
+				}
+
+				tctx, tx, err := ms.TransactionContext(ctx, true)
+				require.NoError(t, err)
+				require.NoError(t, tc.raise(tctx))
+				if tc.inTx {
+					create(tctx)
+				}
+				require.NoError(t, tx.Commit())
+				if !tc.inTx {
+					for len(got) < int(tc.left) {
+						update(t, ms, func(ctx context.Context) error {
+							got = append(got, createID(t, ctx, fmt.Sprintf("s%d", len(got))))
+							return nil
+						})
+					}
+				}
+				require.NoError(t, ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+					exhausted(ctx, "after")
+					return nil
+				}))
+
+				var want []uint64
+				for id := top - tc.left + 1; id != 0 && len(want) < int(tc.left); id++ {
+					want = append(want, id)
+				}
+				assert.Equal(t, want, got, "the last IDs, in order, and no wrap to 0")
+				require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+					limit, err := storage.IDLimit(ctx)
+					assert.Equal(t, uint64(top), limit)
+					return err
+				}))
+				problems, err := storage.Check(ctx, ms)
+				require.NoError(t, err)
+				assert.Empty(t, problems, "Check's allocator bound does not wrap either")
 			})
 		}
 	}

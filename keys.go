@@ -22,7 +22,9 @@ package storage
 //	    <uvarint parent ID> 0x00 <uvarint child ID> -> child name
 //
 // IDs come from the snapshots bucket's sequence, as in containerd: unique in
-// the file and never reused.
+// the file and never reused. They never wrap: at a sequence of 2^64-1 the
+// allocator is exhausted (ErrIDsExhausted), where containerd's would hand
+// out 0.
 const (
 	KeyVersion   = "v1"
 	KeySnapshots = "snapshots"
@@ -62,7 +64,9 @@ const (
 // grows, so blocks never overlap; IDs are never reused (unused ones of a
 // block are skipped, also when a store restarts), and only one create in 128
 // touches ids/block. The block size is part of the layout: every client of
-// a root uses it.
+// a root uses it. IDs never wrap: the block reaching 2^64-1 ends there, and
+// a reservation past it fails with ErrIDsExhausted (it still counts as a
+// block, so the allocator's limit, floor + blocks*128, saturates at 2^64-1).
 //
 // A raised floor (Import, RaiseIDs) must also stop blocks reserved before
 // it: the commit of a transaction that took IDs of a block compares the mod
