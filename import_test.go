@@ -147,15 +147,24 @@ func TestRefusedImportChangesNothing(t *testing.T) {
 						storage.Record{Name: "active", ID: "6", Kind: snapshots.KindActive})
 				})
 				before := viewIDState(t, ms)
-
+				refuse := func(ctx context.Context) {
+					err := storage.Import(ctx, tc.recs...)
+					assert.True(t, tc.class(err), "got %v", err)
+					assert.Equal(t, before, readIDState(t, ctx), "inside the transaction")
+				}
+				// A refusal changes nothing, so the caller may go on and
+				// commit: by Commit, and by WithTransaction, which on bbolt
+				// shares a group commit.
 				ctx, tx, err := ms.TransactionContext(context.Background(), true)
 				require.NoError(t, err)
-				err = storage.Import(ctx, tc.recs...)
-				assert.True(t, tc.class(err), "got %v", err)
-				assert.Equal(t, before, readIDState(t, ctx), "inside the transaction")
-				// A refusal changes nothing, so the caller may go on.
+				refuse(ctx)
 				require.NoError(t, tx.Commit())
-				assert.Equal(t, before, viewIDState(t, ms), "after the commit")
+				assert.Equal(t, before, viewIDState(t, ms), "after Commit")
+				update(t, ms, func(ctx context.Context) error {
+					refuse(ctx)
+					return nil
+				})
+				assert.Equal(t, before, viewIDState(t, ms), "after WithTransaction")
 
 				var fresh uint64
 				update(t, ms, func(ctx context.Context) error {
