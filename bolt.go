@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -256,6 +257,10 @@ func (b *boltTx) idLimit(context.Context) (uint64, error) {
 }
 
 func (b *boltTx) nextID(context.Context) (uint64, error) {
+	// NextSequence would wrap to 0; checked before anything is written.
+	if b.snaps != nil && b.snaps.Sequence() == math.MaxUint64 {
+		return 0, ErrIDsExhausted
+	}
 	if err := b.ensureBuckets(); err != nil {
 		return 0, err
 	}

@@ -43,6 +43,13 @@ var (
 	// (class DataLoss). Decoding never panics.
 	ErrCorrupt = fmt.Errorf("corrupt snapshot metadata: %w", errdefs.ErrDataLoss)
 
+	// ErrIDsExhausted is returned by CreateSnapshot when the ID allocator has
+	// handed out the last ID, 2^64-1 (class ResourceExhausted): IDs never wrap,
+	// since a driver names directories by ID. Only an Import or RaiseIDs near
+	// the top of the range gets a store there. Nothing is changed, and the
+	// transaction may go on.
+	ErrIDsExhausted = fmt.Errorf("snapshot IDs exhausted: %w", errdefs.ErrResourceExhausted)
+
 	// ErrTooLarge is returned when a transaction or a record exceeds what the
 	// engine accepts (class ResourceExhausted). Nothing is applied.
 	ErrTooLarge = fmt.Errorf("transaction too large: %w", errdefs.ErrResourceExhausted)

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
+	"math/bits"
 	"slices"
 	"strconv"
 	"strings"
@@ -157,10 +159,22 @@ type etcdEngine struct {
 	keys   etcdKeys
 	opts   etcdOptions
 
-	// ids is this store's reserved block of IDs: [next, end).
-	idMu    sync.Mutex
-	idNext  uint64
-	idLimit uint64
+	// ids is this store's reserved block of IDs, shared by its
+	// transactions.
+	idMu sync.Mutex
+	ids  etcdIDBlock
+}
+
+// etcdIDBlock is a reserved block of IDs: left of them, from next on.
+type etcdIDBlock struct {
+	next, left uint64
+	// floor is the ID floor key as the reservation read it (modRev 0:
+	// absent). A transaction that takes an ID of the block guards the floor
+	// key with it, so the commit conflicts once the floor has been raised,
+	// and the block, which may lie below the new floor, is dropped.
+	floor seenKey
+	// reservedAt is the revision of the reservation.
+	reservedAt int64
 }
 
 func (e *etcdEngine) begin(_ context.Context, writable bool) (engineTx, error) {
@@ -247,8 +261,9 @@ const etcdIDBlockSize = 128
 
 // reserveIDs takes a new block of IDs from the shared allocator in one round
 // trip: the version of the block key numbers the blocks, the floor key
-// (raised by imports) offsets them. See keys.go.
-func (e *etcdEngine) reserveIDs(ctx context.Context) (uint64, uint64, error) {
+// (raised by imports) offsets them, both read in the same etcd Txn. See
+// keys.go.
+func (e *etcdEngine) reserveIDs(ctx context.Context) (etcdIDBlock, error) {
 	var resp *clientv3.TxnResponse
 	err := e.call(ctx, func(ctx context.Context) (err error) {
 		resp, err = e.kv.Txn(ctx).Then(
@@ -258,43 +273,86 @@ func (e *etcdEngine) reserveIDs(ctx context.Context) (uint64, uint64, error) {
 		return err
 	})
 	if err != nil {
-		return 0, 0, err
+		return etcdIDBlock{}, err
 	}
 	var block uint64
 	if prev := resp.Responses[0].GetResponsePut().GetPrevKv(); prev != nil {
 		block = uint64(prev.Version)
 	}
-	var floor uint64
+	b := etcdIDBlock{reservedAt: resp.Header.Revision}
 	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
-		if floor, err = strconv.ParseUint(string(kvs[0].Value), 10, 64); err != nil {
-			return 0, 0, fmt.Errorf("ID floor %q: %w", kvs[0].Value, ErrCorrupt)
-		}
+		b.floor = seenKey{modRev: kvs[0].ModRevision, value: kvs[0].Value}
 	}
-	start := floor + block*etcdIDBlockSize + 1
-	return start, start + etcdIDBlockSize, nil
+	floor, err := parseIDFloor(b.floor.value)
+	if err != nil {
+		return etcdIDBlock{}, err
+	}
+	base := etcdIDLimit(floor, block)
+	if base == math.MaxUint64 {
+		return etcdIDBlock{}, ErrIDsExhausted
+	}
+	// The block at the top of the ID space ends at 2^64-1.
+	b.next, b.left = base+1, min(etcdIDBlockSize, math.MaxUint64-base)
+	return b, nil
 }
 
-// dropIDBlock forgets the reserved block, so the next ID comes from a new
-// one.
-func (e *etcdEngine) dropIDBlock() {
-	e.idMu.Lock()
-	defer e.idMu.Unlock()
-	e.idNext = e.idLimit
+// parseIDFloor reads the floor key's value; nil is no floor.
+func parseIDFloor(v []byte) (uint64, error) {
+	if v == nil {
+		return 0, nil
+	}
+	floor, err := strconv.ParseUint(string(v), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("ID floor %q: %w", v, ErrCorrupt)
+	}
+	return floor, nil
 }
 
-func (e *etcdEngine) nextID(ctx context.Context) (uint64, error) {
+// etcdIDLimit is the highest ID blocks blocks above floor hold, saturated at
+// 2^64-1: IDs never wrap, and a limit of 2^64-1 leaves no ID to hand out.
+func etcdIDLimit(floor, blocks uint64) uint64 {
+	hi, span := bits.Mul64(blocks, etcdIDBlockSize)
+	limit, carry := bits.Add64(floor, span, 0)
+	if hi != 0 || carry != 0 {
+		return math.MaxUint64
+	}
+	return limit
+}
+
+// takeID hands out the next ID of the store's block, with the floor key
+// the block was reserved under. A new block is reserved when there is none
+// left, or when the block's floor is older than minFloorRev, the floor key's
+// mod revision as the calling transaction saw it: the floor was raised since
+// the reservation.
+func (e *etcdEngine) takeID(ctx context.Context, minFloorRev int64) (uint64, seenKey, error) {
 	e.idMu.Lock()
 	defer e.idMu.Unlock()
-	if e.idNext == e.idLimit {
-		start, limit, err := e.reserveIDs(ctx)
+	if e.ids.left == 0 || e.ids.floor.modRev < minFloorRev {
+		b, err := e.reserveIDs(ctx)
 		if err != nil {
-			return 0, err
+			return 0, seenKey{}, err
 		}
-		e.idNext, e.idLimit = start, limit
+		e.ids = b
 	}
-	id := e.idNext
-	e.idNext++
-	return id, nil
+	id := e.ids.next
+	e.ids.left--
+	if e.ids.left > 0 {
+		e.ids.next++
+	}
+	return id, e.ids.floor, nil
+}
+
+// dropStaleIDBlock forgets the store's block when it was reserved no later
+// than revision rev and under another floor than the one etcd held at rev
+// (mod revision floorModRev): the floor was raised since, and the block may
+// lie below it. Any other block is kept, so a conflict over something else
+// costs no block.
+func (e *etcdEngine) dropStaleIDBlock(floorModRev, rev int64) {
+	e.idMu.Lock()
+	defer e.idMu.Unlock()
+	if e.ids.reservedAt <= rev && e.ids.floor.modRev != floorModRev {
+		e.ids = etcdIDBlock{}
+	}
 }
 
 // seenKey is what a transaction read of one key: its mod revision (0 when
@@ -326,6 +384,10 @@ type etcdTx struct {
 	ranges map[string]string  // ranges read, guarded against any change since rev
 	peeks  map[string]childPeek
 	writes map[string][]byte // buffered writes; nil value deletes
+	// blocks is how many ID blocks had been reserved, once a transaction
+	// that raised the floor has read it (blocksRead).
+	blocks     uint64
+	blocksRead bool
 	// wantChildren holds the names whose children check was announced, to
 	// be read along with their records.
 	wantChildren map[string]bool
@@ -675,22 +737,92 @@ func (t *etcdTx) idLimit(ctx context.Context) (uint64, error) {
 		return 0, err
 	}
 	t.pinRevision(resp.Header.Revision)
-	var blocks, floor uint64
+	var blocks uint64
+	var floorValue []byte
 	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
 		blocks = uint64(kvs[0].Version)
 	}
 	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
-		if floor, err = strconv.ParseUint(string(kvs[0].Value), 10, 64); err != nil {
-			return 0, fmt.Errorf("ID floor %q: %w", kvs[0].Value, ErrCorrupt)
-		}
+		floorValue = kvs[0].Value
 	}
-	return floor + blocks*etcdIDBlockSize, nil
+	// A floor raised in this transaction (and the IDs taken above it)
+	// count too.
+	if v, raised := t.writes[t.e.keys.idFloor]; raised {
+		floorValue = v
+		blocks = max(blocks, t.blocks)
+	}
+	floor, err := parseIDFloor(floorValue)
+	if err != nil {
+		return 0, err
+	}
+	return etcdIDLimit(floor, blocks), nil
 }
 
-func (t *etcdTx) nextID(ctx context.Context) (uint64, error) { return t.e.nextID(ctx) }
+// nextID takes an ID of the store's block and guards the floor key with
+// the floor the block was reserved under (see etcdIDBlock). In a
+// transaction that raised the floor, the ID comes from above it instead.
+func (t *etcdTx) nextID(ctx context.Context) (uint64, error) {
+	k := t.e.keys.idFloor
+	if v, raised := t.writes[k]; raised {
+		return t.nextIDAboveRaisedFloor(ctx, v)
+	}
+	seen, guarded := t.seen[k]
+	id, floor, err := t.e.takeID(ctx, seen.modRev)
+	if err != nil {
+		return 0, err
+	}
+	if guarded && floor.modRev != seen.modRev {
+		// The floor was raised after this transaction read it (or took an
+		// earlier ID): its commit could only conflict.
+		return 0, fmt.Errorf("ID floor raised during the transaction: %w", ErrConflict)
+	}
+	t.seen[k] = floor
+	return id, nil
+}
+
+// nextIDAboveRaisedFloor hands out an ID in a transaction that raised the
+// floor to pending. The store's block may lie below the new floor, and no
+// block can be reserved above a floor not yet committed; so the ID is the
+// one right above everything the allocator may have handed out (the raised
+// floor plus every block reserved), and the floor rises by one to cover it.
+// The block key is guarded: a block reserved meanwhile by any client makes
+// the commit conflict.
+func (t *etcdTx) nextIDAboveRaisedFloor(ctx context.Context, pending []byte) (uint64, error) {
+	floor, err := parseIDFloor(pending)
+	if err != nil {
+		return 0, err
+	}
+	if !t.blocksRead {
+		// Read at the latest revision, not the transaction's: a block this
+		// store reserved for an earlier create of the transaction would
+		// otherwise fail the guard.
+		var resp *clientv3.GetResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Get(ctx, t.e.keys.idBlock, clientv3.WithKeysOnly())
+			return err
+		})
+		if err != nil {
+			return 0, err
+		}
+		var s seenKey
+		if len(resp.Kvs) > 0 {
+			s.modRev, t.blocks = resp.Kvs[0].ModRevision, uint64(resp.Kvs[0].Version)
+		}
+		t.seen[t.e.keys.idBlock], t.blocksRead = s, true
+	}
+	limit := etcdIDLimit(floor, t.blocks)
+	if limit == math.MaxUint64 {
+		return 0, ErrIDsExhausted
+	}
+	// floor < limit here, so floor+1 does not wrap either.
+	t.write(t.e.keys.idFloor, []byte(formatID(floor+1)))
+	return limit + 1, nil
+}
 
 // raiseIDs raises the floor of the ID blocks (see keys.go) in this
-// transaction; the floor read is guarded like any other read.
+// transaction; the floor read is guarded like any other read. The store's
+// block is dropped when the raise commits (see commit); until then the
+// transaction takes its IDs above the raised floor (see nextID).
 func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 	k := t.e.keys.idFloor
 	s, ok := t.seen[k]
@@ -709,20 +841,15 @@ func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 		}
 		t.seen[k] = s
 	}
-	floor := uint64(0)
 	if v, buffered := t.writes[k]; buffered {
 		s.value = v
 	}
-	if s.value != nil {
-		var err error
-		if floor, err = strconv.ParseUint(string(s.value), 10, 64); err != nil {
-			return fmt.Errorf("ID floor %q: %w", s.value, ErrCorrupt)
-		}
+	floor, err := parseIDFloor(s.value)
+	if err != nil {
+		return err
 	}
 	if id > floor {
-		t.write(k, []byte(strconv.FormatUint(id, 10)))
-		// This store's reserved block may lie below the new floor.
-		t.e.dropIDBlock()
+		t.write(k, []byte(formatID(id)))
 	}
 	return nil
 }
@@ -754,16 +881,34 @@ func (t *etcdTx) commit(ctx context.Context) error {
 	if n := max(len(cmps), len(ops)); n > t.e.opts.maxTxnOps {
 		return fmt.Errorf("%d operations, etcd accepts %d per transaction: %w", n, t.e.opts.maxTxnOps, ErrTooLarge)
 	}
+	floorKey := t.e.keys.idFloor
+	_, guardsFloor := t.seen[floorKey]
 	var resp *clientv3.TxnResponse
 	err := t.e.call(ctx, func(ctx context.Context) (err error) {
-		resp, err = t.e.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		txn := t.e.kv.Txn(ctx).If(cmps...).Then(ops...)
+		if guardsFloor {
+			// On a conflict, tells whether the floor is why.
+			txn = txn.Else(clientv3.OpGet(floorKey, clientv3.WithKeysOnly()))
+		}
+		resp, err = txn.Commit()
 		return err
 	})
 	if err != nil {
 		return err
 	}
 	if !resp.Succeeded {
+		if guardsFloor {
+			var modRev int64
+			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+				modRev = kvs[0].ModRevision
+			}
+			t.e.dropStaleIDBlock(modRev, resp.Header.Revision)
+		}
 		return fmt.Errorf("snapshot metadata changed since revision %d: %w", t.rev, ErrConflict)
+	}
+	if v, raised := t.writes[floorKey]; raised && v != nil {
+		// This commit raised the floor: the floor key now has its revision.
+		t.e.dropStaleIDBlock(resp.Header.Revision, resp.Header.Revision)
 	}
 	return nil
 }

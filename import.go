@@ -25,13 +25,29 @@ type Record struct {
 
 // Import stores snapshots with the IDs they already have, in the writable
 // transaction ctx carries: it is how metadata moves between stores (drivers
-// name directories by ID, so an ID must never change). Each parent must
-// exist and be committed, in the store or earlier in recs; a name that
-// exists is refused with AlreadyExists. The ID allocator is raised so that
-// it never hands out an imported ID.
+// name directories by ID, so an ID must never change).
 //
-// Import takes IDs as given: it does not look for another snapshot with the
-// same ID (Check does), and it is meant for a store no driver is writing to
+// The batch is checked whole before anything is written, so a refused
+// Import writes nothing and raises nothing, and the transaction may go on.
+// It refuses:
+//
+//   - a name that is empty or over MaxNameSize, or an unknown kind, or
+//     labels containerd would refuse (InvalidArgument);
+//   - a name that exists in the store or earlier in recs (AlreadyExists);
+//   - an ID that is not how the store writes IDs (decimal digits, no sign,
+//     no leading zero, 1 to 2^64-1: "5", not "05" or "+5"), or that an
+//     earlier record in recs has (InvalidArgument: the batch contradicts
+//     itself);
+//   - a parent that is neither in the store nor earlier in recs (NotFound),
+//     or that is not committed (InvalidArgument).
+//
+// Once Import returns nil the allocator never hands out an imported ID or any
+// ID below the highest one, as RaiseIDs promises. Every ID up to 2^64-1 is
+// accepted: importing the top IDs exhausts the allocator, and CreateSnapshot
+// then fails with ErrIDsExhausted.
+//
+// Import does not look for a snapshot of the store with an imported ID
+// (Check does), and it is meant for a store no driver is writing to
 // meanwhile. It needs a transaction of this package (class NotImplemented
 // otherwise).
 func Import(ctx context.Context, recs ...Record) error {
@@ -40,25 +56,28 @@ func Import(ctx context.Context, recs ...Record) error {
 		return err
 	}
 	return t.use(ctx, true, func(tx engineTx) error {
-		var highest uint64
-		for _, rec := range recs {
-			id, err := importOne(ctx, tx, rec)
-			if err != nil {
+		plan, highest, err := planImport(ctx, tx, recs)
+		if err != nil || len(plan) == 0 {
+			return err
+		}
+		// Raising may read (etcd); it goes first so that a failed read
+		// leaves no record written.
+		if err := tx.raiseIDs(ctx, highest); err != nil {
+			return err
+		}
+		for _, p := range plan {
+			if err := putNew(tx, p.name, p.r); err != nil {
 				return err
 			}
-			highest = max(highest, id)
 		}
-		if highest == 0 {
-			return nil
-		}
-		return tx.raiseIDs(ctx, highest)
+		return nil
 	})
 }
 
 // IDLimit returns the highest ID the store's allocator may have handed out,
-// in the transaction ctx carries; IDs of removed snapshots may lie below it
-// and are never handed out again. A copy of a store carries it over with
-// RaiseIDs.
+// in the transaction ctx carries (a raise earlier in the transaction
+// included); IDs of removed snapshots may lie below it and are never handed
+// out again. A copy of a store carries it over with RaiseIDs.
 func IDLimit(ctx context.Context) (uint64, error) {
 	t, err := ownTransaction(ctx)
 	if err != nil {
@@ -73,7 +92,24 @@ func IDLimit(ctx context.Context) (uint64, error) {
 }
 
 // RaiseIDs makes sure the store never hands out id or any ID below it, in
-// the writable transaction ctx carries.
+// the writable transaction ctx carries: for the rest of that transaction
+// and, once it commits, on every client of the store. It never lowers the
+// allocator, and refuses nothing but what every write refuses (a read-only
+// or finished transaction, a canceled context). IDs never wrap: once 2^64-1
+// is at or below the raised floor (on etcd also once the blocks reserved
+// above the floor reach it), CreateSnapshot fails with ErrIDsExhausted.
+//
+// On etcd each client hands out IDs from a block it reserved earlier, and
+// learns of a raise made by another client at its next commit: the commit of
+// every transaction that created a snapshot carries one compare of the
+// root's floor key with its value when the block was reserved (no extra
+// round trip). After a raise, that compare fails once in each other client
+// holding a block: the commit conflicts and applies nothing,
+// MetaStore.WithTransaction runs the callback again (a caller of Commit
+// retries the Conflict itself), and the client reserves a new block above
+// the floor. The raising client drops its own block when the raise commits,
+// without a conflict; a conflict over anything else keeps the block. See
+// keys.go.
 func RaiseIDs(ctx context.Context, id uint64) error {
 	t, err := ownTransaction(ctx)
 	if err != nil {
@@ -96,31 +132,73 @@ func ownTransaction(ctx context.Context) (*transaction, error) {
 	return t, nil
 }
 
-// importOne checks one record fully before writing it, so that a refusal
-// changes nothing.
-func importOne(ctx context.Context, tx engineTx, rec Record) (uint64, error) {
-	if err := checkName("snapshot", rec.Name); err != nil {
-		return 0, err
+// planned is one record Import will write.
+type planned struct {
+	name string
+	r    *record
+}
+
+// planImport checks every record of recs, against the store and against
+// the records before it, and returns what to write, in order, with the
+// highest ID. It writes nothing, so a refusal changes nothing.
+func planImport(ctx context.Context, tx engineTx, recs []Record) ([]planned, uint64, error) {
+	plan := make([]planned, 0, len(recs))
+	byName := make(map[string]*record, len(recs))
+	byID := make(map[uint64]string, len(recs))
+	var highest uint64
+	for _, rec := range recs {
+		r, err := planOne(ctx, tx, rec, byName)
+		if err != nil {
+			return nil, 0, err
+		}
+		if other, dup := byID[r.ID]; dup {
+			return nil, 0, fmt.Errorf("snapshot %q: ID %s is also given to %q earlier in the batch: %w", rec.Name, rec.ID, other, errdefs.ErrInvalidArgument)
+		}
+		byName[rec.Name], byID[r.ID] = r, rec.Name
+		plan = append(plan, planned{rec.Name, r})
+		highest = max(highest, r.ID)
 	}
-	id, err := strconv.ParseUint(rec.ID, 10, 64)
-	if err != nil || id == 0 {
-		return 0, fmt.Errorf("snapshot %q: ID %q is not a positive integer: %w", rec.Name, rec.ID, errdefs.ErrInvalidArgument)
+	return plan, highest, nil
+}
+
+// planOne checks one record and builds what to store for it; earlier holds
+// the records planned before it, which may be its parent.
+func planOne(ctx context.Context, tx engineTx, rec Record, earlier map[string]*record) (*record, error) {
+	if err := checkName("snapshot", rec.Name); err != nil {
+		return nil, err
+	}
+	id, ok := parseID(rec.ID)
+	if !ok {
+		return nil, fmt.Errorf("snapshot %q: ID %q is not a decimal integer from 1 to 2^64-1 without sign or leading zeros: %w", rec.Name, rec.ID, errdefs.ErrInvalidArgument)
 	}
 	switch rec.Kind {
 	case snapshots.KindActive, snapshots.KindView, snapshots.KindCommitted:
 	default:
-		return 0, fmt.Errorf("snapshot %q: unknown kind %s: %w", rec.Name, kindName(rec.Kind), errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("snapshot %q: unknown kind %s: %w", rec.Name, kindName(rec.Kind), errdefs.ErrInvalidArgument)
 	}
 	labels, err := cleanLabels(rec.Labels)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	rs, err := lookup(ctx, tx, rec.Name, rec.Parent)
+	if earlier[rec.Name] != nil {
+		return nil, fmt.Errorf("snapshot %q is given twice: %w", rec.Name, errdefs.ErrAlreadyExists)
+	}
+	// A parent planned earlier is not in the store (it would have been
+	// refused), so the store is asked only for the others.
+	p, inBatch := earlier[rec.Parent]
+	storeParent := rec.Parent
+	if inBatch {
+		storeParent = ""
+	}
+	rs, err := lookup(ctx, tx, rec.Name, storeParent)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	if rs[0] != nil {
-		return 0, fmt.Errorf("snapshot %q: %w", rec.Name, errdefs.ErrAlreadyExists)
+		return nil, fmt.Errorf("snapshot %q: %w", rec.Name, errdefs.ErrAlreadyExists)
+	}
+	if !inBatch {
+		p = rs[1]
 	}
 	r := &record{
 		ID: id, Kind: rec.Kind, Parent: rec.Parent, Labels: labels,
@@ -129,11 +207,18 @@ func importOne(ctx context.Context, tx engineTx, rec Record) (uint64, error) {
 	if rec.Kind == snapshots.KindCommitted {
 		r.Usage = rec.Usage
 	}
-	if r.ParentIDs, err = newParentChain(ctx, tx, rec.Parent, rs[1]); err != nil {
-		return 0, fmt.Errorf("snapshot %q: %w", rec.Name, err)
+	// A planned parent always holds its chain, so the chain is found
+	// without reading records not written yet.
+	if r.ParentIDs, err = newParentChain(ctx, tx, rec.Parent, p); err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w", rec.Name, err)
 	}
-	if err := putNew(tx, rec.Name, r); err != nil {
-		return 0, err
-	}
-	return id, nil
+	return r, nil
+}
+
+// parseID reads an ID spelled exactly as formatID writes it. Another
+// spelling ("05", "+5") is refused rather than read as the same number: the
+// ID names the driver's directory, and the source store wrote it this way.
+func parseID(s string) (uint64, bool) {
+	id, err := strconv.ParseUint(s, 10, 64)
+	return id, err == nil && id != 0 && formatID(id) == s
 }

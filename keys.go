@@ -22,7 +22,9 @@ package storage
 //	    <uvarint parent ID> 0x00 <uvarint child ID> -> child name
 //
 // IDs come from the snapshots bucket's sequence, as in containerd: unique in
-// the file and never reused.
+// the file and never reused. They never wrap: at a sequence of 2^64-1 the
+// allocator is exhausted (ErrIDsExhausted), where containerd's would hand
+// out 0.
 const (
 	KeyVersion   = "v1"
 	KeySnapshots = "snapshots"
@@ -56,11 +58,30 @@ const (
 // '/') so it is one path element and no name reaches another's children.
 //
 // IDs: a store reserves a block of 128 IDs at a time by putting ids/block
-// and reading the version it replaced (one round trip, atomic in etcd):
-// block v is floor + v*128 + 1 ... floor + (v+1)*128. Blocks never overlap,
-// IDs are never reused (unused ones of a block are skipped, also when a
-// store restarts), and only one create in 128 touches the allocator key.
-// The block size is part of the layout: every client of a root uses it.
+// and reading, in the same etcd Txn (one round trip), the version it
+// replaced and ids/floor: block v is floor + v*128 + 1 ... floor +
+// (v+1)*128, with the floor that Txn read. The floor only rises and v only
+// grows, so blocks never overlap; IDs are never reused (unused ones of a
+// block are skipped, also when a store restarts), and only one create in 128
+// touches ids/block. The block size is part of the layout: every client of
+// a root uses it. IDs never wrap: the block reaching 2^64-1 ends there, and
+// a reservation past it fails with ErrIDsExhausted (it still counts as a
+// block, so the allocator's limit, floor + blocks*128, saturates at 2^64-1).
+//
+// A raised floor (Import, RaiseIDs) must also stop blocks reserved before
+// it: the commit of a transaction that took IDs of a block compares the mod
+// revision of ids/floor with the one the reservation read. After a raise,
+// each other client's next such commit conflicts once (WithTransaction runs
+// it again), and the client reserves a new block above the floor; on a
+// conflict the Txn reads ids/floor, so that a conflict over anything else
+// keeps the block. The cost: one compare per commit that created snapshots,
+// and one retry per client holding a block, per raise.
+//
+// A transaction that raised the floor cannot reserve a block above a floor
+// not yet committed. It hands out the ID right above floor + (blocks
+// reserved)*128 instead, raising the floor by one with each, and guards
+// ids/block (read once, one round trip), so that a block reserved meanwhile
+// makes it conflict.
 const (
 	KeyEtcdVersion   = "storage.v1"
 	KeyEtcdSnapshots = "snapshots"

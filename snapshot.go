@@ -79,11 +79,16 @@ type engineTx interface {
 	// in the parts of parent it keys the index by (bbolt the ID, etcd the
 	// name). It is for Check.
 	scanLinks(ctx context.Context, fn func(parent, child ref) error) error
-	// idLimit returns the highest ID the allocator may have handed out.
+	// idLimit returns the highest ID the allocator may have handed out,
+	// 2^64-1 once it may have handed out every ID.
 	idLimit(ctx context.Context) (uint64, error)
-	// nextID returns an ID never handed out before in this store.
+	// nextID returns an ID never handed out before in this store, or,
+	// after 2^64-1, ErrIDsExhausted with the transaction left as it was:
+	// IDs never wrap.
 	nextID(ctx context.Context) (uint64, error)
-	// raiseIDs makes sure nextID never returns id or below (for imports).
+	// raiseIDs makes sure nextID never returns id or below, for the rest
+	// of the transaction and, once it commits, on every client of the store
+	// (for imports).
 	raiseIDs(ctx context.Context, id uint64) error
 	// commit applies every write at once or none; rollback drops them.
 	commit(ctx context.Context) error

@@ -15,9 +15,9 @@ import (
 // After Commit or Rollback every method returns ErrTransactionDone. In a
 // read-only transaction every write, and Commit, returns ErrReadOnly and
 // changes nothing. A refused operation (an error of class NotFound,
-// AlreadyExists, InvalidArgument or FailedPrecondition) changes nothing either,
-// so the transaction may go on; any other error leaves the transaction fit
-// only for Rollback.
+// AlreadyExists, InvalidArgument or FailedPrecondition, or ErrIDsExhausted)
+// changes nothing either, so the transaction may go on; any other error
+// leaves the transaction fit only for Rollback.
 type Transactor interface {
 	// Commit makes every write of the transaction durable and visible at
 	// once, or none of them: when Commit returns nil the changes survive a
