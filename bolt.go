@@ -222,14 +222,46 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
 
+// scan walks the snapshot buckets in name order. fn may write, and each
+// name is reported as the transaction holds it when the walk reaches it: a
+// snapshot created ahead of the walk is visited, one removed ahead of it is
+// not, and one created behind it is not.
 func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err error) error) error {
 	if b.snaps == nil {
 		return nil
 	}
-	return b.snaps.ForEachBucket(func(k []byte) error {
-		r, err := decodeBolt(b.snaps.Bucket(k), true)
-		return fn(string(k), r, err)
-	})
+	// A write to the bucket leaves a bbolt cursor pointing into stale
+	// pages or shifted nodes (it then skips, repeats or reaches removed
+	// keys); Seek searches afresh from the bucket's root. So a writable
+	// transaction seeks past the last name reached after every call of fn.
+	// A read-only one cannot write, and steps on.
+	reseek := b.tx.Writable()
+	var past []byte // the last name reached and a zero byte: the least key after it
+	c := b.snaps.Cursor()
+	for k, _ := c.First(); k != nil; {
+		// k lies in bbolt's memory, which fn's writes may change: copy it.
+		past = append(append(past[:0], k...), 0)
+		if err := b.reachBucket(k, fn); err != nil {
+			return err
+		}
+		if reseek {
+			k, _ = c.Seek(past)
+		} else {
+			k, _ = c.Next()
+		}
+	}
+	return nil
+}
+
+// reachBucket calls fn with the record of the snapshot bucket k; a key of
+// the snapshots bucket that is not a bucket is no snapshot, and passed over.
+func (b *boltTx) reachBucket(k []byte, fn func(name string, r *record, err error) error) error {
+	sb := b.snaps.Bucket(k)
+	if sb == nil {
+		return nil
+	}
+	r, err := decodeBolt(sb, true)
+	return fn(string(k), r, err)
 }
 
 func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref) error) error {

@@ -388,6 +388,10 @@ type etcdTx struct {
 	// that raised the floor has read it (blocksRead).
 	blocks     uint64
 	blocksRead bool
+	// writeOrder lists the keys of writes in order, from the first
+	// writtenAfter on (nil until then); write keeps it up to date, so that
+	// a walk sees the keys its callback writes.
+	writeOrder []string
 	// wantChildren holds the names whose children check was announced, to
 	// be read along with their records.
 	wantChildren map[string]bool
@@ -551,7 +555,30 @@ func (t *etcdTx) write(key string, value []byte) {
 	if t.writes == nil {
 		t.writes = map[string][]byte{}
 	}
+	if _, ok := t.writes[key]; !ok && t.writeOrder != nil {
+		i, _ := slices.BinarySearch(t.writeOrder, key)
+		t.writeOrder = slices.Insert(t.writeOrder, i, key)
+	}
 	t.writes[key] = value
+}
+
+// writtenAfter returns the first key in (after, end) that the transaction
+// has written or deleted, among its writes as they are now.
+func (t *etcdTx) writtenAfter(after, end string) (string, bool) {
+	if t.writeOrder == nil {
+		// Sorted once, when a walk first asks; write keeps the order from
+		// then on, so transactions that never walk never sort.
+		t.writeOrder = slices.AppendSeq(make([]string, 0, len(t.writes)), maps.Keys(t.writes))
+		slices.Sort(t.writeOrder)
+	}
+	i, found := slices.BinarySearch(t.writeOrder, after)
+	if found {
+		i++
+	}
+	if i < len(t.writeOrder) && t.writeOrder[i] < end {
+		return t.writeOrder[i], true
+	}
+	return "", false
 }
 
 func (t *etcdTx) put(name string, r *record) error {
@@ -627,57 +654,84 @@ func (t *etcdTx) readRange(start, end string) {
 	t.ranges[start] = end
 }
 
+// scan merges the stored snapshots, read in pages at the transaction's
+// revision, with the transaction's buffered writes. fn may write: the writes
+// are looked up afresh at every step, so each name is reported as the
+// transaction holds it when the walk reaches it. A name written ahead of the
+// walk is visited with its new record, one deleted ahead of it is not, and
+// one written behind it is not visited (again).
 func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err error) error) error {
 	start, end := t.e.keys.snapshotRange()
 	// The guard starts at the deletion marker, which sorts just before the
 	// snapshots, so removals conflict with this walk too.
 	t.readRange(t.e.keys.deleted, end)
 
-	var pending []string // buffered writes in the range, in key order
-	for k := range t.writes {
-		if k >= start && k < end {
-			pending = append(pending, k)
-		}
-	}
-	slices.Sort(pending)
-	emit := func(key string, value []byte) error {
-		r, err := decodeRecord(value)
-		return fn(key[len(start):], r, err)
-	}
-	flushBefore := func(key string, all bool) error {
-		for len(pending) > 0 && (all || pending[0] < key) {
-			k := pending[0]
-			pending = pending[1:]
-			if v := t.writes[k]; v != nil {
-				if err := emit(k, v); err != nil {
-					return err
-				}
-			}
-		}
-		return nil
-	}
-
+	// No snapshot's key is start itself (that would be the empty name, which
+	// is never written), so every written one lies after it.
+	w := &etcdWalk{t: t, prefix: start, after: start, fn: fn}
 	err := t.scanRange(ctx, start, end, func(kv *mvccpb.KeyValue) error {
 		key := string(kv.Key)
-		if err := flushBefore(key, false); err != nil {
+		if err := w.writtenBefore(key); err != nil {
 			return err
 		}
-		if _, mine := t.writes[key]; !mine {
-			return emit(key, kv.Value)
-		}
-		// The buffered write of this key replaces what etcd holds.
-		if len(pending) > 0 && pending[0] == key {
-			pending = pending[1:]
-			if v := t.writes[key]; v != nil {
-				return emit(key, v)
-			}
-		}
-		return nil
+		return w.reachStored(key, kv.Value)
 	})
 	if err != nil {
 		return err
 	}
-	return flushBefore("", true)
+	return w.writtenBefore(end)
+}
+
+// etcdWalk is the position of one scan in the snapshots range: every key up
+// to after has been reached, none after it.
+type etcdWalk struct {
+	t      *etcdTx
+	prefix string // of every key, cut off to give the name
+	after  string // the last key reached
+	fn     func(name string, r *record, err error) error
+}
+
+// writtenBefore reaches, in order, the keys before limit that the
+// transaction has written and the walk has not reached yet. Each reach may
+// write, so the next key is looked up after it.
+func (w *etcdWalk) writtenBefore(limit string) error {
+	for {
+		key, ok := w.t.writtenAfter(w.after, limit)
+		if !ok {
+			return nil
+		}
+		if err := w.reachWritten(key); err != nil {
+			return err
+		}
+	}
+}
+
+// reachStored reaches a key etcd held at the read revision; a write of the
+// transaction replaces (or deletes) what etcd holds. Like reachWritten, it
+// moves the position before fn runs, since fn may write.
+func (w *etcdWalk) reachStored(key string, value []byte) error {
+	if _, mine := w.t.writes[key]; mine {
+		return w.reachWritten(key)
+	}
+	w.after = key
+	return w.report(key, value)
+}
+
+// reachWritten reaches a key the transaction has written; a deleted one is
+// passed over.
+func (w *etcdWalk) reachWritten(key string) error {
+	w.after = key
+	value := w.t.writes[key]
+	if value == nil {
+		return nil
+	}
+	return w.report(key, value)
+}
+
+// report hands fn the record of key, or the error decoding it.
+func (w *etcdWalk) report(key string, value []byte) error {
+	r, err := decodeRecord(value)
+	return w.fn(key[len(w.prefix):], r, err)
 }
 
 func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
@@ -855,7 +909,7 @@ func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 }
 
 func (t *etcdTx) rollback() error {
-	t.writes, t.seen, t.ranges, t.peeks = nil, nil, nil, nil
+	t.writes, t.writeOrder, t.seen, t.ranges, t.peeks = nil, nil, nil, nil, nil
 	return nil
 }
 

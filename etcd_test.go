@@ -69,6 +69,16 @@ func TestEtcdConformanceWithSmallPagesAndBlocks(t *testing.T) {
 	})
 }
 
+// TestEtcdConformanceWithOneKeyPages runs the suite with a page boundary
+// between every two snapshots, where a walk's merge of stored pages with the
+// transaction's writes (written by its own callback, say) is most exposed.
+func TestEtcdConformanceWithOneKeyPages(t *testing.T) {
+	testsuite.MetaStoreSuite(t, "etcd-page1", func(t testing.TB, root string) (storage.MetaStore, error) {
+		cfg := etcdServer(t).ClientConfig()
+		return storage.NewEtcdStore(root, &cfg, storage.WithPageSize(1))
+	})
+}
+
 // update runs fn in a writable transaction and commits it, without retry.
 func update(t testing.TB, ms storage.MetaStore, fn func(ctx context.Context) error) {
 	t.Helper()

@@ -73,7 +73,11 @@ type engineTx interface {
 	// its get, so an engine may read both in one round trip.
 	willCheckChildren(name string)
 	// scan calls fn for every stored snapshot in name order, with its record
-	// or the error decoding it, and stops at fn's first error.
+	// or the error decoding it, and stops at fn's first error. fn may write
+	// in the transaction: each name is reported as the transaction holds it
+	// when the scan reaches it, so a name written ahead of the scan is
+	// reported with its new record, one deleted ahead of it is not, and one
+	// written behind it is not.
 	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
 	// scanLinks calls fn for every children-index entry; each engine fills
 	// in the parts of parent it keys the index by (bbolt the ID, etcd the

@@ -40,7 +40,11 @@ type Transactor interface {
 	UpdateInfo(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error)
 	// WalkInfo calls fn for every snapshot matching all filters (containerd
 	// filter syntax over kind, name, parent and labels.<key>), in name
-	// order, and stops at fn's first error, which it returns.
+	// order, and stops at fn's first error, which it returns. fn may write
+	// in this transaction: the walk reports each snapshot as the
+	// transaction holds it when the walk reaches its name, so one created
+	// or updated ahead of the walk is seen as written, one removed ahead of
+	// it is not visited, and one created behind it is not visited.
 	WalkInfo(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error
 	// GetSnapshot returns the ID and parent IDs of an active or view
 	// snapshot; ParentIDs lists the immediate parent first.

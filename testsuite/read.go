@@ -3,6 +3,7 @@ package testsuite
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"testing"
 
@@ -188,6 +189,206 @@ func testWalkInfo(t *testing.T, open Opener) {
 			}
 		})
 	})
+
+	run(t, "callback writes are seen as they are when the walk reaches each key", func(t *testing.T) {
+		walkWithWrites(t, open)
+	})
+}
+
+// visit is what a walk reported of one snapshot.
+type visit struct {
+	Name   string
+	Labels map[string]string
+}
+
+// Labels of the snapshots of walkWithWrites, telling which write each
+// visited state comes from.
+var (
+	fixtureState   = map[string]string{"state": "fixture"}
+	updatedState   = map[string]string{"state": "updated"}
+	createdState   = map[string]string{"state": "created"}
+	committedState = map[string]string{"state": "committed"}
+)
+
+// walkFixture writes, in the transaction ctx carries, the snapshots
+// walkWithWrites walks, all labelled state=fixture:
+//
+//	b-committed  committed, no parent
+//	d-active     active,    parent b-committed
+//	f-active     active,    no parent
+//	h-view       view,      parent b-committed
+func walkFixture(t *testing.T, ctx context.Context) {
+	t.Helper()
+	with := snapshots.WithLabels(maps.Clone(fixtureState))
+	mustLayer(t, ctx, "b-committed", "", snapshots.Usage{}, with)
+	mustCreate(t, ctx, snapshots.KindActive, "d-active", "b-committed", with)
+	mustCreate(t, ctx, snapshots.KindActive, "f-active", "", with)
+	mustCreate(t, ctx, snapshots.KindView, "h-view", "b-committed", with)
+}
+
+// walkWithWrites: a WalkInfo callback may write in the walking transaction,
+// and the walk reports each snapshot as the transaction holds it when the
+// walk reaches its name: a snapshot removed or renamed before it is reached
+// is not visited, one created ahead of the walk is, one created behind it is
+// not, and one updated before it is reached shows its new labels. Each case
+// runs on a fixture committed before the walk and on one written in the
+// walking transaction itself.
+func walkWithWrites(t *testing.T, open Opener) {
+	fixture := func(name string) visit { return visit{name, fixtureState} }
+	update := func(name string) func(*testing.T, context.Context) {
+		return func(t *testing.T, ctx context.Context) {
+			_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: name, Labels: maps.Clone(updatedState)}, "labels.state")
+			require.NoError(t, err, "update %q", name)
+		}
+	}
+	create := func(names ...string) func(*testing.T, context.Context) {
+		return func(t *testing.T, ctx context.Context) {
+			for _, name := range names {
+				mustCreate(t, ctx, snapshots.KindActive, name, "b-committed", snapshots.WithLabels(maps.Clone(createdState)))
+			}
+		}
+	}
+	remove := func(names ...string) func(*testing.T, context.Context) {
+		return func(t *testing.T, ctx context.Context) {
+			for _, name := range names {
+				mustRemove(t, ctx, name)
+			}
+		}
+	}
+	commit := func(key, name string) func(*testing.T, context.Context) {
+		return func(t *testing.T, ctx context.Context) {
+			mustCommit(t, ctx, key, name, snapshots.Usage{}, snapshots.WithLabels(maps.Clone(committedState)))
+		}
+	}
+	both := func(writes ...func(*testing.T, context.Context)) func(*testing.T, context.Context) {
+		return func(t *testing.T, ctx context.Context) {
+			for _, w := range writes {
+				w(t, ctx)
+			}
+		}
+	}
+
+	cases := []struct {
+		name  string
+		at    string // the callback writes when the walk reaches this name, once
+		write func(t *testing.T, ctx context.Context)
+		want  []visit
+	}{
+		{
+			"UpdateInfo of a later key shows its new labels", "d-active", update("f-active"),
+			[]visit{fixture("b-committed"), fixture("d-active"), {"f-active", updatedState}, fixture("h-view")},
+		},
+		{
+			"UpdateInfo of the last key shows its new labels", "b-committed", update("h-view"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), {"h-view", updatedState}},
+		},
+		{
+			"UpdateInfo of an earlier key is not visited again", "d-active", update("b-committed"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"UpdateInfo of the current key is not visited again", "d-active", update("d-active"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"CreateSnapshot of a key after the cursor is visited", "d-active", create("e-new"),
+			[]visit{fixture("b-committed"), fixture("d-active"), {"e-new", createdState}, fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"CreateSnapshot of keys after the cursor visits each", "b-committed", create("z-new", "c-new", "e-new"),
+			[]visit{fixture("b-committed"), {"c-new", createdState}, fixture("d-active"), {"e-new", createdState}, fixture("f-active"), fixture("h-view"), {"z-new", createdState}},
+		},
+		{
+			"CreateSnapshot of a key past the last one is visited", "h-view", create("z-new"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view"), {"z-new", createdState}},
+		},
+		{
+			"CreateSnapshot of a key before the cursor is not visited", "d-active", create("c-new"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"CreateSnapshot then UpdateInfo after the cursor shows the update", "d-active", both(create("e-new"), update("e-new")),
+			[]visit{fixture("b-committed"), fixture("d-active"), {"e-new", updatedState}, fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"CreateSnapshot then Remove after the cursor is not visited", "d-active", both(create("e-new"), remove("e-new")),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"Remove of a later key is not visited", "d-active", remove("f-active"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("h-view")},
+		},
+		{
+			"Remove of every later key ends the walk", "b-committed", remove("d-active", "f-active", "h-view"),
+			[]visit{fixture("b-committed")},
+		},
+		{
+			"Remove of the current key goes on with the next", "d-active", remove("d-active"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"Remove of an earlier key goes on with the next", "f-active", remove("d-active"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("f-active"), fixture("h-view")},
+		},
+		{
+			"CommitActive of a later key to a name after the cursor visits the new name only", "d-active", commit("f-active", "g-committed"),
+			[]visit{fixture("b-committed"), fixture("d-active"), {"g-committed", committedState}, fixture("h-view")},
+		},
+		{
+			"CommitActive of a later key to a name before the cursor visits neither", "d-active", commit("f-active", "a-committed"),
+			[]visit{fixture("b-committed"), fixture("d-active"), fixture("h-view")},
+		},
+		{
+			"CommitActive of the current key to a name after the cursor visits the new name", "d-active", commit("d-active", "e-committed"),
+			[]visit{fixture("b-committed"), fixture("d-active"), {"e-committed", committedState}, fixture("f-active"), fixture("h-view")},
+		},
+	}
+	fixtures := []struct {
+		name string
+		// walkTx writes the fixture and returns the walking transaction.
+		walkTx func(t *testing.T, ms storage.MetaStore) (context.Context, storage.Transactor)
+	}{
+		{"fixture committed before the walk", func(t *testing.T, ms storage.MetaStore) (context.Context, storage.Transactor) {
+			inWrite(t, ms, func(ctx context.Context) { walkFixture(t, ctx) })
+			return begin(t, ms, true)
+		}},
+		{"fixture written in the walking transaction", func(t *testing.T, ms storage.MetaStore) (context.Context, storage.Transactor) {
+			ctx, tx := begin(t, ms, true)
+			walkFixture(t, ctx)
+			return ctx, tx
+		}},
+	}
+	// A walk that visits more than this does not end.
+	const maxVisits = 20
+	errRunaway := errors.New("the walk does not end")
+
+	for _, tc := range cases {
+		run(t, tc.name, func(t *testing.T) {
+			for _, fx := range fixtures {
+				run(t, fx.name, func(t *testing.T) {
+					ms, _ := openStore(t, open)
+					ctx, tx := fx.walkTx(t, ms)
+					var got []visit
+					wrote := false
+					err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+						got = append(got, visit{info.Name, normLabels(info.Labels)})
+						if len(got) > maxVisits {
+							return errRunaway
+						}
+						if info.Name == tc.at && !wrote {
+							wrote = true
+							tc.write(t, ctx)
+						}
+						return nil
+					})
+					require.NoError(t, err, "walk")
+					require.True(t, wrote, "the walk never reached %q", tc.at)
+					assert.Equal(t, tc.want, got, "snapshots visited, in order, with their labels")
+					require.NoError(t, tx.Commit(), "commit of the walking transaction")
+				})
+			}
+		})
+	}
 }
 
 // testGetSnapshot: GetSnapshot returns kind, ID and parent chain of active

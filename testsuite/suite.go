@@ -69,6 +69,9 @@ var scenarios = []scenario{
 //     UpdateInfo and IDMap follow containerd's snapshot rules and report each
 //     refusal with containerd's errdefs class (NotFound, AlreadyExists,
 //     InvalidArgument, FailedPrecondition), leaving the store unchanged;
+//   - a WalkInfo callback may write in the walking transaction, and the walk
+//     reports each snapshot as the transaction holds it when the walk
+//     reaches its name;
 //   - ParentIDs lists the immediate parent first, through chains of at least
 //     128 layers, and a parent-less active can be rebased on commit;
 //   - IDs are unique, kept across commit, and never reused after Remove or
