@@ -351,7 +351,14 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 			if !filter.Match(adaptInfo(info)) {
 				return nil
 			}
-			return fn(ctx, info)
+			if err := fn(ctx, info); err != nil {
+				return err
+			}
+			// A callback may end the transaction; the engine cannot go on.
+			if t.done.Load() {
+				return ErrTransactionDone
+			}
+			return nil
 		})
 	})
 }

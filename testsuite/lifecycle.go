@@ -270,6 +270,26 @@ func testMisuse(t *testing.T, open Opener) {
 		})
 	}
 
+	for _, end := range []string{"Commit", "Rollback"} {
+		run(t, fmt.Sprintf("a walk whose callback calls %s ends with ErrTransactionDone", end), func(t *testing.T) {
+			ms, _ := openStore(t, open)
+			populate(t, ms)
+			before := dump(t, ms)
+			ctx, tx := begin(t, ms, true)
+			visited := 0
+			err := storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error {
+				visited++
+				if end == "Commit" {
+					return tx.Commit()
+				}
+				return tx.Rollback()
+			})
+			assertSentinel(t, err, storage.ErrTransactionDone, failedPrecondition, "WalkInfo after its callback's "+end)
+			assert.Equal(t, 1, visited, "the walk went on after its transaction ended")
+			assert.Equal(t, before, dump(t, ms))
+		})
+	}
+
 	run(t, "package functions without a transaction are ErrNoTransaction", func(t *testing.T) {
 		ms, _ := openStore(t, open)
 		populate(t, ms)
