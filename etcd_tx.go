@@ -1,0 +1,497 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+)
+
+// seenKey is what a transaction read of one key: its mod revision (0 when
+// absent) and value.
+type seenKey struct {
+	modRev int64
+	value  []byte
+}
+
+// childPeek is a read of the first keys of a children prefix.
+type childPeek struct {
+	keys []seenKV
+	more bool
+}
+
+type seenKV struct {
+	key    string
+	modRev int64
+}
+
+// etcdTx is an optimistic transaction: reads at one revision, buffered
+// writes, and one guarded Txn at commit.
+type etcdTx struct {
+	e        *etcdEngine
+	writable bool
+
+	rev    int64              // read revision; 0 until the first read
+	seen   map[string]seenKey // point reads, guarded by mod revision
+	ranges map[string]string  // ranges read, guarded against any change since rev
+	peeks  map[string]childPeek
+	writes map[string][]byte // buffered writes; nil value deletes
+	// blocks is how many ID blocks had been reserved, once a transaction
+	// that raised the floor has read it (blocksRead).
+	blocks     uint64
+	blocksRead bool
+	// writeOrder lists the keys of writes in order, from the first
+	// writtenAfter on (nil until then); write keeps it up to date, so that
+	// a walk sees the keys its callback writes.
+	writeOrder []string
+	// wantChildren holds the names whose children check was announced, to
+	// be read along with their records.
+	wantChildren map[string]bool
+}
+
+func (t *etcdTx) willCheckChildren(name string) {
+	if t.wantChildren == nil {
+		t.wantChildren = map[string]bool{}
+	}
+	t.wantChildren[name] = true
+}
+
+func (t *etcdTx) readOpts(opts ...clientv3.OpOption) []clientv3.OpOption {
+	if t.rev != 0 {
+		opts = append(opts, clientv3.WithRev(t.rev))
+	}
+	return opts
+}
+
+// pinRevision makes the first read's revision the transaction's.
+func (t *etcdTx) pinRevision(rev int64) {
+	if t.rev == 0 {
+		t.rev = rev
+	}
+}
+
+func (t *etcdTx) get(ctx context.Context, name string) (*record, error) {
+	rs, err := t.getMany(ctx, lookupNames{name})
+	return rs[0], err
+}
+
+func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*record, error) {
+	var out [maxLookup]*record
+	var fetch []int
+	for i, name := range names {
+		if name == "" {
+			continue
+		}
+		k := t.e.keys.snapshot(name)
+		if v, ok := t.writes[k]; ok {
+			if v == nil {
+				continue
+			}
+			r, err := decodeRecord(v)
+			if err != nil {
+				return out, err
+			}
+			out[i] = r
+			continue
+		}
+		if s, ok := t.seen[k]; ok {
+			if s.value != nil {
+				r, err := decodeRecord(s.value)
+				if err != nil {
+					return out, fmt.Errorf("snapshot %q: %w", name, err)
+				}
+				out[i] = r
+			}
+			continue
+		}
+		fetch = append(fetch, i)
+	}
+	if len(fetch) == 0 {
+		return out, nil
+	}
+	// One request for every record, and for the children of any name whose
+	// children check was announced, so that Remove costs one round trip.
+	type read struct {
+		name     string
+		children bool
+	}
+	var reads []read
+	var ops []clientv3.Op
+	asked := map[string]bool{}
+	for _, i := range fetch {
+		if asked[names[i]] {
+			continue // the same name twice, as CommitActive(key, key)
+		}
+		asked[names[i]] = true
+		reads = append(reads, read{names[i], false})
+		ops = append(ops, clientv3.OpGet(t.e.keys.snapshot(names[i]), t.readOpts()...))
+		if t.wantChildren[names[i]] {
+			reads = append(reads, read{names[i], true})
+			ops = append(ops, clientv3.OpGet(t.e.keys.childPrefix(names[i]),
+				t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(1))...))
+		}
+	}
+	results, err := t.readMany(ctx, ops)
+	if err != nil {
+		return out, err
+	}
+	for j, rd := range reads {
+		rr := results[j]
+		if rd.children {
+			t.peek(rd.name, rr.Kvs, rr.More)
+			continue
+		}
+		s := seenKey{}
+		if len(rr.Kvs) > 0 {
+			s = seenKey{modRev: rr.Kvs[0].ModRevision, value: rr.Kvs[0].Value}
+			r, err := decodeRecord(s.value)
+			if err != nil {
+				return out, fmt.Errorf("snapshot %q: %w", rd.name, err)
+			}
+			for _, i := range fetch {
+				if names[i] == rd.name {
+					out[i] = r
+				}
+			}
+		}
+		t.seen[t.e.keys.snapshot(rd.name)] = s
+	}
+	return out, nil
+}
+
+// readMany sends reads in one round trip: a plain Get for one (cheaper for
+// etcd than a transaction), a Txn of Gets for more, which etcd answers at
+// one revision. The first read's revision becomes the transaction's.
+func (t *etcdTx) readMany(ctx context.Context, ops []clientv3.Op) ([]*etcdserverpb.RangeResponse, error) {
+	if len(ops) == 1 {
+		var resp clientv3.OpResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Do(ctx, ops[0])
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		get := resp.Get()
+		t.pinRevision(get.Header.Revision)
+		return []*etcdserverpb.RangeResponse{(*etcdserverpb.RangeResponse)(get)}, nil
+	}
+	var resp *clientv3.TxnResponse
+	err := t.e.call(ctx, func(ctx context.Context) (err error) {
+		resp, err = t.e.kv.Txn(ctx).Then(ops...).Commit()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	t.pinRevision(resp.Header.Revision)
+	out := make([]*etcdserverpb.RangeResponse, len(resp.Responses))
+	for i, r := range resp.Responses {
+		out[i] = r.GetResponseRange()
+	}
+	return out, nil
+}
+
+func (t *etcdTx) peek(name string, kvs []*mvccpb.KeyValue, more bool) {
+	if t.peeks == nil {
+		t.peeks = map[string]childPeek{}
+	}
+	p := childPeek{more: more}
+	for _, kv := range kvs {
+		p.keys = append(p.keys, seenKV{key: string(kv.Key), modRev: kv.ModRevision})
+	}
+	t.peeks[name] = p
+}
+
+func (t *etcdTx) write(key string, value []byte) {
+	if t.writes == nil {
+		t.writes = map[string][]byte{}
+	}
+	if _, ok := t.writes[key]; !ok && t.writeOrder != nil {
+		i, _ := slices.BinarySearch(t.writeOrder, key)
+		t.writeOrder = slices.Insert(t.writeOrder, i, key)
+	}
+	t.writes[key] = value
+}
+
+// writtenAfter returns the first key in (after, end) that the transaction
+// has written or deleted, among its writes as they are now.
+func (t *etcdTx) writtenAfter(after, end string) (string, bool) {
+	if t.writeOrder == nil {
+		// Sorted once, when a walk first asks; write keeps the order from
+		// then on, so transactions that never walk never sort.
+		t.writeOrder = slices.AppendSeq(make([]string, 0, len(t.writes)), maps.Keys(t.writes))
+		slices.Sort(t.writeOrder)
+	}
+	i, found := slices.BinarySearch(t.writeOrder, after)
+	if found {
+		i++
+	}
+	if i < len(t.writeOrder) && t.writeOrder[i] < end {
+		return t.writeOrder[i], true
+	}
+	return "", false
+}
+
+func (t *etcdTx) put(name string, r *record) error {
+	t.write(t.e.keys.snapshot(name), encodeRecord(r))
+	return nil
+}
+
+func (t *etcdTx) delete(name string) error {
+	t.write(t.e.keys.snapshot(name), nil)
+	// Deleting leaves no key for a range compare to see; touching the
+	// marker, which lies in the snapshots range, makes walkers conflict.
+	t.write(t.e.keys.deleted, []byte{})
+	return nil
+}
+
+func (t *etcdTx) link(parent, child ref) error {
+	t.write(t.e.keys.child(parent.name, child.id), []byte(child.name))
+	return nil
+}
+
+func (t *etcdTx) unlink(parent, child ref) error {
+	t.write(t.e.keys.child(parent.name, child.id), nil)
+	return nil
+}
+
+func (t *etcdTx) hasChildren(ctx context.Context, p ref) (bool, error) {
+	prefix := t.e.keys.childPrefix(p.name)
+	deleted := map[string]bool{}
+	for k, v := range t.writes {
+		if strings.HasPrefix(k, prefix) {
+			if v != nil {
+				return true, nil
+			}
+			deleted[k] = true
+		}
+	}
+	peek, ok := t.peeks[p.name]
+	for {
+		if !ok || (peek.more && len(peek.keys) <= len(deleted)) {
+			limit := int64(len(deleted) + 1)
+			var resp *clientv3.GetResponse
+			err := t.e.call(ctx, func(ctx context.Context) (err error) {
+				resp, err = t.e.kv.Get(ctx, prefix, t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(limit))...)
+				return err
+			})
+			if err != nil {
+				return false, err
+			}
+			t.pinRevision(resp.Header.Revision)
+			t.peek(p.name, resp.Kvs, resp.More)
+			peek, ok = t.peeks[p.name], true
+		}
+		for _, kv := range peek.keys {
+			if !deleted[kv.key] {
+				// Guard the child we saw: the answer holds while it does.
+				t.seen[kv.key] = seenKey{modRev: kv.modRev}
+				return true, nil
+			}
+		}
+		if !peek.more {
+			// Guard the whole prefix: a child added since rev conflicts.
+			t.readRange(prefix, clientv3.GetPrefixRangeEnd(prefix))
+			return false, nil
+		}
+		ok = false
+	}
+}
+
+func (t *etcdTx) readRange(start, end string) {
+	if t.ranges == nil {
+		t.ranges = map[string]string{}
+	}
+	t.ranges[start] = end
+}
+
+// scan merges the stored snapshots, read in pages at the transaction's
+// revision, with the transaction's buffered writes. fn may write: the writes
+// are looked up afresh at every step, so each name is reported as the
+// transaction holds it when the walk reaches it. A name written ahead of the
+// walk is visited with its new record, one deleted ahead of it is not, and
+// one written behind it is not visited (again).
+func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err error) error) error {
+	start, end := t.e.keys.snapshotRange()
+	// The guard starts at the deletion marker, which sorts just before the
+	// snapshots, so removals conflict with this walk too.
+	t.readRange(t.e.keys.deleted, end)
+
+	// No snapshot's key is start itself (that would be the empty name, which
+	// is never written), so every written one lies after it.
+	w := &etcdWalk{t: t, prefix: start, after: start, fn: fn}
+	err := t.scanRange(ctx, start, end, func(kv *mvccpb.KeyValue) error {
+		key := string(kv.Key)
+		if err := w.writtenBefore(key); err != nil {
+			return err
+		}
+		return w.reachStored(key, kv.Value)
+	})
+	if err != nil {
+		return err
+	}
+	return w.writtenBefore(end)
+}
+
+// etcdWalk is the position of one scan in the snapshots range: every key up
+// to after has been reached, none after it.
+type etcdWalk struct {
+	t      *etcdTx
+	prefix string // of every key, cut off to give the name
+	after  string // the last key reached
+	fn     func(name string, r *record, err error) error
+}
+
+// writtenBefore reaches, in order, the keys before limit that the
+// transaction has written and the walk has not reached yet. Each reach may
+// write, so the next key is looked up after it.
+func (w *etcdWalk) writtenBefore(limit string) error {
+	for {
+		key, ok := w.t.writtenAfter(w.after, limit)
+		if !ok {
+			return nil
+		}
+		if err := w.reachWritten(key); err != nil {
+			return err
+		}
+	}
+}
+
+// reachStored reaches a key etcd held at the read revision; a write of the
+// transaction replaces (or deletes) what etcd holds. Like reachWritten, it
+// moves the position before fn runs, since fn may write.
+func (w *etcdWalk) reachStored(key string, value []byte) error {
+	if _, mine := w.t.writes[key]; mine {
+		return w.reachWritten(key)
+	}
+	w.after = key
+	return w.report(key, value)
+}
+
+// reachWritten reaches a key the transaction has written; a deleted one is
+// passed over.
+func (w *etcdWalk) reachWritten(key string) error {
+	w.after = key
+	value := w.t.writes[key]
+	if value == nil {
+		return nil
+	}
+	return w.report(key, value)
+}
+
+// report hands fn the record of key, or the error decoding it.
+func (w *etcdWalk) report(key string, value []byte) error {
+	r, err := decodeRecord(value)
+	return w.fn(key[len(w.prefix):], r, err)
+}
+
+func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
+	start := t.e.keys.prefix + KeyEtcdChildren + "/"
+	t.readRange(start, clientv3.GetPrefixRangeEnd(start))
+	return t.scanRange(ctx, start, clientv3.GetPrefixRangeEnd(start), func(kv *mvccpb.KeyValue) error {
+		rest := string(kv.Key[len(start):])
+		i := strings.LastIndexByte(rest, '/')
+		if i < 0 {
+			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		}
+		parent, ok := unescapeName(rest[:i])
+		child, err := strconv.ParseUint(rest[i+1:], 10, 64)
+		if !ok || err != nil {
+			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		}
+		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child})
+	})
+}
+
+// scanRange reads [start, end) from etcd in pages, every page at the
+// transaction's revision. It neither sees buffered writes nor guards the
+// range: callers do.
+func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *mvccpb.KeyValue) error) error {
+	for from := start; ; {
+		var resp *clientv3.GetResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Get(ctx, from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(t.e.opts.pageSize))...)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		t.pinRevision(resp.Header.Revision)
+		for _, kv := range resp.Kvs {
+			if err := fn(kv); err != nil {
+				return err
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+func (t *etcdTx) rollback() error {
+	t.writes, t.writeOrder, t.seen, t.ranges, t.peeks = nil, nil, nil, nil, nil
+	return nil
+}
+
+func (t *etcdTx) commit(ctx context.Context) error {
+	if len(t.writes) == 0 {
+		return nil
+	}
+	var cmps []clientv3.Cmp
+	for _, k := range slices.Sorted(maps.Keys(t.seen)) {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(k), "=", t.seen[k].modRev))
+	}
+	for _, start := range slices.Sorted(maps.Keys(t.ranges)) {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(start), "<", t.rev+1).WithRange(t.ranges[start]))
+	}
+	var ops []clientv3.Op
+	for _, k := range slices.Sorted(maps.Keys(t.writes)) {
+		if v := t.writes[k]; v != nil {
+			ops = append(ops, clientv3.OpPut(k, string(v)))
+		} else {
+			ops = append(ops, clientv3.OpDelete(k))
+		}
+	}
+	if n := max(len(cmps), len(ops)); n > t.e.opts.maxTxnOps {
+		return fmt.Errorf("%d operations, etcd accepts %d per transaction: %w", n, t.e.opts.maxTxnOps, ErrTooLarge)
+	}
+	floorKey := t.e.keys.idFloor
+	_, guardsFloor := t.seen[floorKey]
+	var resp *clientv3.TxnResponse
+	err := t.e.call(ctx, func(ctx context.Context) (err error) {
+		txn := t.e.kv.Txn(ctx).If(cmps...).Then(ops...)
+		if guardsFloor {
+			// On a conflict, tells whether the floor is why.
+			txn = txn.Else(clientv3.OpGet(floorKey, clientv3.WithKeysOnly()))
+		}
+		resp, err = txn.Commit()
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if !resp.Succeeded {
+		if guardsFloor {
+			var modRev int64
+			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+				modRev = kvs[0].ModRevision
+			}
+			t.e.dropStaleIDBlock(modRev, resp.Header.Revision)
+		}
+		return fmt.Errorf("snapshot metadata changed since revision %d: %w", t.rev, ErrConflict)
+	}
+	if v, raised := t.writes[floorKey]; raised && v != nil {
+		// This commit raised the floor: the floor key now has its revision.
+		t.e.dropStaleIDBlock(resp.Header.Revision, resp.Header.Revision)
+	}
+	return nil
+}
