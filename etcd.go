@@ -158,7 +158,17 @@ type etcdEngine struct {
 }
 
 func (e *etcdEngine) begin(_ context.Context, writable bool) (engineTx, error) {
-	return &etcdTx{e: e, writable: writable, seen: map[string]seenKey{}}, nil
+	return &etcdTx{e: e, writable: writable, reads: readSet{}}, nil
+}
+
+// beginRetry starts a transaction at the revision of the lost commit,
+// with the keys it read again then (see lostCommit).
+func (e *etcdEngine) beginRetry(_ context.Context, lost error) (engineTx, bool) {
+	var lc *lostCommit
+	if !errors.As(lost, &lc) || lc.e != e {
+		return nil, false
+	}
+	return &etcdTx{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}, true
 }
 
 func (e *etcdEngine) close() error {

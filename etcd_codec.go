@@ -14,7 +14,7 @@ import (
 // etcdKeys builds the keys of one root; see keys.go for the layout.
 type etcdKeys struct {
 	prefix  string
-	deleted string
+	markers deletionMarkers
 	idBlock string
 	idFloor string
 }
@@ -23,7 +23,11 @@ func newEtcdKeys(root string) etcdKeys {
 	p := root + "/" + KeyEtcdVersion + "/"
 	return etcdKeys{
 		prefix:  p,
-		deleted: p + KeyEtcdSnapshots,
+		markers: deletionMarkers{
+			committed: p + KeyEtcdSnapshots,
+			others:    p + KeyEtcdOthersRemoved,
+			replaced:  p + KeyEtcdReplaced,
+		},
 		idBlock: p + KeyEtcdIDBlock,
 		idFloor: p + KeyEtcdIDFloor,
 	}

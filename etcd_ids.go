@@ -17,7 +17,7 @@ type etcdIDBlock struct {
 	// absent). A transaction that takes an ID of the block guards the floor
 	// key with it, so the commit conflicts once the floor has been raised,
 	// and the block, which may lie below the new floor, is dropped.
-	floor seenKey
+	floor keyRead
 	// reservedAt is the revision of the reservation.
 	reservedAt int64
 }
@@ -47,9 +47,9 @@ func (e *etcdEngine) reserveIDs(ctx context.Context) (etcdIDBlock, error) {
 	if prev := resp.Responses[0].GetResponsePut().GetPrevKv(); prev != nil {
 		block = uint64(prev.Version)
 	}
-	b := etcdIDBlock{reservedAt: resp.Header.Revision}
+	b := etcdIDBlock{reservedAt: resp.Header.Revision, floor: keyRead{whole: true}}
 	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
-		b.floor = seenKey{modRev: kvs[0].ModRevision, value: kvs[0].Value}
+		b.floor = keyRead{createRev: kvs[0].CreateRevision, modRev: kvs[0].ModRevision, value: kvs[0].Value, whole: true}
 	}
 	floor, err := parseIDFloor(b.floor.value)
 	if err != nil {
@@ -92,13 +92,13 @@ func etcdIDLimit(floor, blocks uint64) uint64 {
 // left, or when the block's floor is older than minFloorRev, the floor key's
 // mod revision as the calling transaction saw it: the floor was raised since
 // the reservation.
-func (e *etcdEngine) takeID(ctx context.Context, minFloorRev int64) (uint64, seenKey, error) {
+func (e *etcdEngine) takeID(ctx context.Context, minFloorRev int64) (uint64, keyRead, error) {
 	e.idMu.Lock()
 	defer e.idMu.Unlock()
 	if e.ids.left == 0 || e.ids.floor.modRev < minFloorRev {
 		b, err := e.reserveIDs(ctx)
 		if err != nil {
-			return 0, seenKey{}, err
+			return 0, keyRead{}, err
 		}
 		e.ids = b
 	}
@@ -165,7 +165,7 @@ func (t *etcdTx) nextID(ctx context.Context) (uint64, error) {
 	if v, raised := t.writes[k]; raised {
 		return t.nextIDAboveRaisedFloor(ctx, v)
 	}
-	seen, guarded := t.seen[k]
+	seen, guarded := t.reads[k]
 	id, floor, err := t.e.takeID(ctx, seen.modRev)
 	if err != nil {
 		return 0, err
@@ -175,7 +175,7 @@ func (t *etcdTx) nextID(ctx context.Context) (uint64, error) {
 		// earlier ID): its commit could only conflict.
 		return 0, fmt.Errorf("ID floor raised during the transaction: %w", ErrConflict)
 	}
-	t.seen[k] = floor
+	t.reads[k] = floor
 	return id, nil
 }
 
@@ -203,11 +203,11 @@ func (t *etcdTx) nextIDAboveRaisedFloor(ctx context.Context, pending []byte) (ui
 		if err != nil {
 			return 0, err
 		}
-		var s seenKey
+		s := keyRead{whole: true}
 		if len(resp.Kvs) > 0 {
 			s.modRev, t.blocks = resp.Kvs[0].ModRevision, uint64(resp.Kvs[0].Version)
 		}
-		t.seen[t.e.keys.idBlock], t.blocksRead = s, true
+		t.reads[t.e.keys.idBlock], t.blocksRead = s, true
 	}
 	limit := etcdIDLimit(floor, t.blocks)
 	if limit == math.MaxUint64 {
@@ -224,7 +224,7 @@ func (t *etcdTx) nextIDAboveRaisedFloor(ctx context.Context, pending []byte) (ui
 // transaction takes its IDs above the raised floor (see nextID).
 func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 	k := t.e.keys.idFloor
-	s, ok := t.seen[k]
+	s, ok := t.reads[k]
 	if !ok {
 		var resp *clientv3.GetResponse
 		err := t.e.call(ctx, func(ctx context.Context) (err error) {
@@ -236,9 +236,10 @@ func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 		}
 		t.pinRevision(resp.Header.Revision)
 		if len(resp.Kvs) > 0 {
-			s = seenKey{modRev: resp.Kvs[0].ModRevision, value: resp.Kvs[0].Value}
+			s = readOf(resp.Kvs[0])
 		}
-		t.seen[k] = s
+		s.whole = true
+		t.reads[k] = s
 	}
 	if v, buffered := t.writes[k]; buffered {
 		s.value = v

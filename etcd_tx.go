@@ -14,35 +14,27 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 )
 
-// seenKey is what a transaction read of one key: its mod revision (0 when
-// absent) and value.
-type seenKey struct {
-	modRev int64
-	value  []byte
-}
-
 // childPeek is a read of the first keys of a children prefix.
 type childPeek struct {
-	keys []seenKV
+	keys []*mvccpb.KeyValue
 	more bool
 }
 
-type seenKV struct {
-	key    string
-	modRev int64
-}
-
 // etcdTx is an optimistic transaction: reads at one revision, buffered
-// writes, and one guarded Txn at commit.
+// writes, and one guarded Txn at commit (see etcd_guard.go for the guards).
 type etcdTx struct {
 	e        *etcdEngine
 	writable bool
 
-	rev    int64              // read revision; 0 until the first read
-	seen   map[string]seenKey // point reads, guarded by mod revision
-	ranges map[string]string  // ranges read, guarded against any change since rev
+	rev    int64   // read revision; 0 until the first read
+	reads  readSet // point reads
+	ranges rangeSet
 	peeks  map[string]childPeek
 	writes map[string][]byte // buffered writes; nil value deletes
+	// prefetched holds keys as etcd held them at rev, handed over by the
+	// lost commit this transaction retries; a read takes them from here
+	// instead of asking etcd.
+	prefetched map[string]*mvccpb.KeyValue
 	// blocks is how many ID blocks had been reserved, once a transaction
 	// that raised the floor has read it (blocksRead).
 	blocks     uint64
@@ -77,12 +69,21 @@ func (t *etcdTx) pinRevision(rev int64) {
 	}
 }
 
+// get reads the whole record: its answer depends on labels, times and
+// usage too.
 func (t *etcdTx) get(ctx context.Context, name string) (*record, error) {
-	rs, err := t.getMany(ctx, lookupNames{name})
+	rs, err := t.records(ctx, lookupNames{name}, true)
 	return rs[0], err
 }
 
+// getMany reads identities only, guarded as such (see etcd_guard.go).
 func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*record, error) {
+	return t.records(ctx, names, false)
+}
+
+// records returns the records of names as the transaction sees them, and
+// notes each read, whole or for identity only, in the read set.
+func (t *etcdTx) records(ctx context.Context, names lookupNames, whole bool) ([maxLookup]*record, error) {
 	var out [maxLookup]*record
 	var fetch []int
 	for i, name := range names {
@@ -101,17 +102,18 @@ func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*re
 			out[i] = r
 			continue
 		}
-		if s, ok := t.seen[k]; ok {
-			if s.value != nil {
-				r, err := decodeRecord(s.value)
-				if err != nil {
-					return out, fmt.Errorf("snapshot %q: %w", name, err)
-				}
-				out[i] = r
-			}
+		value, known := t.known(k, whole)
+		if !known {
+			fetch = append(fetch, i)
 			continue
 		}
-		fetch = append(fetch, i)
+		if value != nil {
+			r, err := decodeRecord(value)
+			if err != nil {
+				return out, fmt.Errorf("snapshot %q: %w", name, err)
+			}
+			out[i] = r
+		}
 	}
 	if len(fetch) == 0 {
 		return out, nil
@@ -148,10 +150,10 @@ func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*re
 			t.peek(rd.name, rr.Kvs, rr.More)
 			continue
 		}
-		s := seenKey{}
+		var kv *mvccpb.KeyValue
 		if len(rr.Kvs) > 0 {
-			s = seenKey{modRev: rr.Kvs[0].ModRevision, value: rr.Kvs[0].Value}
-			r, err := decodeRecord(s.value)
+			kv = rr.Kvs[0]
+			r, err := decodeRecord(kv.Value)
 			if err != nil {
 				return out, fmt.Errorf("snapshot %q: %w", rd.name, err)
 			}
@@ -161,9 +163,26 @@ func (t *etcdTx) getMany(ctx context.Context, names lookupNames) ([maxLookup]*re
 				}
 			}
 		}
-		t.seen[t.e.keys.snapshot(rd.name)] = s
+		t.reads.note(t.e.keys.snapshot(rd.name), readOf(kv), whole)
 	}
 	return out, nil
+}
+
+// known returns the value of key at the read revision when the transaction
+// read it already or was handed it by the lost commit it retries, and
+// notes the read; known is false when etcd must be asked.
+func (t *etcdTx) known(key string, whole bool) (value []byte, known bool) {
+	if r, ok := t.reads[key]; ok {
+		t.reads.note(key, r, whole)
+		return r.value, true
+	}
+	kv, ok := t.prefetched[key]
+	if !ok {
+		return nil, false
+	}
+	r := readOf(kv)
+	t.reads.note(key, r, whole)
+	return r.value, true
 }
 
 // readMany sends reads in one round trip: a plain Get for one (cheaper for
@@ -203,11 +222,7 @@ func (t *etcdTx) peek(name string, kvs []*mvccpb.KeyValue, more bool) {
 	if t.peeks == nil {
 		t.peeks = map[string]childPeek{}
 	}
-	p := childPeek{more: more}
-	for _, kv := range kvs {
-		p.keys = append(p.keys, seenKV{key: string(kv.Key), modRev: kv.ModRevision})
-	}
-	t.peeks[name] = p
+	t.peeks[name] = childPeek{keys: kvs, more: more}
 }
 
 func (t *etcdTx) write(key string, value []byte) {
@@ -241,15 +256,28 @@ func (t *etcdTx) writtenAfter(after, end string) (string, bool) {
 }
 
 func (t *etcdTx) put(name string, r *record) error {
-	t.write(t.e.keys.snapshot(name), encodeRecord(r))
+	k := t.e.keys.snapshot(name)
+	if v, written := t.writes[k]; written && v == nil && t.reads[k].createRev != 0 {
+		// A new record where a stored one was removed in this transaction.
+		t.write(t.e.keys.markers.replaced, []byte{})
+	}
+	t.write(k, encodeRecord(r))
 	return nil
 }
 
 func (t *etcdTx) delete(name string) error {
-	t.write(t.e.keys.snapshot(name), nil)
-	// Deleting leaves no key for a range compare to see; touching the
-	// marker, which lies in the snapshots range, makes walkers conflict.
-	t.write(t.e.keys.deleted, []byte{})
+	k := t.e.keys.snapshot(name)
+	// Deleting leaves no key for a range compare to see; touching a marker,
+	// which lies in the range a walk guards, makes walkers conflict, and
+	// merged guards see it too (see etcd_guard.go). A record that exists
+	// only in this transaction was seen by nobody else and needs none.
+	if r, read := t.reads[k]; !read {
+		t.write(t.e.keys.markers.committed, []byte{})
+		t.write(t.e.keys.markers.others, []byte{})
+	} else if r.createRev != 0 {
+		t.write(t.e.keys.markers.forKind(kindOfValue(r.value)), []byte{})
+	}
+	t.write(k, nil)
 	return nil
 }
 
@@ -291,9 +319,10 @@ func (t *etcdTx) hasChildren(ctx context.Context, p ref) (bool, error) {
 			peek, ok = t.peeks[p.name], true
 		}
 		for _, kv := range peek.keys {
-			if !deleted[kv.key] {
-				// Guard the child we saw: the answer holds while it does.
-				t.seen[kv.key] = seenKey{modRev: kv.modRev}
+			if !deleted[string(kv.Key)] {
+				// Guard the child we saw: the answer holds while it lives
+				// (relinking it on its commit does not matter).
+				t.reads.note(string(kv.Key), readOf(kv), false)
 				return true, nil
 			}
 		}
@@ -308,7 +337,7 @@ func (t *etcdTx) hasChildren(ctx context.Context, p ref) (bool, error) {
 
 func (t *etcdTx) readRange(start, end string) {
 	if t.ranges == nil {
-		t.ranges = map[string]string{}
+		t.ranges = rangeSet{}
 	}
 	t.ranges[start] = end
 }
@@ -323,7 +352,7 @@ func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err e
 	start, end := t.e.keys.snapshotRange()
 	// The guard starts at the deletion marker, which sorts just before the
 	// snapshots, so removals conflict with this walk too.
-	t.readRange(t.e.keys.deleted, end)
+	t.readRange(t.e.keys.markers.committed, end)
 
 	// No snapshot's key is start itself (that would be the empty name, which
 	// is never written), so every written one lies after it.
@@ -438,21 +467,18 @@ func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *m
 }
 
 func (t *etcdTx) rollback() error {
-	t.writes, t.writeOrder, t.seen, t.ranges, t.peeks = nil, nil, nil, nil, nil
+	t.writes, t.writeOrder, t.reads, t.ranges, t.peeks, t.prefetched = nil, nil, nil, nil, nil, nil
 	return nil
 }
 
+// commit sends one Txn: the guards of every read, then every write. When
+// the guards fail, its Else branch reads the point reads again, for the
+// retry (see lostCommit).
 func (t *etcdTx) commit(ctx context.Context) error {
 	if len(t.writes) == 0 {
 		return nil
 	}
-	var cmps []clientv3.Cmp
-	for _, k := range slices.Sorted(maps.Keys(t.seen)) {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(k), "=", t.seen[k].modRev))
-	}
-	for _, start := range slices.Sorted(maps.Keys(t.ranges)) {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(start), "<", t.rev+1).WithRange(t.ranges[start]))
-	}
+	limit := t.e.opts.maxTxnOps
 	var ops []clientv3.Op
 	for _, k := range slices.Sorted(maps.Keys(t.writes)) {
 		if v := t.writes[k]; v != nil {
@@ -461,33 +487,38 @@ func (t *etcdTx) commit(ctx context.Context) error {
 			ops = append(ops, clientv3.OpDelete(k))
 		}
 	}
-	if n := max(len(cmps), len(ops)); n > t.e.opts.maxTxnOps {
-		return fmt.Errorf("%d operations, etcd accepts %d per transaction: %w", n, t.e.opts.maxTxnOps, ErrTooLarge)
+	if len(ops) > limit {
+		return fmt.Errorf("%d writes, etcd accepts %d per transaction: %w", len(ops), limit, ErrTooLarge)
+	}
+	cmps, err := guards(t.reads, t.ranges, t.rev, limit, t.e.keys.snapshot(""), t.e.keys.markers)
+	if err != nil {
+		return err
 	}
 	floorKey := t.e.keys.idFloor
-	_, guardsFloor := t.seen[floorKey]
+	_, guardsFloor := t.reads[floorKey]
+	refetched, refetch := refetchOps(t.reads, floorKey, limit)
 	var resp *clientv3.TxnResponse
-	err := t.e.call(ctx, func(ctx context.Context) (err error) {
-		txn := t.e.kv.Txn(ctx).If(cmps...).Then(ops...)
-		if guardsFloor {
-			// On a conflict, tells whether the floor is why.
-			txn = txn.Else(clientv3.OpGet(floorKey, clientv3.WithKeysOnly()))
-		}
-		resp, err = txn.Commit()
+	err = t.e.call(ctx, func(ctx context.Context) (err error) {
+		resp, err = t.e.kv.Txn(ctx).If(cmps...).Then(ops...).Else(refetch...).Commit()
 		return err
 	})
 	if err != nil {
 		return err
 	}
 	if !resp.Succeeded {
-		if guardsFloor {
-			var modRev int64
-			if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
-				modRev = kvs[0].ModRevision
+		lost := &lostCommit{e: t.e, rev: resp.Header.Revision, read: t.rev, kvs: map[string]*mvccpb.KeyValue{}}
+		for i, k := range refetched {
+			var kv *mvccpb.KeyValue
+			if kvs := resp.Responses[i].GetResponseRange().GetKvs(); len(kvs) > 0 {
+				kv = kvs[0]
 			}
-			t.e.dropStaleIDBlock(modRev, resp.Header.Revision)
+			lost.kvs[k] = kv
 		}
-		return fmt.Errorf("snapshot metadata changed since revision %d: %w", t.rev, ErrConflict)
+		if guardsFloor {
+			// Tells whether the floor is why.
+			t.e.dropStaleIDBlock(readOf(lost.kvs[floorKey]).modRev, resp.Header.Revision)
+		}
+		return lost
 	}
 	if v, raised := t.writes[floorKey]; raised && v != nil {
 		// This commit raised the floor: the floor key now has its revision.

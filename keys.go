@@ -85,7 +85,13 @@ const (
 const (
 	KeyEtcdVersion   = "storage.v1"
 	KeyEtcdSnapshots = "snapshots"
-	KeyEtcdChildren  = "children"
-	KeyEtcdIDBlock   = "ids/block"
-	KeyEtcdIDFloor   = "ids/floor"
+	// KeyEtcdOthersRemoved is the deletion marker of actives and views
+	// (KeyEtcdSnapshots is that of committed snapshots).
+	KeyEtcdOthersRemoved = "snapshots.active"
+	// KeyEtcdReplaced is touched by a commit that removes a snapshot and
+	// stores another under its name.
+	KeyEtcdReplaced = "snapshots.replaced"
+	KeyEtcdChildren = "children"
+	KeyEtcdIDBlock  = "ids/block"
+	KeyEtcdIDFloor  = "ids/floor"
 )

@@ -98,10 +98,27 @@ func (s *metaStore) enter(ctx context.Context) error {
 }
 
 func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
+	return s.transactionContext(ctx, writable, nil)
+}
+
+// retryBeginner is an engine that can start the retry of a transaction from
+// what its lost commit (the Conflict error lost) returned, rather than read
+// it all again (etcd: see lostCommit).
+type retryBeginner interface {
+	beginRetry(ctx context.Context, lost error) (engineTx, bool)
+}
+
+func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost error) (context.Context, Transactor, error) {
 	if err := s.enter(ctx); err != nil {
 		return ctx, nil, err
 	}
 	defer s.mu.RUnlock()
+	if rb, ok := s.eng.(retryBeginner); ok && lost != nil && writable {
+		if etx, ok := rb.beginRetry(ctx, lost); ok {
+			t := &transaction{ctx: ctx, tx: etx, writable: writable}
+			return ContextWithTransactor(ctx, t), t, nil
+		}
+	}
 	etx, err := s.eng.begin(ctx, writable)
 	if err != nil {
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
@@ -132,7 +149,7 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 	backoff := retryBackoffMin
 	var lastConflict error
 	for {
-		err := s.runOnce(ctx, writable, fn)
+		err := s.runOnce(ctx, writable, fn, lastConflict)
 		if err != nil && lastConflict != nil && ctx.Err() != nil {
 			// The context ended during a retry: the conflicts are why.
 			return errors.Join(lastConflict, err)
@@ -171,8 +188,10 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 	})
 }
 
-func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback) error {
-	tctx, t, err := s.TransactionContext(ctx, writable)
+// runOnce runs fn in one transaction; lost is the conflict that ended the
+// previous try, if any.
+func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback, lost error) error {
+	tctx, t, err := s.transactionContext(ctx, writable, lost)
 	if err != nil {
 		return err
 	}

@@ -203,6 +203,21 @@ func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
 	return r, nil
 }
 
+// identityOf returns the identity of name's record (ID, kind, parent and
+// chain; see getMany), or a NotFound error. Rules that need no more than
+// identity read through it, so that on etcd they do not conflict with a
+// concurrent change of labels or usage, which leaves their answer as it was.
+func identityOf(ctx context.Context, tx engineTx, name string) (*record, error) {
+	rs, err := lookup(ctx, tx, name)
+	if err != nil {
+		return nil, err
+	}
+	if rs[0] == nil {
+		return nil, fmt.Errorf("snapshot %q does not exist: %w", name, errdefs.ErrNotFound)
+	}
+	return rs[0], nil
+}
+
 // chainOf returns the parent ID chain of a snapshot whose immediate parent is
 // p (immediate parent first), using the stored chain when there is one.
 func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
@@ -220,7 +235,7 @@ func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 			visited = map[string]bool{}
 		}
 		visited[p.Parent] = true
-		next, err := getOne(ctx, tx, p.Parent)
+		next, err := identityOf(ctx, tx, p.Parent)
 		if err != nil {
 			return nil, fmt.Errorf("parent chain: %w", err)
 		}
@@ -256,7 +271,7 @@ func recordChain(ctx context.Context, tx engineTx, r *record) ([]uint64, error) 
 	if r.Parent == "" || len(r.ParentIDs) > 0 {
 		return r.ParentIDs, nil
 	}
-	p, err := getOne(ctx, tx, r.Parent)
+	p, err := identityOf(ctx, tx, r.Parent)
 	if err != nil {
 		return nil, fmt.Errorf("parent: %w", err)
 	}
@@ -393,7 +408,7 @@ func adaptInfo(info snapshots.Info) filters.Adaptor {
 
 func (t *transaction) GetSnapshot(ctx context.Context, key string) (s Snapshot, err error) {
 	err = t.use(ctx, false, func(tx engineTx) error {
-		r, err := getOne(ctx, tx, key)
+		r, err := identityOf(ctx, tx, key)
 		if err != nil {
 			return err
 		}
@@ -489,7 +504,7 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 func (t *transaction) Remove(ctx context.Context, key string) (id string, kind snapshots.Kind, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
 		tx.willCheckChildren(key)
-		r, err := getOne(ctx, tx, key)
+		r, err := identityOf(ctx, tx, key)
 		if err != nil {
 			return err
 		}
@@ -527,7 +542,7 @@ func parentID(ctx context.Context, tx engineTx, r *record) (uint64, error) {
 	if len(r.ParentIDs) > 0 {
 		return r.ParentIDs[0], nil
 	}
-	p, err := getOne(ctx, tx, r.Parent)
+	p, err := identityOf(ctx, tx, r.Parent)
 	if err != nil {
 		return 0, fmt.Errorf("parent: %w", err)
 	}
