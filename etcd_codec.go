@@ -22,7 +22,7 @@ type etcdKeys struct {
 func newEtcdKeys(root string) etcdKeys {
 	p := root + "/" + KeyEtcdVersion + "/"
 	return etcdKeys{
-		prefix:  p,
+		prefix: p,
 		markers: deletionMarkers{
 			committed: p + KeyEtcdSnapshots,
 			others:    p + KeyEtcdOthersRemoved,
