@@ -27,6 +27,8 @@ func (p Problem) String() string {
 // Check verifies every invariant of the store in one read-only transaction
 // and returns each problem found, in a stable order (none: nil):
 //
+//   - the engine's layout is sound (when it is not, that is the one problem
+//     reported: the records cannot be judged);
 //   - every record decodes;
 //   - every snapshot's parent exists and is committed;
 //   - the children index holds exactly the parent links of the records;
@@ -49,6 +51,11 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	var problems []Problem
 	err = t.use(tctx, false, func(tx engineTx) error {
 		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}}
+		if err := tx.layoutDamage(); err != nil {
+			c.report("", "the store's layout is damaged: %v", err)
+			problems = c.found
+			return nil
+		}
 		if err := tx.scan(tctx, c.addRecord); err != nil {
 			return err
 		}

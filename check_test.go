@@ -806,7 +806,60 @@ func chkCorruptions() []chkCorruption {
 				return w
 			},
 		},
+		{
+			name: "snapshots bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).tx.Bucket([]byte(storage.KeyVersion)), storage.KeySnapshots)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", `"v1/snapshots" is a plain key, not a bucket`}}
+			},
+		},
+		{
+			name: "parents bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).tx.Bucket([]byte(storage.KeyVersion)), storage.KeyParents)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", `"v1/parents" is a plain key, not a bucket`}}
+			},
+		},
+		{
+			name: "a snapshot's bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).snaps(), "lone-a")
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"lone-a", "a plain key, not a bucket"}}
+			},
+		},
+		{
+			name: "a snapshot's labels bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).bucket("work"), storage.KeyLabels)
+			},
+			want: func(engine string, ids map[string]uint64, _ uint64) []chkWant {
+				return []chkWant{
+					{"work", `record does not decode: bad "labels"`},
+					{"work", fmt.Sprintf("children index links it (ID %d) %s", ids["work"], describeParent(engine, "layer2", ids["layer2"]))},
+				}
+			},
+		},
 	}
+}
+
+// chkReplaceBucketByKey puts a plain key where the bucket name of parent
+// was.
+func chkReplaceBucketByKey(t *testing.T, parent *bolt.Bucket, name string) {
+	t.Helper()
+	require.NotNil(t, parent)
+	require.NotNil(t, parent.Bucket([]byte(name)), "no bucket %q to replace", name)
+	require.NoError(t, parent.DeleteBucket([]byte(name)))
+	require.NoError(t, parent.Put([]byte(name), []byte("not a bucket")))
 }
 
 func chkMaxID(ids map[string]uint64) uint64 {

@@ -618,6 +618,10 @@ func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err e
 	return flushBefore("", true)
 }
 
+// layoutDamage is always nil: every key of the etcd layout is a record or
+// an index entry of its own, whose damage scan and scanLinks report.
+func (t *etcdTx) layoutDamage() error { return nil }
+
 func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
 	start := t.e.keys.prefix + KeyEtcdChildren + "/"
 	t.readRange(start, clientv3.GetPrefixRangeEnd(start))

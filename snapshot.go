@@ -75,6 +75,11 @@ type engineTx interface {
 	// scan calls fn for every stored snapshot in name order, with its record
 	// or the error decoding it, and stops at fn's first error.
 	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
+	// layoutDamage reports damage to the engine's layout outside any
+	// record (a plain key where the layout has a bucket, say), nil when it
+	// is sound. Operations that need the damaged part fail with it
+	// (ErrCorrupt); Check reports it.
+	layoutDamage() error
 	// scanLinks calls fn for every children-index entry; each engine fills
 	// in the parts of parent it keys the index by (bbolt the ID, etcd the
 	// name). It is for Check.
