@@ -288,20 +288,16 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 	return nil
 }
 
-func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref) error) error {
+func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err error) error) error {
 	if p, err := b.parentsBucket(); p == nil {
 		return err
 	}
 	return boltErr(b.parents.ForEach(func(k, v []byte) error {
-		parent, n := binary.Uvarint(k)
-		if n <= 0 || len(k) <= n || k[n] != 0 {
-			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
+		parent, child, ok := decodeParentLinkKey(k)
+		if !ok || v == nil {
+			return fn(ref{}, ref{name: string(v)}, fmt.Errorf("parents key %x is not a link's: %w", k, ErrCorrupt))
 		}
-		child, m := binary.Uvarint(k[n+1:])
-		if m <= 0 || n+1+m != len(k) {
-			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
-		}
-		return fn(ref{id: parent}, ref{name: string(v), id: child})
+		return fn(ref{id: parent}, ref{name: string(v), id: child}, nil)
 	}))
 }
 
@@ -342,6 +338,21 @@ func parentLinkKey(parent, child uint64) []byte {
 func parentLinkPrefix(parent uint64) []byte {
 	k := binary.AppendUvarint(make([]byte, 0, 2*binary.MaxVarintLen64+1), parent)
 	return append(k, 0)
+}
+
+// decodeParentLinkKey inverts parentLinkKey. Only the canonical key
+// decodes: a longer varint of the same ID (0x81 0x00 for 1) escapes the
+// seek of hasChildren, so it links nothing.
+func decodeParentLinkKey(k []byte) (parent, child uint64, ok bool) {
+	parent, n := binary.Uvarint(k)
+	if n <= 0 || len(k) <= n || k[n] != 0 {
+		return 0, 0, false
+	}
+	child, m := binary.Uvarint(k[n+1:])
+	if m <= 0 {
+		return 0, 0, false
+	}
+	return parent, child, bytes.Equal(k, parentLinkKey(parent, child))
 }
 
 // errBoltNotValue is a bucket where the layout has a value.

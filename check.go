@@ -31,7 +31,8 @@ func (p Problem) String() string {
 //     reported: the records cannot be judged);
 //   - every record decodes;
 //   - every snapshot's parent exists and is committed;
-//   - the children index holds exactly the parent links of the records;
+//   - the children index holds exactly the parent links of the records,
+//     each under the one key the engine writes for it;
 //   - IDs are unique, and none is above what the ID allocator has handed out;
 //   - every stored parent chain equals the chain found by following parents.
 //
@@ -100,7 +101,11 @@ func (c *checker) addRecord(name string, r *record, decodeErr error) error {
 	return nil
 }
 
-func (c *checker) addLink(parent, child ref) error {
+func (c *checker) addLink(parent, child ref, decodeErr error) error {
+	if decodeErr != nil {
+		c.report(child.name, "children index entry does not decode: %v", decodeErr)
+		return nil
+	}
 	c.links = append(c.links, link{parent, child})
 	return nil
 }

@@ -807,6 +807,40 @@ func chkCorruptions() []chkCorruption {
 			},
 		},
 		{
+			// The children check seeks the canonical key of the parent's ID;
+			// 0x81 0x00 also decodes as 1, but no seek finds it, so Remove
+			// of the parent would orphan the child.
+			name: "parents key with a non-canonical varint",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				r.deleteLink("base", ids["base"], ids["layer1"])
+				k := append(chkNonCanonicalUvarint(ids["base"]), 0)
+				k = binary.AppendUvarint(k, ids["layer1"])
+				require.NoError(t, r.(*chkBoltRaw).parents().Put(k, []byte("layer1")))
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{
+					{"layer1", "children index entry does not decode"},
+					{"layer1", `missing from the children index of its parent "base"`},
+				}
+			},
+		},
+		{
+			name: "children key with a non-canonical child ID",
+			only: "etcd",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				e := r.(*chkEtcdRaw)
+				e.deleteLink("layer2", ids["layer2"], ids["work"])
+				e.put(storage.KeyEtcdChildren+"/layer2/0"+chkID(ids["work"]), []byte("work"))
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{
+					{"work", "children index entry does not decode"},
+					{"work", `missing from the children index of its parent "layer2"`},
+				}
+			},
+		},
+		{
 			name: "snapshots bucket replaced by a plain key",
 			only: "bolt",
 			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
@@ -850,6 +884,14 @@ func chkCorruptions() []chkCorruption {
 			},
 		},
 	}
+}
+
+// chkNonCanonicalUvarint encodes x as a uvarint one byte longer than
+// needed: a continuation bit on the last byte, then a zero byte.
+func chkNonCanonicalUvarint(x uint64) []byte {
+	b := binary.AppendUvarint(nil, x)
+	b[len(b)-1] |= 0x80
+	return append(b, 0)
 }
 
 // chkReplaceBucketByKey puts a plain key where the bucket name of parent

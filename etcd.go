@@ -622,21 +622,26 @@ func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err e
 // an index entry of its own, whose damage scan and scanLinks report.
 func (t *etcdTx) layoutDamage() error { return nil }
 
-func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
+func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error {
 	start := t.e.keys.prefix + KeyEtcdChildren + "/"
 	t.readRange(start, clientv3.GetPrefixRangeEnd(start))
 	return t.scanRange(ctx, start, clientv3.GetPrefixRangeEnd(start), func(kv *mvccpb.KeyValue) error {
 		rest := string(kv.Key[len(start):])
 		i := strings.LastIndexByte(rest, '/')
-		if i < 0 {
-			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		var parent string
+		var child uint64
+		ok := i >= 0
+		if ok {
+			var err error
+			parent, ok = unescapeName(rest[:i])
+			child, err = strconv.ParseUint(rest[i+1:], 10, 64)
+			// Only the key link writes is one: "07" would outlive unlink.
+			ok = ok && err == nil && formatID(child) == rest[i+1:]
 		}
-		parent, ok := unescapeName(rest[:i])
-		child, err := strconv.ParseUint(rest[i+1:], 10, 64)
-		if !ok || err != nil {
-			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		if !ok {
+			return fn(ref{}, ref{name: string(kv.Value)}, fmt.Errorf("children key %q is not a link's: %w", kv.Key, ErrCorrupt))
 		}
-		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child})
+		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child}, nil)
 	})
 }
 

@@ -82,8 +82,10 @@ type engineTx interface {
 	layoutDamage() error
 	// scanLinks calls fn for every children-index entry; each engine fills
 	// in the parts of parent it keys the index by (bbolt the ID, etcd the
-	// name). It is for Check.
-	scanLinks(ctx context.Context, fn func(parent, child ref) error) error
+	// name). An entry whose key is not exactly the one link writes is no
+	// link: fn gets the error (ErrCorrupt) and the child name it holds. It
+	// is for Check.
+	scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error
 	// idLimit returns the highest ID the allocator may have handed out.
 	idLimit(ctx context.Context) (uint64, error)
 	// nextID returns an ID never handed out before in this store.
