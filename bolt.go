@@ -259,6 +259,9 @@ func (b *boltTx) unlink(parent, child ref) error {
 
 func (b *boltTx) willCheckChildren(string) {} // a cursor seek is cheap
 
+// maxName is bbolt's key limit: containerd's store takes names up to it.
+func (b *boltTx) maxName() int { return bolt.MaxKeySize }
+
 func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 	if pb, err := b.parentsBucket(); pb == nil {
 		return false, err

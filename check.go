@@ -29,7 +29,7 @@ func (p Problem) String() string {
 //
 //   - the engine's layout is sound (when it is not, that is the one problem
 //     reported: the records cannot be judged);
-//   - every record decodes;
+//   - every record decodes, under a name lookups reach;
 //   - every snapshot's parent exists and is committed;
 //   - the children index holds exactly the parent links of the records,
 //     each under the one key the engine writes for it;
@@ -51,7 +51,7 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	}
 	var problems []Problem
 	err = t.use(tctx, false, func(tx engineTx) error {
-		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}}
+		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}, maxName: tx.maxName()}
 		if err := tx.layoutDamage(); err != nil {
 			c.report("", "the store's layout is damaged: %v", err)
 			problems = c.found
@@ -78,6 +78,7 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 
 // checker gathers what Check reads and judges it afterwards.
 type checker struct {
+	maxName int // the engine's
 	records map[string]*record
 	byID    map[uint64][]string
 	links   []link
@@ -93,6 +94,10 @@ func (c *checker) report(name, format string, args ...any) {
 func (c *checker) addRecord(name string, r *record, decodeErr error) error {
 	if decodeErr != nil {
 		c.report(name, "record does not decode: %v", decodeErr)
+		return nil
+	}
+	if err := unreachableName(name, c.maxName); err != nil {
+		c.report(name, "no lookup reaches the record: %v", err)
 		return nil
 	}
 	r.Labels = nil // not needed; keep memory small

@@ -883,6 +883,21 @@ func chkCorruptions() []chkCorruption {
 				}
 			},
 		},
+		{
+			// A record like lone-a's, with an ID of its own, under
+			// "<root>/storage.v1/snapshots/" exactly: no lookup reaches it.
+			name: "record under the empty name",
+			only: "etcd",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				rec := r.record("lone-a")
+				rec.ID = r.idLimit()
+				require.Empty(t, chkNameOf(ids, rec.ID), "the ID must be free")
+				r.setRecord("", rec)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", "name must not be empty"}}
+			},
+		},
 	}
 }
 

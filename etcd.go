@@ -331,6 +331,17 @@ type etcdTx struct {
 	wantChildren map[string]bool
 }
 
+// etcdMaxName is the longest name the etcd engine looks up; a longer one is
+// absent without a request. This package writes no name over MaxNameSize,
+// so only a hand-written key is longer; up to this bound such a record is
+// still read and removed: Remove's transaction holds the name at most eight
+// bytes for one (its key twice, the children range of its escaped name,
+// up to three bytes for one, twice) and its parent's escaped name once,
+// under 1 MiB in all, within etcd's default request limit of 1.5 MiB.
+const etcdMaxName = 64 << 10
+
+func (t *etcdTx) maxName() int { return etcdMaxName }
+
 func (t *etcdTx) willCheckChildren(name string) {
 	if t.wantChildren == nil {
 		t.wantChildren = map[string]bool{}
