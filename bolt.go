@@ -48,7 +48,7 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 		return nil, fmt.Errorf("open %s: waited %v: %w", dbfile, options.Timeout, ErrLocked)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("failed to open database file %s: %w", dbfile, err)
+		return nil, fmt.Errorf("failed to open database file %s: %w", dbfile, boltErr(err))
 	}
 	return newMetaStore(&boltEngine{db: db}), nil
 }
@@ -77,29 +77,61 @@ type boltEngine struct {
 func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 	tx, err := e.db.Begin(writable)
 	if err != nil {
-		return nil, err
+		return nil, boltErr(err)
 	}
 	return newBoltTx(tx), nil
 }
 
 func newBoltTx(tx *bolt.Tx) *boltTx {
 	bt := &boltTx{tx: tx}
+	// bbolt keeps no plain key at its top level: v1 is a bucket or absent.
 	if bt.version = tx.Bucket(bKeyVersion); bt.version != nil {
-		bt.snaps = bt.version.Bucket(bKeySnapshots)
+		var err error
+		if bt.snaps, err = layoutBucket(bt.version, bKeySnapshots); err != nil {
+			bt.damage = fmt.Errorf("%q is %w", KeyVersion+"/"+KeySnapshots, err)
+		}
 	}
 	return bt
 }
 
-// parentsBucket returns the parents bucket, looked up on first use: most
-// reads never need it.
-func (b *boltTx) parentsBucket() *bolt.Bucket {
-	if b.parents == nil && b.version != nil {
-		b.parents = b.version.Bucket(bKeyParents)
+// layoutBucket returns the bucket key of parent, nil when there is none
+// yet, and ErrCorrupt when a plain key stands where the layout has a
+// bucket: the store is damaged, not empty. Only a missing bucket costs a
+// second seek.
+func layoutBucket(parent *bolt.Bucket, key []byte) (*bolt.Bucket, error) {
+	if b := parent.Bucket(key); b != nil {
+		return b, nil
 	}
-	return b.parents
+	if k, _ := parent.Cursor().Seek(key); bytes.Equal(k, key) {
+		return nil, fmt.Errorf("a plain key, not a bucket: %w", ErrCorrupt)
+	}
+	return nil, nil
 }
 
-func (e *boltEngine) close() error { return e.db.Close() }
+// parentsBucket returns the parents bucket, looked up on first use: most
+// reads never need it.
+func (b *boltTx) parentsBucket() (*bolt.Bucket, error) {
+	if b.parents == nil && b.version != nil {
+		var err error
+		if b.parents, err = layoutBucket(b.version, bKeyParents); err != nil {
+			return nil, fmt.Errorf("%q is %w", KeyVersion+"/"+KeyParents, err)
+		}
+	}
+	return b.parents, nil
+}
+
+// layoutDamage reports a plain key where the layout has the snapshots or
+// the parents bucket (a plain key for a snapshot's bucket is that record's
+// damage, which scan reports).
+func (b *boltTx) layoutDamage() error {
+	if b.damage != nil {
+		return b.damage
+	}
+	_, err := b.parentsBucket()
+	return err
+}
+
+func (e *boltEngine) close() error { return boltErr(e.db.Close()) }
 
 // boltTx is one bbolt transaction. The buckets are nil until the first write
 // creates them, as containerd does.
@@ -108,30 +140,37 @@ type boltTx struct {
 	version *bolt.Bucket
 	snaps   *bolt.Bucket
 	parents *bolt.Bucket // see parentsBucket
+	// damage is set when v1/snapshots is a plain key: every use of the
+	// snapshots fails with it rather than finding an empty store.
+	damage error
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
 }
 
-func (b *boltTx) commit(context.Context) error { return b.tx.Commit() }
-func (b *boltTx) rollback() error              { return b.tx.Rollback() }
+func (b *boltTx) commit(context.Context) error { return boltErr(b.tx.Commit()) }
+func (b *boltTx) rollback() error              { return boltErr(b.tx.Rollback()) }
 
-// ensureBuckets creates the layout's buckets for a write.
+// ensureBuckets creates the layout's buckets for a write. A damaged layout
+// is reported before anything is written (or logged for undoing).
 func (b *boltTx) ensureBuckets() error {
-	if b.snaps != nil && b.parentsBucket() != nil {
+	if err := b.layoutDamage(); err != nil {
+		return err
+	}
+	if b.snaps != nil && b.parents != nil {
 		return nil
 	}
 	b.undo.bucketsCreated(b)
 	v, err := b.tx.CreateBucketIfNotExists(bKeyVersion)
 	if err != nil {
-		return fmt.Errorf("failed to create version bucket: %w", err)
+		return fmt.Errorf("failed to create version bucket: %w", boltErr(err))
 	}
 	if b.snaps, err = v.CreateBucketIfNotExists(bKeySnapshots); err != nil {
-		return fmt.Errorf("failed to create snapshots bucket: %w", err)
+		return fmt.Errorf("failed to create snapshots bucket: %w", boltErr(err))
 	}
 	b.version = v
 	if b.parents, err = v.CreateBucketIfNotExists(bKeyParents); err != nil {
-		return fmt.Errorf("failed to create parents bucket: %w", err)
+		return fmt.Errorf("failed to create parents bucket: %w", boltErr(err))
 	}
 	return nil
 }
@@ -153,11 +192,11 @@ func (b *boltTx) getMany(_ context.Context, names lookupNames) (out [maxLookup]*
 // labels, times and usage to its identity.
 func (b *boltTx) read(name string, full bool) (*record, error) {
 	if b.snaps == nil || name == "" {
-		return nil, nil
+		return nil, b.damage
 	}
-	sb := b.snaps.Bucket([]byte(name))
+	sb, err := layoutBucket(b.snaps, []byte(name))
 	if sb == nil {
-		return nil, nil
+		return nil, snapshotErr(name, err)
 	}
 	r, err := decodeBolt(sb, full)
 	if err != nil {
@@ -176,21 +215,29 @@ func (b *boltTx) put(name string, r *record) error {
 	if fresh {
 		var err error
 		if sb, err = b.snaps.CreateBucket([]byte(name)); err != nil {
-			return fmt.Errorf("snapshot %q: %w", name, err)
+			return snapshotErr(name, boltErr(err))
 		}
 	}
 	if err := encodeBolt(sb, r, fresh); err != nil {
-		return fmt.Errorf("snapshot %q: %w", name, err)
+		return snapshotErr(name, boltErr(err))
 	}
 	return nil
 }
 
-func (b *boltTx) delete(name string) error {
-	if b.snaps == nil {
+// snapshotErr names the snapshot in err; nil stays nil.
+func snapshotErr(name string, err error) error {
+	if err == nil {
 		return nil
 	}
+	return fmt.Errorf("snapshot %q: %w", name, err)
+}
+
+func (b *boltTx) delete(name string) error {
+	if b.snaps == nil {
+		return b.damage
+	}
 	b.undo.bucketChanged(b.snaps, name)
-	return b.snaps.DeleteBucket([]byte(name))
+	return boltErr(b.snaps.DeleteBucket([]byte(name)))
 }
 
 func (b *boltTx) link(parent, child ref) error {
@@ -199,23 +246,26 @@ func (b *boltTx) link(parent, child ref) error {
 	}
 	k := parentLinkKey(parent.id, child.id)
 	b.undo.keyChanged(b.parents, k)
-	return b.parents.Put(k, []byte(child.name))
+	return boltErr(b.parents.Put(k, []byte(child.name)))
 }
 
 func (b *boltTx) unlink(parent, child ref) error {
-	if b.parentsBucket() == nil {
-		return nil
+	if p, err := b.parentsBucket(); p == nil {
+		return err
 	}
 	k := parentLinkKey(parent.id, child.id)
 	b.undo.keyChanged(b.parents, k)
-	return b.parents.Delete(k)
+	return boltErr(b.parents.Delete(k))
 }
 
 func (b *boltTx) willCheckChildren(string) {} // a cursor seek is cheap
 
+// maxName is bbolt's key limit: containerd's store takes names up to it.
+func (b *boltTx) maxName() int { return bolt.MaxKeySize }
+
 func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
-	if b.parentsBucket() == nil {
-		return false, nil
+	if pb, err := b.parentsBucket(); pb == nil {
+		return false, err
 	}
 	prefix := parentLinkPrefix(p.id)
 	k, _ := b.parents.Cursor().Seek(prefix)
@@ -226,9 +276,11 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 // name is reported as the transaction holds it when the walk reaches it: a
 // snapshot created ahead of the walk is visited, one removed ahead of it is
 // not, and one created behind it is not.
+// A plain key where a snapshot's bucket belongs is a record that does not
+// decode.
 func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err error) error) error {
 	if b.snaps == nil {
-		return nil
+		return b.damage
 	}
 	// A write to the bucket leaves a bbolt cursor pointing into stale
 	// pages or shifted nodes (it then skips, repeats or reaches removed
@@ -256,34 +308,30 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 // reachBucket calls fn with the record of the snapshot bucket k; a key of
 // the snapshots bucket that is not a bucket is no snapshot, and passed over.
 func (b *boltTx) reachBucket(k []byte, fn func(name string, r *record, err error) error) error {
-	sb := b.snaps.Bucket(k)
-	if sb == nil {
-		return nil
+	var r *record
+	sb, err := layoutBucket(b.snaps, k)
+	if sb != nil {
+		r, err = decodeBolt(sb, true)
 	}
-	r, err := decodeBolt(sb, true)
 	return fn(string(k), r, err)
 }
 
-func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref) error) error {
-	if b.parentsBucket() == nil {
-		return nil
+func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err error) error) error {
+	if p, err := b.parentsBucket(); p == nil {
+		return err
 	}
-	return b.parents.ForEach(func(k, v []byte) error {
-		parent, n := binary.Uvarint(k)
-		if n <= 0 || len(k) <= n || k[n] != 0 {
-			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
+	return boltErr(b.parents.ForEach(func(k, v []byte) error {
+		parent, child, ok := decodeParentLinkKey(k)
+		if !ok || v == nil {
+			return fn(ref{}, ref{name: string(v)}, fmt.Errorf("parents key %x is not a link's: %w", k, ErrCorrupt))
 		}
-		child, m := binary.Uvarint(k[n+1:])
-		if m <= 0 || n+1+m != len(k) {
-			return fmt.Errorf("parents key %x: %w", k, ErrCorrupt)
-		}
-		return fn(ref{id: parent}, ref{name: string(v), id: child})
-	})
+		return fn(ref{id: parent}, ref{name: string(v), id: child}, nil)
+	}))
 }
 
 func (b *boltTx) idLimit(context.Context) (uint64, error) {
 	if b.snaps == nil {
-		return 0, nil
+		return 0, b.damage
 	}
 	return b.snaps.Sequence(), nil
 }
@@ -297,7 +345,8 @@ func (b *boltTx) nextID(context.Context) (uint64, error) {
 		return 0, err
 	}
 	b.undo.sequenceChanged(b.snaps)
-	return b.snaps.NextSequence()
+	id, err := b.snaps.NextSequence()
+	return id, boltErr(err)
 }
 
 func (b *boltTx) raiseIDs(_ context.Context, id uint64) error {
@@ -308,7 +357,7 @@ func (b *boltTx) raiseIDs(_ context.Context, id uint64) error {
 		return nil
 	}
 	b.undo.sequenceChanged(b.snaps)
-	return b.snaps.SetSequence(id)
+	return boltErr(b.snaps.SetSequence(id))
 }
 
 // parentLinkKey is containerd's parents-bucket key: the uvarint parent ID, a
@@ -323,11 +372,30 @@ func parentLinkPrefix(parent uint64) []byte {
 	return append(k, 0)
 }
 
+// decodeParentLinkKey inverts parentLinkKey. Only the canonical key
+// decodes: a longer varint of the same ID (0x81 0x00 for 1) escapes the
+// seek of hasChildren, so it links nothing.
+func decodeParentLinkKey(k []byte) (parent, child uint64, ok bool) {
+	parent, n := binary.Uvarint(k)
+	if n <= 0 || len(k) <= n || k[n] != 0 {
+		return 0, 0, false
+	}
+	child, m := binary.Uvarint(k[n+1:])
+	if m <= 0 {
+		return 0, 0, false
+	}
+	return parent, child, bytes.Equal(k, parentLinkKey(parent, child))
+}
+
+// errBoltNotValue is a bucket where the layout has a value.
+var errBoltNotValue = errors.New("a bucket, not a value")
+
 // decodeBolt reads a snapshot bucket in one cursor pass (cheaper than a
 // lookup per key); without full, only the record's identity (ID, kind,
 // parent, parent chain). Containerd leaves some keys out (usage of non-committed
 // snapshots, our parentids) and may add others, which are ignored; anything
-// present but malformed, or a missing ID or kind, is ErrCorrupt.
+// present but malformed (a bucket where the layout has a value, or the other
+// way round, included), or a missing ID or kind, is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 	var r record
 	var haveID, haveKind bool
@@ -349,6 +417,9 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 				r.Kind = snapshots.Kind(v[0])
 			}
 		case KeyParent:
+			if v == nil {
+				err = errBoltNotValue // would read as no parent
+			}
 			r.Parent = string(v)
 		case KeyCreatedAt:
 			err = decodeBoltTime(v, &r.Created)
@@ -359,6 +430,9 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 		case KeySize:
 			err = decodeBoltVarint(v, &r.Usage.Size)
 		case KeyParentIDs:
+			if v == nil {
+				err = errBoltNotValue // would read as no chain
+			}
 			for len(v) > 0 {
 				id, n := binary.Uvarint(v)
 				if n <= 0 {
@@ -369,9 +443,11 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 				v = v[n:]
 			}
 		case KeyLabels:
-			if v == nil {
-				r.Labels = decodeBoltLabels(sb.Bucket(bKeyLabels))
+			if v != nil {
+				err = errors.New("a plain key, not a bucket") // would read as no labels
+				break
 			}
+			r.Labels = decodeBoltLabels(sb.Bucket(bKeyLabels))
 		}
 		if err != nil {
 			return nil, fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)

@@ -27,9 +27,12 @@ func (p Problem) String() string {
 // Check verifies every invariant of the store in one read-only transaction
 // and returns each problem found, in a stable order (none: nil):
 //
-//   - every record decodes;
+//   - the engine's layout is sound (when it is not, that is the one problem
+//     reported: the records cannot be judged);
+//   - every record decodes, under a name lookups reach;
 //   - every snapshot's parent exists and is committed;
-//   - the children index holds exactly the parent links of the records;
+//   - the children index holds exactly the parent links of the records,
+//     each under the one key the engine writes for it;
 //   - IDs are unique, and none is above what the ID allocator has handed out;
 //   - every stored parent chain equals the chain found by following parents.
 //
@@ -48,7 +51,12 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	}
 	var problems []Problem
 	err = t.use(tctx, false, func(tx engineTx) error {
-		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}}
+		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}, maxName: tx.maxName()}
+		if err := tx.layoutDamage(); err != nil {
+			c.report("", "the store's layout is damaged: %v", err)
+			problems = c.found
+			return nil
+		}
 		if err := tx.scan(tctx, c.addRecord); err != nil {
 			return err
 		}
@@ -70,6 +78,7 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 
 // checker gathers what Check reads and judges it afterwards.
 type checker struct {
+	maxName int // the engine's
 	records map[string]*record
 	byID    map[uint64][]string
 	links   []link
@@ -87,13 +96,21 @@ func (c *checker) addRecord(name string, r *record, decodeErr error) error {
 		c.report(name, "record does not decode: %v", decodeErr)
 		return nil
 	}
+	if err := unreachableName(name, c.maxName); err != nil {
+		c.report(name, "no lookup reaches the record: %v", err)
+		return nil
+	}
 	r.Labels = nil // not needed; keep memory small
 	c.records[name] = r
 	c.byID[r.ID] = append(c.byID[r.ID], name)
 	return nil
 }
 
-func (c *checker) addLink(parent, child ref) error {
+func (c *checker) addLink(parent, child ref, decodeErr error) error {
+	if decodeErr != nil {
+		c.report(child.name, "children index entry does not decode: %v", decodeErr)
+		return nil
+	}
 	c.links = append(c.links, link{parent, child})
 	return nil
 }

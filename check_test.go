@@ -806,7 +806,117 @@ func chkCorruptions() []chkCorruption {
 				return w
 			},
 		},
+		{
+			// The children check seeks the canonical key of the parent's ID;
+			// 0x81 0x00 also decodes as 1, but no seek finds it, so Remove
+			// of the parent would orphan the child.
+			name: "parents key with a non-canonical varint",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				r.deleteLink("base", ids["base"], ids["layer1"])
+				k := append(chkNonCanonicalUvarint(ids["base"]), 0)
+				k = binary.AppendUvarint(k, ids["layer1"])
+				require.NoError(t, r.(*chkBoltRaw).parents().Put(k, []byte("layer1")))
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{
+					{"layer1", "children index entry does not decode"},
+					{"layer1", `missing from the children index of its parent "base"`},
+				}
+			},
+		},
+		{
+			name: "children key with a non-canonical child ID",
+			only: "etcd",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				e := r.(*chkEtcdRaw)
+				e.deleteLink("layer2", ids["layer2"], ids["work"])
+				e.put(storage.KeyEtcdChildren+"/layer2/0"+chkID(ids["work"]), []byte("work"))
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{
+					{"work", "children index entry does not decode"},
+					{"work", `missing from the children index of its parent "layer2"`},
+				}
+			},
+		},
+		{
+			name: "snapshots bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).tx.Bucket([]byte(storage.KeyVersion)), storage.KeySnapshots)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", `"v1/snapshots" is a plain key, not a bucket`}}
+			},
+		},
+		{
+			name: "parents bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).tx.Bucket([]byte(storage.KeyVersion)), storage.KeyParents)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", `"v1/parents" is a plain key, not a bucket`}}
+			},
+		},
+		{
+			name: "a snapshot's bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).snaps(), "lone-a")
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"lone-a", "a plain key, not a bucket"}}
+			},
+		},
+		{
+			name: "a snapshot's labels bucket replaced by a plain key",
+			only: "bolt",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				chkReplaceBucketByKey(t, r.(*chkBoltRaw).bucket("work"), storage.KeyLabels)
+			},
+			want: func(engine string, ids map[string]uint64, _ uint64) []chkWant {
+				return []chkWant{
+					{"work", `record does not decode: bad "labels"`},
+					{"work", fmt.Sprintf("children index links it (ID %d) %s", ids["work"], describeParent(engine, "layer2", ids["layer2"]))},
+				}
+			},
+		},
+		{
+			// A record like lone-a's, with an ID of its own, under
+			// "<root>/storage.v1/snapshots/" exactly: no lookup reaches it.
+			name: "record under the empty name",
+			only: "etcd",
+			corrupt: func(t *testing.T, r chkRaw, ids map[string]uint64) {
+				rec := r.record("lone-a")
+				rec.ID = r.idLimit()
+				require.Empty(t, chkNameOf(ids, rec.ID), "the ID must be free")
+				r.setRecord("", rec)
+			},
+			want: func(string, map[string]uint64, uint64) []chkWant {
+				return []chkWant{{"", "name must not be empty"}}
+			},
+		},
 	}
+}
+
+// chkNonCanonicalUvarint encodes x as a uvarint one byte longer than
+// needed: a continuation bit on the last byte, then a zero byte.
+func chkNonCanonicalUvarint(x uint64) []byte {
+	b := binary.AppendUvarint(nil, x)
+	b[len(b)-1] |= 0x80
+	return append(b, 0)
+}
+
+// chkReplaceBucketByKey puts a plain key where the bucket name of parent
+// was.
+func chkReplaceBucketByKey(t *testing.T, parent *bolt.Bucket, name string) {
+	t.Helper()
+	require.NotNil(t, parent)
+	require.NotNil(t, parent.Bucket([]byte(name)), "no bucket %q to replace", name)
+	require.NoError(t, parent.DeleteBucket([]byte(name)))
+	require.NoError(t, parent.Put([]byte(name), []byte("not a bucket")))
 }
 
 func chkMaxID(ids map[string]uint64) uint64 {

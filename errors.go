@@ -39,8 +39,11 @@ var (
 	// MetaStore.WithTransaction runs the callback again.
 	ErrConflict = fmt.Errorf("transaction conflict: %w", errdefs.ErrConflict)
 
-	// ErrCorrupt is returned when a stored record cannot be decoded
-	// (class DataLoss). Decoding never panics.
+	// ErrCorrupt is returned when a stored record cannot be decoded, or the
+	// layout that holds the records is damaged (on bbolt, a plain key where
+	// the layout has a bucket, or a file bbolt cannot read) (class
+	// DataLoss). Decoding never panics, and a damaged layout is never read
+	// as an empty store.
 	ErrCorrupt = fmt.Errorf("corrupt snapshot metadata: %w", errdefs.ErrDataLoss)
 
 	// ErrIDsExhausted is returned by CreateSnapshot when the ID allocator has

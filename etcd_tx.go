@@ -48,6 +48,17 @@ type etcdTx struct {
 	wantChildren map[string]bool
 }
 
+// etcdMaxName is the longest name the etcd engine looks up; a longer one is
+// absent without a request. This package writes no name over MaxNameSize,
+// so only a hand-written key is longer; up to this bound such a record is
+// still read and removed: Remove's transaction holds the name at most eight
+// bytes for one (its key twice, the children range of its escaped name,
+// up to three bytes for one, twice) and its parent's escaped name once,
+// under 1 MiB in all, within etcd's default request limit of 1.5 MiB.
+const etcdMaxName = 64 << 10
+
+func (t *etcdTx) maxName() int { return etcdMaxName }
+
 func (t *etcdTx) willCheckChildren(name string) {
 	if t.wantChildren == nil {
 		t.wantChildren = map[string]bool{}
@@ -422,21 +433,30 @@ func (w *etcdWalk) report(key string, value []byte) error {
 	return w.fn(key[len(w.prefix):], r, err)
 }
 
-func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref) error) error {
+// layoutDamage is always nil: every key of the etcd layout is a record or
+// an index entry of its own, whose damage scan and scanLinks report.
+func (t *etcdTx) layoutDamage() error { return nil }
+
+func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error {
 	start := t.e.keys.prefix + KeyEtcdChildren + "/"
 	t.readRange(start, clientv3.GetPrefixRangeEnd(start))
 	return t.scanRange(ctx, start, clientv3.GetPrefixRangeEnd(start), func(kv *mvccpb.KeyValue) error {
 		rest := string(kv.Key[len(start):])
 		i := strings.LastIndexByte(rest, '/')
-		if i < 0 {
-			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		var parent string
+		var child uint64
+		ok := i >= 0
+		if ok {
+			var err error
+			parent, ok = unescapeName(rest[:i])
+			child, err = strconv.ParseUint(rest[i+1:], 10, 64)
+			// Only the key link writes is one: "07" would outlive unlink.
+			ok = ok && err == nil && formatID(child) == rest[i+1:]
 		}
-		parent, ok := unescapeName(rest[:i])
-		child, err := strconv.ParseUint(rest[i+1:], 10, 64)
-		if !ok || err != nil {
-			return fmt.Errorf("children key %q: %w", kv.Key, ErrCorrupt)
+		if !ok {
+			return fn(ref{}, ref{name: string(kv.Value)}, fmt.Errorf("children key %q is not a link's: %w", kv.Key, ErrCorrupt))
 		}
-		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child})
+		return fn(ref{name: parent}, ref{name: string(kv.Value), id: child}, nil)
 	})
 }
 

@@ -72,6 +72,9 @@ type engineTx interface {
 	// willCheckChildren announces that hasChildren of name will follow
 	// its get, so an engine may read both in one round trip.
 	willCheckChildren(name string)
+	// maxName is the longest name the engine can hold and answer for
+	// within its limits; the rules look up no longer name.
+	maxName() int
 	// scan calls fn for every stored snapshot in name order, with its record
 	// or the error decoding it, and stops at fn's first error. fn may write
 	// in the transaction: each name is reported as the transaction holds it
@@ -79,10 +82,17 @@ type engineTx interface {
 	// reported with its new record, one deleted ahead of it is not, and one
 	// written behind it is not.
 	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
+	// layoutDamage reports damage to the engine's layout outside any
+	// record (a plain key where the layout has a bucket, say), nil when it
+	// is sound. Operations that need the damaged part fail with it
+	// (ErrCorrupt); Check reports it.
+	layoutDamage() error
 	// scanLinks calls fn for every children-index entry; each engine fills
 	// in the parts of parent it keys the index by (bbolt the ID, etcd the
-	// name). It is for Check.
-	scanLinks(ctx context.Context, fn func(parent, child ref) error) error
+	// name). An entry whose key is not exactly the one link writes is no
+	// link: fn gets the error (ErrCorrupt) and the child name it holds. It
+	// is for Check.
+	scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error
 	// idLimit returns the highest ID the allocator may have handed out,
 	// 2^64-1 once it may have handed out every ID.
 	idLimit(ctx context.Context) (uint64, error)
@@ -147,11 +157,34 @@ func cleanLabels(labels map[string]string) (map[string]string, error) {
 	return out, nil
 }
 
-// MaxNameSize is the largest snapshot name, in bytes, the store accepts.
-// containerd's own keys are far shorter; the bound keeps every record within
-// what both engines store (bbolt keys end at 32 KiB, etcd requests at
-// 1.5 MiB).
+// MaxNameSize is the longest name, in bytes, this package gives a new
+// snapshot (CreateSnapshot, CommitActive's new name, Import): a longer one is
+// refused with InvalidArgument. containerd's own keys are far shorter; the
+// bound keeps every record written within what both engines store (bbolt
+// keys end at 32 KiB, etcd requests at 1.5 MiB).
+//
+// Lookups (GetInfo, GetSnapshot, UpdateInfo, Remove, CommitActive's key,
+// parents) are not bound by it: they reach every name the engine can hold,
+// so a snapshot containerd's store made under a longer name (its bound is
+// bbolt's 32 KiB key limit) is read, updated, used as a parent, committed
+// and removed like any other. A name longer than the engine holds (bbolt:
+// 32 KiB; etcd: 64 KiB, which keeps a removal within etcd's default request
+// limit) is absent without a request. Every name WalkInfo and IDMap return
+// can be looked up: a record stored under a name no lookup reaches (empty,
+// or longer) ends them with ErrCorrupt, and Check reports it.
 const MaxNameSize = 4096
+
+// unreachableName says why no lookup reaches a record stored under name
+// (ErrCorrupt), given the engine's maxName; nil when one does.
+func unreachableName(name string, maxName int) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("stored under the empty name (a name must not be empty): %w", ErrCorrupt)
+	case len(name) > maxName:
+		return fmt.Errorf("stored under a name of %d bytes, longer than the %d the engine looks up: %w", len(name), maxName, ErrCorrupt)
+	}
+	return nil
+}
 
 func checkName(what, name string) error {
 	if name == "" {
@@ -177,9 +210,13 @@ func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
 }
 
 // walkRecords calls fn for every record in name order; a record that does
-// not decode ends the walk with its error.
+// not decode, or that no lookup reaches, ends the walk with its error: a
+// listing names only snapshots that can be read and removed.
 func walkRecords(ctx context.Context, tx engineTx, fn func(name string, r *record) error) error {
 	return tx.scan(ctx, func(name string, r *record, err error) error {
+		if err == nil {
+			err = unreachableName(name, tx.maxName())
+		}
 		if err != nil {
 			return fmt.Errorf("snapshot %q: %w", name, err)
 		}
@@ -188,10 +225,11 @@ func walkRecords(ctx context.Context, tx engineTx, fn func(name string, r *recor
 }
 
 // getOne returns the record of name, or a NotFound error. A name no
-// snapshot can have (over MaxNameSize) is absent without asking the engine.
+// snapshot can have (empty, or longer than the engine holds) is absent
+// without asking the engine.
 func getOne(ctx context.Context, tx engineTx, name string) (*record, error) {
 	var r *record
-	if len(name) <= MaxNameSize {
+	if name != "" && len(name) <= tx.maxName() {
 		var err error
 		if r, err = tx.get(ctx, name); err != nil {
 			return nil, err
@@ -246,12 +284,12 @@ func chainOf(ctx context.Context, tx engineTx, p *record) ([]uint64, error) {
 }
 
 // lookup reads the identity of the records of names (see getMany), nil for
-// an absent one; a name no snapshot can have (empty, or over MaxNameSize) is
-// absent without asking the engine.
+// an absent one; a name no snapshot can have (empty, or longer than the
+// engine holds) is absent without asking the engine.
 func lookup(ctx context.Context, tx engineTx, names ...string) ([maxLookup]*record, error) {
 	var set lookupNames
 	for i, name := range names {
-		if len(name) <= MaxNameSize {
+		if len(name) <= tx.maxName() {
 			set[i] = name
 		}
 	}
