@@ -151,7 +151,9 @@ func mergedGuards(reads readSet, keys []string, groups int, rev int64, markers d
 		}
 		cmps = append(cmps, clientv3.Compare(target, "<", rev+1).WithRange(chunk[n-1]+"\x00"))
 	}
-	if guardCommitted {
+	// Removals by clients older than the second marker touch only the
+	// first, whatever the kind: it is watched whenever a marker is.
+	if guardCommitted || guardOthers {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(markers.committed), "<", rev+1))
 	}
 	if guardOthers {

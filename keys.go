@@ -46,11 +46,26 @@ const (
 // reaches into another's keys; roots "a", "a/b" and "ab" are disjoint):
 //
 //	snapshots/<name>                  record of one snapshot (name verbatim)
-//	snapshots                         deletion marker, rewritten by every
-//	                                  delete so a range guard sees removals
+//	snapshots                         deletion marker of committed records,
+//	                                  rewritten by their removal
+//	snapshots.active                  deletion marker of actives and views
+//	                                  (KeyEtcdOthersRemoved)
+//	snapshots.replaced                rewritten by a commit that removes a
+//	                                  record and stores another under its
+//	                                  name (KeyEtcdReplaced)
 //	children/<escaped parent>/<child ID> -> child name
 //	ids/block                         its version numbers the ID blocks
 //	ids/floor                         decimal; IDs start above it (imports)
+//
+// The markers exist because etcd's range compares cannot see a deleted key:
+// a walk guards the range from "snapshots" to the end of the records, which
+// holds all three, and guards merged past --max-txn-ops watch the marker of
+// the kinds they read (see etcd_guard.go). Stores written before the second
+// and third markers existed (every removal then rewrote "snapshots") open
+// unchanged, with no upgrade step: the markers are optional, and an old
+// client's removals touch "snapshots", which a new client's guards of
+// committed records watch and a new client's walks cover. Check reads the
+// records and the index only, so it knows both.
 //
 // A record is versioned binary (see encodeRecord): ID, kind, parent name,
 // parent ID chain (immediate parent first), labels, created, updated,
