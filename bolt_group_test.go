@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/stretchr/testify/assert"
@@ -125,4 +128,133 @@ func TestBoltGroupCommitUndoLeavesTheFileAsARollbackWould(t *testing.T) {
 		return err
 	})
 	assert.Equal(t, "1", s.ID)
+}
+
+// hangBound is how long the tests of hangs wait before they call it one.
+const hangBound = 10 * time.Second
+
+// within runs fn on another goroutine and fails the test if fn has not
+// returned after d: the defects these tests guard against are hangs, which
+// would otherwise end only with the test binary's timeout. fn must not call
+// t.FailNow (use assert).
+func within(t *testing.T, d time.Duration, what string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s: still running after %v (hung)", what, d)
+	}
+}
+
+// TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine: a callback
+// that calls runtime.Goexit (t.FailNow, require) in a group is treated as a
+// failed one: its writes are undone, the other members commit and return,
+// its goroutine still exits, and the store closes.
+func TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// writers that enter the group before the exiting one, and that
+		// queue for the group while it runs.
+		before, after int
+	}{
+		{"first of its group, others queue behind it", 0, 3},
+		{"last of its group, so it commits for the others", 1, 0},
+		{"between others", 2, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ms := openBolt(t, t.TempDir())
+			ctx := context.Background()
+			update(t, ms, func(ctx context.Context) error { return commitLayer(ctx, "base", "") })
+
+			// Time for writers just started to queue for the group's lock.
+			const queue = 50 * time.Millisecond
+			var (
+				mu        sync.Mutex
+				committed = map[string]bool{}
+				returned  atomic.Bool
+			)
+			within(t, hangBound, "writers sharing a group with a callback that calls runtime.Goexit", func() {
+				var wg sync.WaitGroup
+				write := func(name string, inside func()) {
+					wg.Go(func() {
+						err := ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+							_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "base")
+							inside()
+							return err
+						})
+						if assert.NoError(t, err, name) {
+							mu.Lock()
+							committed[name] = true
+							mu.Unlock()
+						}
+					})
+				}
+				beforeIn, exiterStarted := make(chan struct{}), make(chan struct{})
+				var beforeOnce sync.Once
+				for i := range tc.before {
+					write(fmt.Sprintf("before-%d", i), func() {
+						beforeOnce.Do(func() { close(beforeIn) })
+						<-exiterStarted
+						time.Sleep(queue)
+					})
+				}
+				if tc.before > 0 {
+					<-beforeIn
+				}
+				exiterIn, afterStarted, exited := make(chan struct{}), make(chan struct{}), make(chan struct{})
+				go func() {
+					defer close(exited)
+					_ = ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+						if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "exiter", "base"); err != nil {
+							return err
+						}
+						close(exiterIn)
+						<-afterStarted
+						time.Sleep(queue)
+						runtime.Goexit()
+						return nil
+					})
+					returned.Store(true)
+				}()
+				close(exiterStarted)
+				<-exiterIn
+				for i := range tc.after {
+					write(fmt.Sprintf("after-%d", i), func() {})
+				}
+				close(afterStarted)
+				wg.Wait()
+				<-exited
+			})
+
+			assert.False(t, returned.Load(), "WithTransaction returned to a callback that called runtime.Goexit")
+			assert.Len(t, committed, tc.before+tc.after)
+			require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				got := map[string]bool{}
+				ids := map[string]bool{}
+				err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+					id, _, _, err := storage.GetInfo(ctx, info.Name)
+					ids[id] = true
+					if info.Name != "base" {
+						got[info.Name] = true
+					}
+					return err
+				})
+				assert.Equal(t, committed, got, "exactly the writes of the callers that returned are there")
+				// The undone create gave its ID back, as a rollback does.
+				for i := 1; i <= len(committed)+1; i++ {
+					assert.True(t, ids[fmt.Sprint(i)], "ID %d is in use", i)
+				}
+				return err
+			}))
+			problems, err := storage.Check(ctx, ms)
+			require.NoError(t, err)
+			assert.Empty(t, problems)
+			within(t, hangBound, "Close", func() { assert.NoError(t, ms.Close()) })
+		})
+	}
 }

@@ -48,6 +48,13 @@ type MetaStore interface {
 	// transaction, after a jittered backoff, until it succeeds or ctx ends;
 	// fn must therefore be safe to run more than once. The last conflict is
 	// returned when ctx ends.
+	//
+	// However fn ends the transaction ends with it: a panic or a
+	// runtime.Goexit (t.FailNow, testify's require) in fn rolls it back and
+	// then goes on on the caller's goroutine. On bbolt, concurrent writable
+	// calls share commits (see bolt_group.go); a callback that fails, panics
+	// or calls runtime.Goexit has its writes undone and the others' commit
+	// goes on.
 	WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error
 
 	// Close releases the store. Transactions requested afterwards fail with
@@ -171,23 +178,29 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 	})
 }
 
-func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback) error {
+func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback) (err error) {
 	tctx, t, err := s.TransactionContext(ctx, writable)
 	if err != nil {
 		return err
 	}
-	var errs []error
-	if err := fn(tctx); err != nil {
-		errs = append(errs, err)
-	}
-	if len(errs) > 0 || !writable {
-		if err := t.Rollback(); err != nil && !errors.Is(err, ErrTransactionDone) {
-			errs = append(errs, fmt.Errorf("rollback failed: %w", err))
+	// The transaction ends in a deferred step, so that a callback that
+	// panics or calls runtime.Goexit does not leave it open: an open bbolt
+	// reader blocks writers that grow the file, and Close waits for it.
+	returned := false
+	defer func() {
+		errs := []error{err}
+		if !returned || err != nil || !writable {
+			if rerr := t.Rollback(); rerr != nil && !errors.Is(rerr, ErrTransactionDone) {
+				errs = append(errs, fmt.Errorf("rollback failed: %w", rerr))
+			}
+		} else if cerr := t.Commit(); cerr != nil {
+			errs = append(errs, fmt.Errorf("commit failed: %w", cerr))
 		}
-	} else if err := t.Commit(); err != nil {
-		errs = append(errs, fmt.Errorf("commit failed: %w", err))
-	}
-	return errors.Join(errs...)
+		err = errors.Join(errs...)
+	}()
+	err = fn(tctx)
+	returned = true
+	return err
 }
 
 func (s *metaStore) Close() error {
