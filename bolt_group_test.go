@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -257,4 +258,126 @@ func TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine(t *testing.T) {
 			within(t, hangBound, "Close", func() { assert.NoError(t, ms.Close()) })
 		})
 	}
+}
+
+// TestBoltNestedWritableTransactionIsRefused: a writable transaction
+// started with the context of an open transaction of the same bbolt store
+// would wait for itself (bbolt has one writer; a writer that grows the file
+// waits for every reader), so it is refused with ErrNestedWrite. Nested
+// read-only transactions are fine, and so is a context whose transaction
+// has ended.
+func TestBoltNestedWritableTransactionIsRefused(t *testing.T) {
+	bg := context.Background()
+	outers := []struct {
+		name     string
+		writable bool
+		// run calls fn inside a transaction; a writable one creates
+		// "outer" and commits.
+		run func(ms storage.MetaStore, fn func(ctx context.Context)) error
+	}{
+		{"writable WithTransaction", true, func(ms storage.MetaStore, fn func(context.Context)) error {
+			return ms.WithTransaction(bg, true, func(ctx context.Context) error {
+				fn(ctx)
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "outer", "")
+				return err
+			})
+		}},
+		{"read-only WithTransaction", false, func(ms storage.MetaStore, fn func(context.Context)) error {
+			return ms.WithTransaction(bg, false, func(ctx context.Context) error {
+				fn(ctx)
+				return nil
+			})
+		}},
+		{"writable TransactionContext", true, func(ms storage.MetaStore, fn func(context.Context)) error {
+			ctx, tx, err := ms.TransactionContext(bg, true)
+			if err != nil {
+				return err
+			}
+			fn(ctx)
+			if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "outer", ""); err != nil {
+				_ = tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}},
+		{"read-only TransactionContext", false, func(ms storage.MetaStore, fn func(context.Context)) error {
+			ctx, tx, err := ms.TransactionContext(bg, false)
+			if err != nil {
+				return err
+			}
+			fn(ctx)
+			return tx.Rollback()
+		}},
+	}
+	inners := []struct {
+		name     string
+		writable bool
+		run      func(ctx context.Context, ms storage.MetaStore) error
+	}{
+		{"writable WithTransaction", true, func(ctx context.Context, ms storage.MetaStore) error {
+			return ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "inner", "")
+				return err
+			})
+		}},
+		{"writable TransactionContext", true, func(ctx context.Context, ms storage.MetaStore) error {
+			ctx, tx, err := ms.TransactionContext(ctx, true)
+			if err != nil {
+				return err
+			}
+			if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "inner", ""); err != nil {
+				_ = tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}},
+		{"read-only WithTransaction", false, func(ctx context.Context, ms storage.MetaStore) error {
+			return ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				_, err := storage.IDMap(ctx)
+				return err
+			})
+		}},
+	}
+	for _, outer := range outers {
+		for _, inner := range inners {
+			t.Run(inner.name+" in "+outer.name, func(t *testing.T) {
+				ms := openBolt(t, t.TempDir())
+				var outerErr, innerErr error
+				within(t, hangBound, "nested transaction", func() {
+					outerErr = outer.run(ms, func(ctx context.Context) { innerErr = inner.run(ctx, ms) })
+				})
+				require.NoError(t, outerErr, "the outer transaction goes on after the refusal")
+				if inner.writable {
+					assert.ErrorIs(t, innerErr, storage.ErrNestedWrite)
+					assert.True(t, errdefs.IsFailedPrecondition(innerErr), "class of %v", innerErr)
+				} else {
+					assert.NoError(t, innerErr)
+				}
+				ids, err := idMap(ms)
+				require.NoError(t, err)
+				var names []string
+				for _, name := range ids {
+					names = append(names, name)
+				}
+				if outer.writable {
+					assert.Equal(t, []string{"outer"}, names, "the outer write is committed, the refused one is not there")
+				} else {
+					assert.Empty(t, names)
+				}
+			})
+		}
+	}
+
+	t.Run("the context of an ended transaction may start a writable one", func(t *testing.T) {
+		ms := openBolt(t, t.TempDir())
+		ctx, tx, err := ms.TransactionContext(bg, false)
+		require.NoError(t, err)
+		require.NoError(t, tx.Rollback())
+		within(t, hangBound, "writable transaction after the outer one ended", func() {
+			assert.NoError(t, ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "later", "")
+				return err
+			}))
+		})
+	})
 }

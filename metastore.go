@@ -38,6 +38,9 @@ type MetaStore interface {
 	// itself. A writable transaction must end with Commit or Rollback, a
 	// read-only one with Rollback. Reads see one consistent state of the
 	// store; writes become visible to others only when Commit returns nil.
+	// On bbolt a writable transaction is refused with ErrNestedWrite when
+	// ctx carries an open transaction of the same store (see
+	// WithTransaction).
 	TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error)
 
 	// WithTransaction runs fn in a transaction. A writable transaction is
@@ -55,6 +58,12 @@ type MetaStore interface {
 	// calls share commits (see bolt_group.go); a callback that fails, panics
 	// or calls runtime.Goexit has its writes undone and the others' commit
 	// goes on.
+	//
+	// On bbolt a writable transaction cannot begin while the caller holds
+	// another transaction of the same store: it would wait for itself. A
+	// writable WithTransaction whose ctx carries an open transaction of the
+	// same store (a callback's ctx, say) therefore returns ErrNestedWrite
+	// without calling fn. Read-only ones may nest; etcd allows both.
 	WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error
 
 	// Close releases the store. Transactions requested afterwards fail with
@@ -74,27 +83,39 @@ type engine interface {
 	close() error
 }
 
+// singleWriter is an engine on which a writable transaction waits for the
+// caller's other transactions (bbolt: one writer at a time, and a writer
+// that grows the file waits for every reader), so that one nested in an
+// open transaction of the same store would wait for itself.
+type singleWriter interface{ singleWriter() }
+
 // metaStore implements MetaStore over any engine; it owns the lifecycle and
 // the retry loop so that engines do not.
 type metaStore struct {
 	eng engine
+	// refuseNestedWrites: the engine is a singleWriter.
+	refuseNestedWrites bool
 
 	mu     sync.RWMutex
 	closed bool
 }
 
 func newMetaStore(eng engine) *metaStore {
-	return &metaStore{eng: eng}
+	_, single := eng.(singleWriter)
+	return &metaStore{eng: eng, refuseNestedWrites: single}
 }
 
-// enter checks that work may start on the store, and holds off Close until
-// the caller's RUnlock.
-func (s *metaStore) enter(ctx context.Context) error {
+// enter checks that a transaction may begin on the store, and holds off
+// Close until the caller's RUnlock.
+func (s *metaStore) enter(ctx context.Context, writable bool) error {
 	if ctx == nil {
 		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
 	}
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if writable && s.refuseNestedWrites && s.openTransaction(ctx) != nil {
+		return ErrNestedWrite
 	}
 	s.mu.RLock()
 	if s.closed {
@@ -104,8 +125,18 @@ func (s *metaStore) enter(ctx context.Context) error {
 	return nil
 }
 
+// openTransaction returns the transaction of this store that ctx carries,
+// if it has not ended.
+func (s *metaStore) openTransaction(ctx context.Context) *transaction {
+	t, ok := ctx.Value(transactionKey{}).(*transaction)
+	if !ok || t.store != s || t.done.Load() {
+		return nil
+	}
+	return t
+}
+
 func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.enter(ctx, writable); err != nil {
 		return ctx, nil, err
 	}
 	defer s.mu.RUnlock()
@@ -113,7 +144,7 @@ func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (cont
 	if err != nil {
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
 	}
-	t := &transaction{ctx: ctx, tx: etx, writable: writable}
+	t := &transaction{ctx: ctx, tx: etx, writable: writable, store: s}
 	return ContextWithTransactor(ctx, t), t, nil
 }
 
@@ -162,12 +193,12 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 }
 
 func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn TransactionCallback) error {
-	if err := s.enter(ctx); err != nil {
+	if err := s.enter(ctx, true); err != nil {
 		return err
 	}
 	defer s.mu.RUnlock()
 	return gcm.runInGroup(func(etx engineTx) error {
-		t := &transaction{ctx: ctx, tx: etx, writable: true}
+		t := &transaction{ctx: ctx, tx: etx, writable: true, store: s}
 		// The group commits; the callback's transaction ends with it.
 		defer t.done.Store(true)
 		if err := fn(ContextWithTransactor(ctx, t)); err != nil {

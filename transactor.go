@@ -68,6 +68,9 @@ type transaction struct {
 	ctx      context.Context
 	tx       engineTx
 	writable bool
+	// store is the store the transaction belongs to, to recognise
+	// transactions nested in it.
+	store *metaStore
 
 	// done is atomic so that misuse from several goroutines is an error
 	// rather than a data race; no lock is held while an operation runs, so a
