@@ -40,6 +40,12 @@ var (
 	// has no such lock, allows nested writable ones.
 	ErrNestedWrite = fmt.Errorf("writable transaction nested in an open transaction of the same store would wait for itself: %w", errdefs.ErrFailedPrecondition)
 
+	// ErrCloseTimeout is returned by Close when transactions are still in
+	// flight after CloseTimeout (class Unavailable). The store stays closed
+	// to new transactions, the engine stays open for those in flight, and
+	// Close may be called again.
+	ErrCloseTimeout = fmt.Errorf("close timed out with transactions still in flight: %w", errdefs.ErrUnavailable)
+
 	// ErrLocked is returned by NewBoltMetaStore when another process holds
 	// the database file's lock for longer than the open timeout
 	// (class Unavailable).

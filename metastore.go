@@ -36,11 +36,11 @@ type MetaStore interface {
 	// TransactionContext starts a transaction and returns a context that
 	// carries it, for the package-level functions, and the transaction
 	// itself. A writable transaction must end with Commit or Rollback, a
-	// read-only one with Rollback. Reads see one consistent state of the
-	// store; writes become visible to others only when Commit returns nil.
-	// On bbolt a writable transaction is refused with ErrNestedWrite when
-	// ctx carries an open transaction of the same store (see
-	// WithTransaction).
+	// read-only one with Rollback; until then it is in flight, and Close
+	// waits for it. Reads see one consistent state of the store; writes
+	// become visible to others only when Commit returns nil. On bbolt a
+	// writable transaction is refused with ErrNestedWrite when ctx carries
+	// an open transaction of the same store (see WithTransaction).
 	TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error)
 
 	// WithTransaction runs fn in a transaction. A writable transaction is
@@ -66,8 +66,16 @@ type MetaStore interface {
 	// without calling fn. Read-only ones may nest; etcd allows both.
 	WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error
 
-	// Close releases the store. Transactions requested afterwards fail with
-	// ErrClosed. Closing twice is safe.
+	// Close releases the store. It refuses new transactions at once
+	// (ErrClosed), waits for those in flight (WithTransaction calls, and
+	// TransactionContext transactions not yet committed or rolled back,
+	// which may still start nested ones with their context), then releases
+	// the engine. It waits at most CloseTimeout: if transactions are still
+	// in flight then, it returns ErrCloseTimeout (class Unavailable) and
+	// the engine stays open, so those transactions may still finish and
+	// commit; the store stays closed to new ones, and a later Close waits
+	// again and releases the engine once they are done. A bbolt file stays
+	// open, and locked, until a Close returns nil. Closing twice is safe.
 	Close() error
 }
 
@@ -75,11 +83,17 @@ type MetaStore interface {
 // ctx carries the transaction for the package-level functions.
 type TransactionCallback func(ctx context.Context) error
 
+// CloseTimeout bounds how long Close waits for the transactions in flight
+// before it returns ErrCloseTimeout: long enough for any sound transaction
+// to finish, short enough that a stuck callback does not stall a shutdown.
+const CloseTimeout = 30 * time.Second
+
 // engine is what a storage backend provides: transactions over records.
 type engine interface {
 	// begin starts an engine transaction. It is only called on an open store.
 	begin(ctx context.Context, writable bool) (engineTx, error)
-	// close releases the engine; it is called once.
+	// close releases the engine; it is called once, with no transaction
+	// in flight.
 	close() error
 }
 
@@ -95,18 +109,24 @@ type metaStore struct {
 	eng engine
 	// refuseNestedWrites: the engine is a singleWriter.
 	refuseNestedWrites bool
+	// closeTimeout is CloseTimeout; tests shorten it.
+	closeTimeout time.Duration
 
-	mu     sync.RWMutex
-	closed bool
+	mu       sync.Mutex
+	closed   bool          // no new transaction may begin
+	inFlight int           // transactions begun and not yet ended
+	drained  chan struct{} // closed once closed and inFlight is zero
+	release  sync.Once     // closes the engine
 }
 
 func newMetaStore(eng engine) *metaStore {
 	_, single := eng.(singleWriter)
-	return &metaStore{eng: eng, refuseNestedWrites: single}
+	return &metaStore{eng: eng, refuseNestedWrites: single, closeTimeout: CloseTimeout, drained: make(chan struct{})}
 }
 
-// enter checks that a transaction may begin on the store, and holds off
-// Close until the caller's RUnlock.
+// enter checks that a transaction may begin and counts it in flight until
+// the caller's leave. A transaction nested in an open one of this store may
+// begin after Close, which waits for the outer one anyway.
 func (s *metaStore) enter(ctx context.Context, writable bool) error {
 	if ctx == nil {
 		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
@@ -114,15 +134,27 @@ func (s *metaStore) enter(ctx context.Context, writable bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if writable && s.refuseNestedWrites && s.openTransaction(ctx) != nil {
+	outer := s.openTransaction(ctx)
+	if writable && outer != nil && s.refuseNestedWrites {
 		return ErrNestedWrite
 	}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed && (outer == nil || s.inFlight == 0) {
 		return ErrClosed
 	}
+	s.inFlight++
 	return nil
+}
+
+// leave ends what enter began.
+func (s *metaStore) leave() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inFlight--
+	if s.closed && s.inFlight == 0 {
+		close(s.drained)
+	}
 }
 
 // openTransaction returns the transaction of this store that ctx carries,
@@ -139,12 +171,13 @@ func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (cont
 	if err := s.enter(ctx, writable); err != nil {
 		return ctx, nil, err
 	}
-	defer s.mu.RUnlock()
 	etx, err := s.eng.begin(ctx, writable)
 	if err != nil {
+		s.leave()
 		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
 	}
-	t := &transaction{ctx: ctx, tx: etx, writable: writable, store: s}
+	// The transaction is in flight until its Commit or Rollback.
+	t := &transaction{ctx: ctx, tx: etx, writable: writable, store: s, inFlight: true}
 	return ContextWithTransactor(ctx, t), t, nil
 }
 
@@ -196,7 +229,7 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 	if err := s.enter(ctx, true); err != nil {
 		return err
 	}
-	defer s.mu.RUnlock()
+	defer s.leave()
 	return gcm.runInGroup(func(etx engineTx) error {
 		t := &transaction{ctx: ctx, tx: etx, writable: true, store: s}
 		// The group commits; the callback's transaction ends with it.
@@ -236,10 +269,27 @@ func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCa
 
 func (s *metaStore) Close() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil
+	if !s.closed {
+		s.closed = true
+		if s.inFlight == 0 {
+			close(s.drained)
+		}
 	}
-	s.closed = true
-	return s.eng.close()
+	s.mu.Unlock()
+
+	timer := time.NewTimer(s.closeTimeout)
+	defer timer.Stop()
+	select {
+	case <-s.drained:
+	case <-timer.C:
+		s.mu.Lock()
+		n := s.inFlight
+		s.mu.Unlock()
+		if n > 0 {
+			return fmt.Errorf("waited %v for %d transaction(s): %w", s.closeTimeout, n, ErrCloseTimeout)
+		}
+	}
+	var err error
+	s.release.Do(func() { err = s.eng.close() })
+	return err
 }
