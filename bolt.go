@@ -133,6 +133,10 @@ func (b *boltTx) layoutDamage() error {
 
 func (e *boltEngine) close() error { return boltErr(e.db.Close()) }
 
+// singleWriter: bbolt has one writer at a time, and a writer that grows the
+// file waits for every reader (metastore.go refuses nested writes).
+func (e *boltEngine) singleWriter() {}
+
 // boltTx is one bbolt transaction. The buckets are nil until the first write
 // creates them, as containerd does.
 type boltTx struct {

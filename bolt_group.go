@@ -19,10 +19,11 @@ import (
 // waiting, commits for all of them with one fsync. Every caller returns
 // only after that commit, with its error (a caller whose callback failed
 // also waits, since its callback may have read the group's earlier writes).
-// A callback that fails has its writes undone from an undo log before the
+// A callback that fails (returns an error, panics, or ends its goroutine
+// with runtime.Goexit) has its writes undone from an undo log before the
 // next callback runs, so it affects no other caller, and no callback ever
-// runs twice. A lone writer
-// commits at once: there is no batching delay.
+// runs twice; a panic or Goexit then goes on on the caller's goroutine. A
+// lone writer commits at once: there is no batching delay.
 
 // maxGroupSize bounds how many callers share one commit, so that a steady
 // stream of writers still commits regularly.
@@ -66,33 +67,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		bt.undo = &undoLog{}
 	}
 
-	err := runGuarded(fn, bt)
-	switch {
-	case err == nil:
-		gc.members++
-	case first:
-		g.abandon(nil)
-	default:
-		if uerr := bt.undo.revert(); uerr != nil {
-			// The shared transaction is in an unknown state: nobody's
-			// share may be committed.
-			g.abandon(fmt.Errorf("group commit aborted: undo failed: %w", uerr))
-		}
-	}
-
-	if g.tx != nil && (g.waiting.Load() == 0 || gc.members >= maxGroupSize) {
-		tx := g.tx
-		g.tx, g.commit = nil, nil
-		g.mu.Unlock()
-		if gc.members > 0 {
-			gc.err = tx.Commit()
-		} else {
-			gc.err = tx.Rollback()
-		}
-		close(gc.done)
-	} else {
-		g.mu.Unlock()
-	}
+	err := g.runMember(fn, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
 	<-gc.done
@@ -107,6 +82,60 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		return fmt.Errorf("commit failed: %w", gc.err)
 	}
 	return nil
+}
+
+// runMember runs fn on the shared transaction, with mu held, then settles
+// the member's share and releases mu. The settling is deferred so that it
+// happens however fn ends: a panic is recovered (runGuarded), and a
+// runtime.Goexit (t.FailNow, testify's require), which recover does not
+// see, is treated as a failure, after which the Goexit goes on. Either way
+// the group's lock is given back: a member must never stall the others.
+func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) (err error) {
+	returned := false
+	defer func() {
+		g.settle(gc, bt, first, returned && err == nil)
+		if !returned {
+			// The goroutine is exiting: wait for the group, as a failed
+			// member returning would.
+			<-gc.done
+		}
+	}()
+	err = runGuarded(fn, bt)
+	returned = true
+	return err
+}
+
+// settle counts a successful member's share, or undoes a failed one's
+// writes (dropping the transaction when nobody's writes are in it yet),
+// then commits for the group if nobody else is waiting to join it (or the
+// group is full). Called with mu held; mu is released when it returns.
+func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
+	switch {
+	case ok:
+		gc.members++
+	case first:
+		g.abandon(nil)
+	default:
+		if uerr := bt.undo.revert(); uerr != nil {
+			// The shared transaction is in an unknown state: nobody's
+			// share may be committed.
+			g.abandon(fmt.Errorf("group commit aborted: undo failed: %w", uerr))
+		}
+	}
+
+	if g.tx == nil || (g.waiting.Load() > 0 && gc.members < maxGroupSize) {
+		g.mu.Unlock()
+		return
+	}
+	tx := g.tx
+	g.tx, g.commit = nil, nil
+	g.mu.Unlock()
+	if gc.members > 0 {
+		gc.err = tx.Commit()
+	} else {
+		gc.err = tx.Rollback()
+	}
+	close(gc.done)
 }
 
 // abandon rolls back the open transaction and ends its group with err.

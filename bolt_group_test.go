@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -125,4 +129,255 @@ func TestBoltGroupCommitUndoLeavesTheFileAsARollbackWould(t *testing.T) {
 		return err
 	})
 	assert.Equal(t, "1", s.ID)
+}
+
+// hangBound is how long the tests of hangs wait before they call it one.
+const hangBound = 10 * time.Second
+
+// within runs fn on another goroutine and fails the test if fn has not
+// returned after d: the defects these tests guard against are hangs, which
+// would otherwise end only with the test binary's timeout. fn must not call
+// t.FailNow (use assert).
+func within(t *testing.T, d time.Duration, what string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s: still running after %v (hung)", what, d)
+	}
+}
+
+// TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine: a callback
+// that calls runtime.Goexit (t.FailNow, require) in a group is treated as a
+// failed one: its writes are undone, the other members commit and return,
+// its goroutine still exits, and the store closes.
+func TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// writers that enter the group before the exiting one, and that
+		// queue for the group while it runs.
+		before, after int
+	}{
+		{"first of its group, others queue behind it", 0, 3},
+		{"last of its group, so it commits for the others", 1, 0},
+		{"between others", 2, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ms := openBolt(t, t.TempDir())
+			ctx := context.Background()
+			update(t, ms, func(ctx context.Context) error { return commitLayer(ctx, "base", "") })
+
+			// Time for writers just started to queue for the group's lock.
+			const queue = 50 * time.Millisecond
+			var (
+				mu        sync.Mutex
+				committed = map[string]bool{}
+				returned  atomic.Bool
+			)
+			within(t, hangBound, "writers sharing a group with a callback that calls runtime.Goexit", func() {
+				var wg sync.WaitGroup
+				write := func(name string, inside func()) {
+					wg.Go(func() {
+						err := ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+							_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "base")
+							inside()
+							return err
+						})
+						if assert.NoError(t, err, name) {
+							mu.Lock()
+							committed[name] = true
+							mu.Unlock()
+						}
+					})
+				}
+				beforeIn, exiterStarted := make(chan struct{}), make(chan struct{})
+				var beforeOnce sync.Once
+				for i := range tc.before {
+					write(fmt.Sprintf("before-%d", i), func() {
+						beforeOnce.Do(func() { close(beforeIn) })
+						<-exiterStarted
+						time.Sleep(queue)
+					})
+				}
+				if tc.before > 0 {
+					<-beforeIn
+				}
+				exiterIn, afterStarted, exited := make(chan struct{}), make(chan struct{}), make(chan struct{})
+				go func() {
+					defer close(exited)
+					_ = ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+						if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "exiter", "base"); err != nil {
+							return err
+						}
+						close(exiterIn)
+						<-afterStarted
+						time.Sleep(queue)
+						runtime.Goexit()
+						return nil
+					})
+					returned.Store(true)
+				}()
+				close(exiterStarted)
+				<-exiterIn
+				for i := range tc.after {
+					write(fmt.Sprintf("after-%d", i), func() {})
+				}
+				close(afterStarted)
+				wg.Wait()
+				<-exited
+			})
+
+			assert.False(t, returned.Load(), "WithTransaction returned to a callback that called runtime.Goexit")
+			assert.Len(t, committed, tc.before+tc.after)
+			require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				got := map[string]bool{}
+				ids := map[string]bool{}
+				err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+					id, _, _, err := storage.GetInfo(ctx, info.Name)
+					ids[id] = true
+					if info.Name != "base" {
+						got[info.Name] = true
+					}
+					return err
+				})
+				assert.Equal(t, committed, got, "exactly the writes of the callers that returned are there")
+				// The undone create gave its ID back, as a rollback does.
+				for i := 1; i <= len(committed)+1; i++ {
+					assert.True(t, ids[fmt.Sprint(i)], "ID %d is in use", i)
+				}
+				return err
+			}))
+			problems, err := storage.Check(ctx, ms)
+			require.NoError(t, err)
+			assert.Empty(t, problems)
+			within(t, hangBound, "Close", func() { assert.NoError(t, ms.Close()) })
+		})
+	}
+}
+
+// TestBoltNestedWritableTransactionIsRefused: a writable transaction
+// started with the context of an open transaction of the same bbolt store
+// would wait for itself (bbolt has one writer; a writer that grows the file
+// waits for every reader), so it is refused with ErrNestedWrite. Nested
+// read-only transactions are fine, and so is a context whose transaction
+// has ended.
+func TestBoltNestedWritableTransactionIsRefused(t *testing.T) {
+	bg := context.Background()
+	outers := []struct {
+		name     string
+		writable bool
+		// run calls fn inside a transaction; a writable one creates
+		// "outer" and commits.
+		run func(ms storage.MetaStore, fn func(ctx context.Context)) error
+	}{
+		{"writable WithTransaction", true, func(ms storage.MetaStore, fn func(context.Context)) error {
+			return ms.WithTransaction(bg, true, func(ctx context.Context) error {
+				fn(ctx)
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "outer", "")
+				return err
+			})
+		}},
+		{"read-only WithTransaction", false, func(ms storage.MetaStore, fn func(context.Context)) error {
+			return ms.WithTransaction(bg, false, func(ctx context.Context) error {
+				fn(ctx)
+				return nil
+			})
+		}},
+		{"writable TransactionContext", true, func(ms storage.MetaStore, fn func(context.Context)) error {
+			ctx, tx, err := ms.TransactionContext(bg, true)
+			if err != nil {
+				return err
+			}
+			fn(ctx)
+			if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "outer", ""); err != nil {
+				_ = tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}},
+		{"read-only TransactionContext", false, func(ms storage.MetaStore, fn func(context.Context)) error {
+			ctx, tx, err := ms.TransactionContext(bg, false)
+			if err != nil {
+				return err
+			}
+			fn(ctx)
+			return tx.Rollback()
+		}},
+	}
+	inners := []struct {
+		name     string
+		writable bool
+		run      func(ctx context.Context, ms storage.MetaStore) error
+	}{
+		{"writable WithTransaction", true, func(ctx context.Context, ms storage.MetaStore) error {
+			return ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "inner", "")
+				return err
+			})
+		}},
+		{"writable TransactionContext", true, func(ctx context.Context, ms storage.MetaStore) error {
+			ctx, tx, err := ms.TransactionContext(ctx, true)
+			if err != nil {
+				return err
+			}
+			if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "inner", ""); err != nil {
+				_ = tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}},
+		{"read-only WithTransaction", false, func(ctx context.Context, ms storage.MetaStore) error {
+			return ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				_, err := storage.IDMap(ctx)
+				return err
+			})
+		}},
+	}
+	for _, outer := range outers {
+		for _, inner := range inners {
+			t.Run(inner.name+" in "+outer.name, func(t *testing.T) {
+				ms := openBolt(t, t.TempDir())
+				var outerErr, innerErr error
+				within(t, hangBound, "nested transaction", func() {
+					outerErr = outer.run(ms, func(ctx context.Context) { innerErr = inner.run(ctx, ms) })
+				})
+				require.NoError(t, outerErr, "the outer transaction goes on after the refusal")
+				if inner.writable {
+					assert.ErrorIs(t, innerErr, storage.ErrNestedWrite)
+					assert.True(t, errdefs.IsFailedPrecondition(innerErr), "class of %v", innerErr)
+				} else {
+					assert.NoError(t, innerErr)
+				}
+				ids, err := idMap(ms)
+				require.NoError(t, err)
+				var names []string
+				for _, name := range ids {
+					names = append(names, name)
+				}
+				if outer.writable {
+					assert.Equal(t, []string{"outer"}, names, "the outer write is committed, the refused one is not there")
+				} else {
+					assert.Empty(t, names)
+				}
+			})
+		}
+	}
+
+	t.Run("the context of an ended transaction may start a writable one", func(t *testing.T) {
+		ms := openBolt(t, t.TempDir())
+		ctx, tx, err := ms.TransactionContext(bg, false)
+		require.NoError(t, err)
+		require.NoError(t, tx.Rollback())
+		within(t, hangBound, "writable transaction after the outer one ended", func() {
+			assert.NoError(t, ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "later", "")
+				return err
+			}))
+		})
+	})
 }

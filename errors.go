@@ -29,6 +29,23 @@ var (
 	// has been closed (class FailedPrecondition).
 	ErrClosed = fmt.Errorf("metadata store is closed: %w", errdefs.ErrFailedPrecondition)
 
+	// ErrNestedWrite is returned when a writable transaction is requested
+	// (WithTransaction or TransactionContext) with a context that carries
+	// an open transaction of the same bbolt store, as a callback's context
+	// does (class FailedPrecondition). bbolt has one writer at a time, and
+	// a writer that grows the file waits for every reader, so the new
+	// transaction would wait forever for the caller's own. Nothing is
+	// changed and the outer transaction goes on: write in it, or after it
+	// has ended. Nested read-only transactions are allowed, and etcd, which
+	// has no such lock, allows nested writable ones.
+	ErrNestedWrite = fmt.Errorf("writable transaction nested in an open transaction of the same store would wait for itself: %w", errdefs.ErrFailedPrecondition)
+
+	// ErrCloseTimeout is returned by Close when transactions are still in
+	// flight after CloseTimeout (class Unavailable). The store stays closed
+	// to new transactions, the engine stays open for those in flight, and
+	// Close may be called again.
+	ErrCloseTimeout = fmt.Errorf("close timed out with transactions still in flight: %w", errdefs.ErrUnavailable)
+
 	// ErrLocked is returned by NewBoltMetaStore when another process holds
 	// the database file's lock for longer than the open timeout
 	// (class Unavailable).

@@ -163,12 +163,12 @@ func (e *etcdEngine) begin(_ context.Context, writable bool) (engineTx, error) {
 
 // beginRetry starts a transaction at the revision of the lost commit,
 // with the keys it read again then (see lostCommit).
-func (e *etcdEngine) beginRetry(_ context.Context, lost error) (engineTx, bool) {
+func (e *etcdEngine) beginRetry(_ context.Context, lost error) engineTx {
 	var lc *lostCommit
 	if !errors.As(lost, &lc) || lc.e != e {
-		return nil, false
+		return nil
 	}
-	return &etcdTx{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}, true
+	return &etcdTx{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}
 }
 
 func (e *etcdEngine) close() error {

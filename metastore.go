@@ -36,8 +36,11 @@ type MetaStore interface {
 	// TransactionContext starts a transaction and returns a context that
 	// carries it, for the package-level functions, and the transaction
 	// itself. A writable transaction must end with Commit or Rollback, a
-	// read-only one with Rollback. Reads see one consistent state of the
-	// store; writes become visible to others only when Commit returns nil.
+	// read-only one with Rollback; until then it is in flight, and Close
+	// waits for it. Reads see one consistent state of the store; writes
+	// become visible to others only when Commit returns nil. On bbolt a
+	// writable transaction is refused with ErrNestedWrite when ctx carries
+	// an open transaction of the same store (see WithTransaction).
 	TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error)
 
 	// WithTransaction runs fn in a transaction. A writable transaction is
@@ -48,10 +51,31 @@ type MetaStore interface {
 	// transaction, after a jittered backoff, until it succeeds or ctx ends;
 	// fn must therefore be safe to run more than once. The last conflict is
 	// returned when ctx ends.
+	//
+	// However fn ends the transaction ends with it: a panic or a
+	// runtime.Goexit (t.FailNow, testify's require) in fn rolls it back and
+	// then goes on on the caller's goroutine. On bbolt, concurrent writable
+	// calls share commits (see bolt_group.go); a callback that fails, panics
+	// or calls runtime.Goexit has its writes undone and the others' commit
+	// goes on.
+	//
+	// On bbolt a writable transaction cannot begin while the caller holds
+	// another transaction of the same store: it would wait for itself. A
+	// writable WithTransaction whose ctx carries an open transaction of the
+	// same store (a callback's ctx, say) therefore returns ErrNestedWrite
+	// without calling fn. Read-only ones may nest; etcd allows both.
 	WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error
 
-	// Close releases the store. Transactions requested afterwards fail with
-	// ErrClosed. Closing twice is safe.
+	// Close releases the store. It refuses new transactions at once
+	// (ErrClosed), waits for those in flight (WithTransaction calls, and
+	// TransactionContext transactions not yet committed or rolled back,
+	// which may still start nested ones with their context), then releases
+	// the engine. It waits at most CloseTimeout: if transactions are still
+	// in flight then, it returns ErrCloseTimeout (class Unavailable) and
+	// the engine stays open, so those transactions may still finish and
+	// commit; the store stays closed to new ones, and a later Close waits
+	// again and releases the engine once they are done. A bbolt file stays
+	// open, and locked, until a Close returns nil. Closing twice is safe.
 	Close() error
 }
 
@@ -59,42 +83,88 @@ type MetaStore interface {
 // ctx carries the transaction for the package-level functions.
 type TransactionCallback func(ctx context.Context) error
 
+// CloseTimeout bounds how long Close waits for the transactions in flight
+// before it returns ErrCloseTimeout: long enough for any sound transaction
+// to finish, short enough that a stuck callback does not stall a shutdown.
+const CloseTimeout = 30 * time.Second
+
 // engine is what a storage backend provides: transactions over records.
 type engine interface {
 	// begin starts an engine transaction. It is only called on an open store.
 	begin(ctx context.Context, writable bool) (engineTx, error)
-	// close releases the engine; it is called once.
+	// close releases the engine; it is called once, with no transaction
+	// in flight.
 	close() error
 }
+
+// singleWriter is an engine on which a writable transaction waits for the
+// caller's other transactions (bbolt: one writer at a time, and a writer
+// that grows the file waits for every reader), so that one nested in an
+// open transaction of the same store would wait for itself.
+type singleWriter interface{ singleWriter() }
 
 // metaStore implements MetaStore over any engine; it owns the lifecycle and
 // the retry loop so that engines do not.
 type metaStore struct {
 	eng engine
+	// refuseNestedWrites: the engine is a singleWriter.
+	refuseNestedWrites bool
+	// closeTimeout is CloseTimeout; tests shorten it.
+	closeTimeout time.Duration
 
-	mu     sync.RWMutex
-	closed bool
+	mu       sync.Mutex
+	closed   bool          // no new transaction may begin
+	inFlight int           // transactions begun and not yet ended
+	drained  chan struct{} // closed once closed and inFlight is zero
+	release  sync.Once     // closes the engine
 }
 
 func newMetaStore(eng engine) *metaStore {
-	return &metaStore{eng: eng}
+	_, single := eng.(singleWriter)
+	return &metaStore{eng: eng, refuseNestedWrites: single, closeTimeout: CloseTimeout, drained: make(chan struct{})}
 }
 
-// enter checks that work may start on the store, and holds off Close until
-// the caller's RUnlock.
-func (s *metaStore) enter(ctx context.Context) error {
+// enter checks that a transaction may begin and counts it in flight until
+// the caller's leave. A transaction nested in an open one of this store may
+// begin after Close, which waits for the outer one anyway.
+func (s *metaStore) enter(ctx context.Context, writable bool) error {
 	if ctx == nil {
 		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
 	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
+	outer := s.openTransaction(ctx)
+	if writable && outer != nil && s.refuseNestedWrites {
+		return ErrNestedWrite
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed && (outer == nil || s.inFlight == 0) {
 		return ErrClosed
 	}
+	s.inFlight++
 	return nil
+}
+
+// leave ends what enter began.
+func (s *metaStore) leave() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inFlight--
+	if s.closed && s.inFlight == 0 {
+		close(s.drained)
+	}
+}
+
+// openTransaction returns the transaction of this store that ctx carries,
+// if it has not ended.
+func (s *metaStore) openTransaction(ctx context.Context) *transaction {
+	t, ok := ctx.Value(transactionKey{}).(*transaction)
+	if !ok || t.store != s || t.done.Load() {
+		return nil
+	}
+	return t
 }
 
 func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
@@ -105,25 +175,26 @@ func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (cont
 // what its lost commit (the Conflict error lost) returned, rather than read
 // it all again (etcd: see lostCommit).
 type retryBeginner interface {
-	beginRetry(ctx context.Context, lost error) (engineTx, bool)
+	beginRetry(ctx context.Context, lost error) engineTx // nil: begin afresh
 }
 
 func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost error) (context.Context, Transactor, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.enter(ctx, writable); err != nil {
 		return ctx, nil, err
 	}
-	defer s.mu.RUnlock()
+	var etx engineTx
 	if rb, ok := s.eng.(retryBeginner); ok && lost != nil && writable {
-		if etx, ok := rb.beginRetry(ctx, lost); ok {
-			t := &transaction{ctx: ctx, tx: etx, writable: writable}
-			return ContextWithTransactor(ctx, t), t, nil
+		etx = rb.beginRetry(ctx, lost)
+	}
+	if etx == nil {
+		var err error
+		if etx, err = s.eng.begin(ctx, writable); err != nil {
+			s.leave()
+			return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
 		}
 	}
-	etx, err := s.eng.begin(ctx, writable)
-	if err != nil {
-		return ctx, nil, fmt.Errorf("failed to start transaction: %w", err)
-	}
-	t := &transaction{ctx: ctx, tx: etx, writable: writable}
+	// The transaction is in flight until its Commit or Rollback.
+	t := &transaction{ctx: ctx, tx: etx, writable: writable, store: s, inFlight: true}
 	return ContextWithTransactor(ctx, t), t, nil
 }
 
@@ -172,12 +243,12 @@ func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn Trans
 }
 
 func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn TransactionCallback) error {
-	if err := s.enter(ctx); err != nil {
+	if err := s.enter(ctx, true); err != nil {
 		return err
 	}
-	defer s.mu.RUnlock()
+	defer s.leave()
 	return gcm.runInGroup(func(etx engineTx) error {
-		t := &transaction{ctx: ctx, tx: etx, writable: true}
+		t := &transaction{ctx: ctx, tx: etx, writable: true, store: s}
 		// The group commits; the callback's transaction ends with it.
 		defer t.done.Store(true)
 		if err := fn(ContextWithTransactor(ctx, t)); err != nil {
@@ -190,31 +261,54 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 
 // runOnce runs fn in one transaction; lost is the conflict that ended the
 // previous try, if any.
-func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback, lost error) error {
+func (s *metaStore) runOnce(ctx context.Context, writable bool, fn TransactionCallback, lost error) (err error) {
 	tctx, t, err := s.transactionContext(ctx, writable, lost)
 	if err != nil {
 		return err
 	}
-	var errs []error
-	if err := fn(tctx); err != nil {
-		errs = append(errs, err)
-	}
-	if len(errs) > 0 || !writable {
-		if err := t.Rollback(); err != nil && !errors.Is(err, ErrTransactionDone) {
-			errs = append(errs, fmt.Errorf("rollback failed: %w", err))
+	// The transaction ends in a deferred step, so that a callback that
+	// panics or calls runtime.Goexit does not leave it open: an open bbolt
+	// reader blocks writers that grow the file, and Close waits for it.
+	returned := false
+	defer func() {
+		errs := []error{err}
+		if !returned || err != nil || !writable {
+			if rerr := t.Rollback(); rerr != nil && !errors.Is(rerr, ErrTransactionDone) {
+				errs = append(errs, fmt.Errorf("rollback failed: %w", rerr))
+			}
+		} else if cerr := t.Commit(); cerr != nil {
+			errs = append(errs, fmt.Errorf("commit failed: %w", cerr))
 		}
-	} else if err := t.Commit(); err != nil {
-		errs = append(errs, fmt.Errorf("commit failed: %w", err))
-	}
-	return errors.Join(errs...)
+		err = errors.Join(errs...)
+	}()
+	err = fn(tctx)
+	returned = true
+	return err
 }
 
 func (s *metaStore) Close() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil
+	if !s.closed {
+		s.closed = true
+		if s.inFlight == 0 {
+			close(s.drained)
+		}
 	}
-	s.closed = true
-	return s.eng.close()
+	s.mu.Unlock()
+
+	timer := time.NewTimer(s.closeTimeout)
+	defer timer.Stop()
+	select {
+	case <-s.drained:
+	case <-timer.C:
+		s.mu.Lock()
+		n := s.inFlight
+		s.mu.Unlock()
+		if n > 0 {
+			return fmt.Errorf("waited %v for %d transaction(s): %w", s.closeTimeout, n, ErrCloseTimeout)
+		}
+	}
+	var err error
+	s.release.Do(func() { err = s.eng.close() })
+	return err
 }

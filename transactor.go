@@ -72,6 +72,12 @@ type transaction struct {
 	ctx      context.Context
 	tx       engineTx
 	writable bool
+	// store is the store the transaction belongs to, to recognise
+	// transactions nested in it.
+	store *metaStore
+	// inFlight: the transaction counts as in flight for Close until it
+	// ends (TransactionContext's; a group member's is counted by its call).
+	inFlight bool
 
 	// done is atomic so that misuse from several goroutines is an error
 	// rather than a data race; no lock is held while an operation runs, so a
@@ -89,6 +95,7 @@ func (t *transaction) Commit() error {
 	if !t.done.CompareAndSwap(false, true) {
 		return ErrTransactionDone
 	}
+	defer t.ended()
 	// A canceled transaction commits nothing, on every engine.
 	if err := t.ctx.Err(); err != nil {
 		_ = t.tx.rollback()
@@ -101,7 +108,16 @@ func (t *transaction) Rollback() error {
 	if !t.done.CompareAndSwap(false, true) {
 		return ErrTransactionDone
 	}
+	defer t.ended()
 	return t.tx.rollback()
+}
+
+// ended tells the store that the transaction, now done, is no longer in
+// flight.
+func (t *transaction) ended() {
+	if t.inFlight {
+		t.store.leave()
+	}
 }
 
 // use runs op on the engine transaction once the lifecycle rules allow it:
