@@ -54,7 +54,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		tx, err := e.db.Begin(true)
 		if err != nil {
 			g.mu.Unlock()
-			return fmt.Errorf("failed to start transaction: %w", err)
+			return fmt.Errorf("failed to start transaction: %w", boltErr(err))
 		}
 		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
 	}
@@ -131,9 +131,9 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	g.tx, g.commit = nil, nil
 	g.mu.Unlock()
 	if gc.members > 0 {
-		gc.err = tx.Commit()
+		gc.err = boltErr(tx.Commit())
 	} else {
-		gc.err = tx.Rollback()
+		gc.err = boltErr(tx.Rollback())
 	}
 	close(gc.done)
 }
