@@ -117,7 +117,9 @@ func TestBoltDamagedLayoutIsDataLoss(t *testing.T) {
 				snaps := tx.Bucket([]byte(storage.KeyVersion)).Bucket([]byte(storage.KeySnapshots))
 				require.NoError(t, snaps.Bucket([]byte("lone-a")).Put([]byte(storage.KeyLabels), []byte("not a bucket")))
 			},
-			ok: []string{"GetSnapshot", "CreateSnapshot", "CommitActive"},
+			// Remove reads only the identity, which is sound, and takes
+			// the damaged labels with the record.
+			ok: []string{"GetSnapshot", "CreateSnapshot", "CommitActive", "Remove"},
 			// Only the identity of the name is read, which is sound.
 			other: map[string]string{"CreateSnapshot of the damaged name": "AlreadyExists", "CommitActive to the damaged name": "AlreadyExists"},
 		},
