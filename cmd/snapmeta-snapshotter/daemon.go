@@ -63,6 +63,12 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 	if err := os.MkdirAll(cfg.root, 0o700); err != nil {
 		return fmt.Errorf("data root: %w", err)
 	}
+	lock, err := lockRoot(cfg.root)
+	if err != nil {
+		return err
+	}
+	// Released when the process ends, however it ends.
+	defer lock.Close()
 	if err := checkDriver(cfg.root, cfg.driver); err != nil {
 		return err
 	}
@@ -226,6 +232,25 @@ func (d *daemon) removeSocket() {
 	if err := os.Remove(d.socket); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		log.L.WithError(err).WithField("socket", d.socket).Warn("failed to remove socket")
 	}
+}
+
+// lockRoot takes an exclusive lock on the data root for as long as the
+// returned file is open. Two daemons on one root would build and delete
+// each other's directories; a bbolt store would refuse the second, an etcd
+// store would not.
+func lockRoot(root string) (*os.File, error) {
+	f, err := os.Open(root)
+	if err != nil {
+		return nil, fmt.Errorf("data root: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		_ = f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("data root %s is in use by another snapmeta-snapshotter", root)
+		}
+		return nil, fmt.Errorf("locking data root %s: %w", root, err)
+	}
+	return f, nil
 }
 
 // checkDriver records in <root>/driver which driver made root, and refuses

@@ -540,6 +540,17 @@ func TestSocketTaken(t *testing.T) {
 			assert.True(t, os.SameFile(before, after), "the path was replaced")
 		})
 	}
+	t.Run("the data root is another daemon's", func(t *testing.T) {
+		t.Parallel()
+		// On etcd nothing else would stop a second daemon on the root.
+		c := etcdtest.Start(t)
+		root := t.TempDir()
+		first := serving(t, socketPath(t), "--root", root, "--store", etcdAddress(c, "a"))
+		second := start(t, socketPath(t), "--root", root, "--store", etcdAddress(c, "b"))
+		assert.Equal(t, 1, second.wait(t, 30*time.Second))
+		assert.Contains(t, second.stderr.String(), "data root "+root+" is in use by another snapmeta-snapshotter")
+		first.stop(t, syscall.SIGTERM)
+	})
 	t.Run("the first daemon keeps serving", func(t *testing.T) {
 		t.Parallel()
 		socket := socketPath(t)
