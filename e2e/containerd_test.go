@@ -34,6 +34,8 @@ func testContainerd(t *testing.T, driver string, store storeKind) {
 	cid := func(s string) string { return "e2e-" + store.name + "-" + s }
 
 	e.step("import", func(t *testing.T) {
+		assert.Regexp(t, `(?m)^io\.containerd\.snapshotter\.v1\s+`+snapshotter+`\s.*\bok\s*$`, e.mustCtr("plugins", "ls"),
+			"containerd lists the proxy plugin")
 		e.mustCtr("images", "import", "--base-name", imageBase, "--snapshotter", snapshotter, img.path)
 		assert.Contains(t, strings.Fields(e.mustCtr("images", "ls", "-q")), img.name)
 		// containerd unpacked the image into the committed chain...
