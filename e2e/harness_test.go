@@ -197,6 +197,21 @@ func (p *proc) tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// tailMatching returns the last n lines of the process's log that match re.
+func (p *proc) tailMatching(re *regexp.Regexp, n int) string {
+	b, _ := os.ReadFile(p.log)
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if re.MatchString(l) {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
 // storeKind is the engine the daemon keeps its metadata in.
 type storeKind struct {
 	name string
@@ -251,6 +266,8 @@ type env struct {
 	daemon     *proc
 	containerd *proc
 	starts     int // daemon starts, to name their logs
+	probes     int // waitReachable's probes, to name them
+	leases     int // collectGarbage's leases, to name them
 }
 
 // newEnv starts the daemon (driver on store) and a containerd using it.
@@ -288,10 +305,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = %q
 
-# Collect garbage soon after every removal, so the tests' bounded waits are
-# short.
+# Collect garbage right after every removal, so the tests' bounded waits are
+# short, and only then: a collection removes every snapshot that no root
+# references, and the tests hold such snapshots for a moment (a commit made
+# with ctr, until it is labelled).
 [plugins."io.containerd.gc.v1.scheduler"]
   deletion_threshold = 1
+  mutation_threshold = 0
   schedule_delay = "0s"
   startup_delay = "100ms"
 `, filepath.Join(e.base, "containerd-root"), filepath.Join(e.base, "containerd-state"),
@@ -381,24 +401,28 @@ func (e *env) restartDaemon() {
 	e.waitReachable()
 }
 
-// waitReachable waits (at most 30 s) until a ctr command that needs the
-// daemon succeeds: containerd's proxy client reconnects on its own, after
-// a backoff of up to a few seconds.
+// probeNS is the containerd namespace of waitReachable's probes, apart
+// from the tests' snapshots.
+const probeNS = "e2e-probe"
+
+// waitReachable waits (at most 30 s) until containerd reaches the daemon:
+// its proxy client reconnects on its own, after a backoff of up to a few
+// seconds. The probe prepares and removes a snapshot in probeNS. The
+// removal also makes containerd collect the daemon's garbage again: a
+// collection that ran while the daemon was down could not remove anything,
+// and containerd does not retry it until the next removal.
 func (e *env) waitReachable() {
 	t := e.t
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for attempt := 1; ; attempt++ {
-		// Listing calls the daemon for every snapshot containerd knows
-		// (to Stat it); with none, the probe creates and removes one.
-		out, err := e.snap(10*time.Second, "ls")
-		if err == nil && len(strings.Split(strings.TrimSpace(out), "\n")) < 2 {
-			_, err = e.ctrNS("e2e-probe", 10*time.Second, "snapshots", "--snapshotter", snapshotter, "prepare", "probe")
-			if err == nil {
-				_, err = e.ctrNS("e2e-probe", 10*time.Second, "snapshots", "--snapshotter", snapshotter, "rm", "probe")
-			}
-		}
+		e.probes++
+		key := fmt.Sprintf("probe-%d", e.probes)
+		_, err := e.ctrNS(probeNS, 10*time.Second, "snapshots", "--snapshotter", snapshotter, "prepare", key)
 		if err == nil {
+			_, err = e.ctrNS(probeNS, 30*time.Second, "snapshots", "--snapshotter", snapshotter, "rm", key)
+			require.NoError(t, err)
+			e.collectGarbage()
 			t.Logf("reachable after %d attempt(s)", attempt)
 			return
 		}
@@ -407,6 +431,20 @@ func (e *env) waitReachable() {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// collectGarbage makes containerd collect garbage now and waits until it
+// has, in the daemon too: removing a lease with --sync runs a collection
+// and returns when it is done. Afterwards no collection is pending.
+func (e *env) collectGarbage() {
+	t := e.t
+	t.Helper()
+	e.leases++
+	id := fmt.Sprintf("e2e-gc-%d", e.leases)
+	_, err := e.ctrNS(probeNS, time.Minute, "leases", "create", "--id", id)
+	require.NoError(t, err)
+	_, err = e.ctrNS(probeNS, 2*time.Minute, "leases", "rm", "--sync", id)
+	require.NoError(t, err)
 }
 
 // inspect runs fn on the daemon's store as the library opens it. A bbolt
@@ -485,7 +523,7 @@ func (e *env) cleanupContainerd() {
 	}
 	e.containerd.stop(15 * time.Second)
 	if t.Failed() {
-		t.Logf("containerd log (%s), last lines:\n%s", e.containerd.log, e.containerd.tail(40))
+		t.Logf("containerd log (%s), last warnings and errors:\n%s", e.containerd.log, e.containerd.tailMatching(regexp.MustCompile(`level=(warning|error|fatal)`), 40))
 	}
 	killShims(t, e.ctrdSock)
 	unmountUnder(t, e.base)
@@ -579,6 +617,18 @@ func readStore(t *testing.T, ms storage.MetaStore) map[string]record {
 		return nil
 	}))
 	return recs
+}
+
+// ofTests returns the snapshots of the tests' namespace: without the
+// probes of waitReachable, which containerd collects a moment later.
+func ofTests(recs map[string]record) map[string]record {
+	out := map[string]record{}
+	for n, r := range recs {
+		if strings.HasPrefix(n, ns+"/") {
+			out[n] = r
+		}
+	}
+	return out
 }
 
 // backendName finds the store's name of containerd's snapshot key in

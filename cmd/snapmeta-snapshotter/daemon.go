@@ -299,8 +299,10 @@ func (d *daemon) begin(ctx context.Context, method string) func(error) {
 		switch status.Code(err) {
 		case codes.OK:
 			l.Debug("call done")
-		case codes.NotFound, codes.AlreadyExists, codes.FailedPrecondition, codes.InvalidArgument, codes.Canceled:
-			// containerd asks for what may not exist, and cancels.
+		case codes.NotFound, codes.AlreadyExists, codes.FailedPrecondition, codes.InvalidArgument, codes.Canceled, codes.Unimplemented:
+			// containerd asks for what may not exist, cancels, and calls
+			// Cleanup after every collection whether the driver has it
+			// or not.
 			l.WithError(err).Debug("call refused")
 		default:
 			l.WithError(err).Warn("call failed")
