@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -31,7 +32,9 @@ func testContainerd(t *testing.T, driver string, store storeKind) {
 	img := smallImage(t)
 	chain := img.chainIDs()
 	top := chain[len(chain)-1].String()
-	cid := func(s string) string { return "e2e-" + store.name + "-" + s }
+	// runc keeps container state machine-wide (/run/containerd/runc/<ns>):
+	// the IDs name this process, so that concurrent runs never collide.
+	cid := func(s string) string { return fmt.Sprintf("e2e-%s-%d-%s", store.name, os.Getpid(), s) }
 
 	e.step("import", func(t *testing.T) {
 		assert.Regexp(t, `(?m)^io\.containerd\.snapshotter\.v1\s+`+snapshotter+`\s.*\bok\s*$`, e.mustCtr("plugins", "ls"),
