@@ -48,7 +48,7 @@ const BoltLockTimeout = time.Second
 // DefaultDialTimeout is the default of --dial-timeout.
 const DefaultDialTimeout = 5 * time.Second
 
-// Engines.
+// The engines an Address names (Address.Engine).
 const (
 	Bolt = "bolt"
 	Etcd = "etcd"
@@ -58,6 +58,7 @@ const (
 // cannot be right whatever the store holds.
 type UsageError struct{ Msg string }
 
+// Error returns the message, which names the mistake and what is wanted.
 func (e *UsageError) Error() string { return e.Msg }
 
 // Usagef returns a *UsageError.
@@ -151,12 +152,19 @@ func Parse(s string) (Address, error) {
 	return a, nil
 }
 
-// EtcdFlags are the connection settings shared by every etcd address.
+// EtcdFlags are the connection settings shared by every etcd address. The
+// zero value connects without TLS or authentication; DialTimeout must then
+// be set (AddFlags defaults it to DefaultDialTimeout).
 type EtcdFlags struct {
-	CACert      string
-	Cert        string
-	Key         string
-	User        string
+	// CACert, Cert and Key are PEM files; any of them turns TLS on, and
+	// Cert and Key go together.
+	CACert string
+	Cert   string
+	Key    string
+	// User is "name" (the password comes from $SNAPMETA_PASSWORD) or
+	// "name:password".
+	User string
+	// DialTimeout bounds connecting and the first answer at Open.
 	DialTimeout time.Duration
 }
 
@@ -223,10 +231,12 @@ type LockedError struct {
 	Err  error
 }
 
+// Error says which file is locked and what to do about it.
 func (e *LockedError) Error() string {
 	return fmt.Sprintf("%s is locked by another process; stop it or copy the file", e.Path)
 }
 
+// Unwrap returns the store's error (storage.ErrLocked).
 func (e *LockedError) Unwrap() error { return e.Err }
 
 // Open opens the store at a. It returns within about BoltLockTimeout for a
