@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 )
 
@@ -25,7 +26,7 @@ could not be read (missing, locked, unreachable).`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			var problems []storage.Problem
 			var count int
-			err := a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				var err error
 				if problems, err = storage.Check(c.Context(), st); err != nil {
 					return err

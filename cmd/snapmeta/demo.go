@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 )
 
@@ -45,7 +46,7 @@ hold no snapshots.`,
 				if useEtcd {
 					return usageErrorf("give an ADDRESS or --etcd, not both")
 				}
-				st, err := a.open(ctx, args[0], readWrite)
+				st, err := a.open(ctx, args[0], storeaddr.ReadWrite)
 				if err != nil {
 					return err
 				}

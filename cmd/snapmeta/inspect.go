@@ -15,17 +15,18 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 )
 
 // storeHandle is an open store and the address it was opened from.
 type storeHandle struct {
 	storage.MetaStore
-	addr address
+	addr storeaddr.Address
 }
 
 // withStore opens addr for reading, runs fn and closes the store.
-func (a *app) withStore(ctx context.Context, addr string, mode openMode, fn func(storeHandle) error) error {
+func (a *app) withStore(ctx context.Context, addr string, mode storeaddr.Mode, fn func(storeHandle) error) error {
 	st, err := a.open(ctx, addr, mode)
 	if err != nil {
 		return err
@@ -57,7 +58,7 @@ every field, one per line (the export format).`,
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json`,
 		RunE: func(c *cobra.Command, filters []string) error {
-			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, err := loadAll(c.Context(), st, filters...)
 				if err != nil {
 					return err
@@ -182,7 +183,7 @@ under it), timestamps, usage, labels and children.`,
   snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
 		Args: exactArgs(1, "one snapshot NAME"),
 		RunE: func(c *cobra.Command, args []string) error {
-			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				info, err := loadInfo(c.Context(), st, args[0])
 				if err != nil {
 					return err
@@ -291,7 +292,7 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
   snapmeta tree --store etcd://127.0.0.1:2379/snapshots --json`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, err := loadAll(c.Context(), st)
 				if err != nil {
 					return err
@@ -406,7 +407,7 @@ directories belong to none.`,
   snapmeta ids --store etcd://127.0.0.1:2379/snapshots --json`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				var m map[string]string
 				err := st.WithTransaction(c.Context(), false, func(ctx context.Context) (err error) {
 					m, err = storage.IDMap(ctx)

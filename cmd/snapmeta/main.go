@@ -16,8 +16,8 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
-	"time"
 
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 )
 
@@ -32,7 +32,7 @@ func main() {
 type app struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
-	etcd           etcdFlags
+	etcd           storeaddr.EtcdFlags
 	// started is set once a command's own code runs: an error before that
 	// came from parsing the command line.
 	started bool
@@ -53,13 +53,12 @@ func (e *exitError) Error() string {
 
 func (e *exitError) Unwrap() error { return e.err }
 
-// usageError is a mistake on the command line (exit code 2).
-type usageError struct{ msg string }
-
-func (e *usageError) Error() string { return e.msg }
+// usageError is a mistake on the command line (exit code 2). It is
+// storeaddr's type, so that a bad address counts as a usage error too.
+type usageError = storeaddr.UsageError
 
 func usageErrorf(format string, args ...any) error {
-	return &usageError{msg: fmt.Sprintf(format, args...)}
+	return storeaddr.Usagef(format, args...)
 }
 
 // run runs the command line args and returns the exit code.
@@ -119,7 +118,7 @@ func (a *app) rootCommand() *cobra.Command {
 a bbolt file (metadata.db, as containerd's own store writes it) or an etcd
 cluster shared by many hosts (github.com/snapmeta/storage).
 
-` + addressHelp + `
+` + storeaddr.Help + `
 
 Read commands (ls, info, tree, ids, check, export) open a bbolt file
 read-only; while a running daemon holds the file they report it as locked.
@@ -140,12 +139,7 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageErrorf("%v (see '%s --help')", err, c.CommandPath())
 	})
-	pf := root.PersistentFlags()
-	pf.StringVar(&a.etcd.cacert, "cacert", "", "etcd: verify the servers with this CA bundle (turns TLS on)")
-	pf.StringVar(&a.etcd.cert, "cert", "", "etcd: client certificate (turns TLS on; with --key)")
-	pf.StringVar(&a.etcd.key, "key", "", "etcd: client certificate's private key")
-	pf.StringVar(&a.etcd.user, "user", "", "etcd: user name, or name:password (else the password comes from SNAPMETA_PASSWORD)")
-	pf.DurationVar(&a.etcd.dialTimeout, "dial-timeout", 5*time.Second, "etcd: how long to wait for the cluster to answer")
+	a.etcd.AddFlags(root.PersistentFlags())
 
 	root.AddCommand(
 		a.demoCommand(),
@@ -206,15 +200,15 @@ func maxArgs(n int, what string) cobra.PositionalArgs {
 }
 
 // open parses and opens the store named by --store.
-func (a *app) open(ctx context.Context, addr string, mode openMode) (storeHandle, error) {
+func (a *app) open(ctx context.Context, addr string, mode storeaddr.Mode) (storeHandle, error) {
 	if addr == "" {
 		return storeHandle{}, usageErrorf("no store given: use --store ADDRESS or set SNAPMETA_STORE")
 	}
-	ad, err := parseAddress(addr)
+	ad, err := storeaddr.Parse(addr)
 	if err != nil {
 		return storeHandle{}, err
 	}
-	ms, err := openStore(ctx, ad, mode, &a.etcd)
+	ms, err := storeaddr.Open(ctx, ad, mode, &a.etcd)
 	if err != nil {
 		return storeHandle{}, err
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 )
@@ -44,15 +45,15 @@ tenth of the way.`,
 			if batch < 1 || batch > maxBatch {
 				return usageErrorf("--batch must be between 1 and %d", maxBatch)
 			}
-			src, err := parseAddress(from)
+			src, err := storeaddr.Parse(from)
 			if err != nil {
 				return err
 			}
-			dst, err := parseAddress(to)
+			dst, err := storeaddr.Parse(to)
 			if err != nil {
 				return err
 			}
-			if src.sameStore(dst) {
+			if src.SameStore(dst) {
 				return usageErrorf("--from and --to name the same store")
 			}
 			return a.migrate(c.Context(), src, dst, batch)
@@ -64,8 +65,8 @@ tenth of the way.`,
 	return c
 }
 
-func (a *app) migrate(ctx context.Context, srcAddr, dstAddr address, batch int) error {
-	srcMS, err := openStore(ctx, srcAddr, readOnly, &a.etcd)
+func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, batch int) error {
+	srcMS, err := storeaddr.Open(ctx, srcAddr, storeaddr.ReadOnly, &a.etcd)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
@@ -85,7 +86,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr address, batch int) 
 	}
 	ordered, _, _ := parentFirst(srcRecs)
 
-	dstMS, err := openStore(ctx, dstAddr, readWrite, &a.etcd)
+	dstMS, err := storeaddr.Open(ctx, dstAddr, storeaddr.ReadWrite, &a.etcd)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
 	}

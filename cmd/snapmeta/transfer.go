@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
 )
 
@@ -40,7 +41,7 @@ reported on stderr; import will refuse it.`,
   snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, err := loadAll(c.Context(), st)
 				if err != nil {
 					return err
@@ -140,7 +141,7 @@ refused. The whole file is read and checked before anything is written.`,
 			if err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, readWrite, func(st storeHandle) error {
+			return a.withStore(c.Context(), addr, storeaddr.ReadWrite, func(st storeHandle) error {
 				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
 					batch:        batch,
 					skipExisting: skipExisting,

@@ -1,0 +1,6 @@
+//go:build race
+
+package main
+
+// The daemon under test is built with the race detector when the tests are.
+func init() { raceBuild = true }
