@@ -8,6 +8,7 @@ import (
 
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/examples/nativesnap"
+	"github.com/snapmeta/storage/examples/overlaysnap"
 )
 
 // newDriver makes a snapshotter that keeps its files under root and its
@@ -20,6 +21,9 @@ type newDriver func(root string, ms storage.MetaStore) (snapshots.Snapshotter, e
 // line here.
 var drivers = map[string]newDriver{
 	"native": nativesnap.New,
+	"overlay": func(root string, ms storage.MetaStore) (snapshots.Snapshotter, error) {
+		return overlaysnap.New(root, ms)
+	},
 }
 
 // driverNames lists the drivers in order, for help and errors.
