@@ -472,7 +472,7 @@ func TestStartupErrors(t *testing.T) {
 		{"root of another driver", []string{"--root", otherDriver}, false, 1, `belongs to driver "overlay", not "native"`},
 		{"no socket", []string{"--root", "R"}, true, 2, "--socket is required"},
 		{"no root", nil, false, 2, "--root is required"},
-		{"unknown driver", []string{"--root", "R", "--driver", "zfs"}, false, 2, `unknown driver "zfs" (want one of: native)`},
+		{"unknown driver", []string{"--root", "R", "--driver", "zfs"}, false, 2, `unknown driver "zfs" (want one of: native, overlay)`},
 		{"bad log level", []string{"--root", "R", "--log-level", "loud"}, false, 2, `--log-level "loud"`},
 		{"bad log format", []string{"--root", "R", "--log-format", "xml"}, false, 2, `--log-format "xml": want text or json`},
 		{"socket path too long", []string{"--root", "R", "--socket", long}, true, 2, "a unix socket path has at most 107"},
