@@ -1,6 +1,7 @@
 package storage_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -289,4 +290,48 @@ func TestDamagedFileRefusesWritesAfterAWriteMetTheDamage(t *testing.T) {
 	// Reads go on (and meet the damage again, without a panic).
 	err = ms.WithTransaction(ctx, false, walk)
 	assert.ErrorIs(t, err, storage.ErrDamaged)
+}
+
+// FuzzDamagedBoltFile damages a real metadata.db the fuzzer's way (op 0:
+// truncate at off; 1: write data at off; 2: zero the page at off) and runs
+// every operation on it: no panic escapes, and every error has an errdefs
+// class (DataLoss when it is the damage's).
+func FuzzDamagedBoltFile(f *testing.F) {
+	b := dmgBuildBase(f, 48)
+	ps := b.pageSize
+	f.Add(uint8(0), uint32(8<<10), []byte(nil))
+	f.Add(uint8(0), uint32(100000), []byte(nil))
+	f.Add(uint8(1), uint32(int(b.leaf)*ps+16), bytes.Repeat([]byte{0xA5, 0x17, 0xFF, 0x03}, 50))
+	f.Add(uint8(1), uint32(int(b.branch)*ps+16), bytes.Repeat([]byte{0x5A, 0xE1, 0x00, 0x7F}, 50))
+	f.Add(uint8(1), uint32(16), bytes.Repeat([]byte{0x42}, 200))
+	f.Add(uint8(1), uint32(ps+16), bytes.Repeat([]byte{0x42}, 200))
+	f.Add(uint8(2), uint32(0), []byte(nil))
+	f.Add(uint8(2), uint32(ps), []byte(nil))
+	ctx := context.Background()
+	f.Fuzz(func(t *testing.T, op uint8, off uint32, data []byte) {
+		d := dmgCopy(b)
+		o := int(off) % (len(d) + 1)
+		switch op % 3 {
+		case 0:
+			d = d[:o]
+		case 1:
+			copy(d[o:], data)
+		case 2:
+			o -= o % ps
+			clear(d[o:min(o+ps, len(d))])
+		}
+		path := filepath.Join(t.TempDir(), "metadata.db")
+		require.NoError(t, os.WriteFile(path, d, 0o600))
+		ms, err := storage.NewBoltMetaStore(path, dmgNoSync)
+		if err != nil {
+			require.NotEqual(t, errdefs.ErrUnknown, errdefs.Resolve(err), "no class: %v", err)
+			return
+		}
+		defer func() { require.NoError(t, ms.Close()) }()
+		for _, op := range dmgOps {
+			if err := op.run(ctx, ms, b); err != nil {
+				require.NotEqual(t, errdefs.ErrUnknown, errdefs.Resolve(err), "%s: no class: %v", op.name, err)
+			}
+		}
+	})
 }
