@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -33,6 +35,12 @@ const DefaultBoltTimeout = 10 * time.Second
 // The file is opened at once, so a bad path or a lock held by another
 // process is reported here: after the timeout (DefaultBoltTimeout unless a
 // BoltOpt sets Options.Timeout) with ErrLocked (class Unavailable).
+//
+// A damaged file never panics the caller: opening it, or any later read,
+// walk, check or write that meets the damage, fails with ErrDamaged (class
+// DataLoss), whose message names the file and 'snapmeta salvage'. A file
+// whose meta pages or size show the damage is refused here, before bbolt
+// maps it (see bolt_damage.go).
 func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	options := *bolt.DefaultOptions
 	// Statistics are never read; keeping them costs contention.
@@ -43,14 +51,22 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 			return nil, err
 		}
 	}
-	db, err := bolt.Open(dbfile, 0o600, &options)
-	if errors.Is(err, berrors.ErrTimeout) {
-		return nil, fmt.Errorf("open %s: waited %v: %w", dbfile, options.Timeout, ErrLocked)
+	if err := checkBoltFile(dbfile); err != nil {
+		return nil, err
 	}
-	if err != nil {
+	db, err := openBolt(dbfile, &options)
+	switch {
+	case errors.Is(err, berrors.ErrTimeout):
+		return nil, fmt.Errorf("open %s: waited %v: %w", dbfile, options.Timeout, ErrLocked)
+	case errors.Is(err, ErrDamaged):
+		return nil, err
+	case errors.Is(boltErr(err), ErrCorrupt):
+		// bbolt found the file invalid (checksums, version): damaged too.
+		return nil, damagedErr(dbfile, err)
+	case err != nil:
 		return nil, fmt.Errorf("failed to open database file %s: %w", dbfile, boltErr(err))
 	}
-	return newMetaStore(&boltEngine{db: db}), nil
+	return newMetaStore(&boltEngine{db: db, path: dbfile}), nil
 }
 
 // The layout's keys as bytes, converted once rather than on every access.
@@ -71,19 +87,52 @@ var (
 
 type boltEngine struct {
 	db    *bolt.DB
+	path  string // for the messages of ErrDamaged
 	group boltGroup
+	// damaged is set once a panic of bbolt in a writable transaction was
+	// recovered: every later write is refused with it (see markDamaged).
+	damaged atomic.Pointer[error]
 }
 
 func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
-	tx, err := e.db.Begin(writable)
-	if err != nil {
-		return nil, boltErr(err)
+	if writable {
+		if err := e.writeRefusal(); err != nil {
+			return nil, err
+		}
 	}
-	return newBoltTx(tx), nil
+	var tx *bolt.Tx
+	err := e.guarded(nil, func() (err error) {
+		tx, err = e.db.Begin(writable)
+		return boltErr(err)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return e.newBoltTx(tx)
 }
 
-func newBoltTx(tx *bolt.Tx) *boltTx {
-	bt := &boltTx{tx: tx}
+// guarded runs fn, a bbolt call outside the hot paths, under guard.
+func (e *boltEngine) guarded(tx *boltTx, fn func() error) (err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer e.guard(prev, tx, &err, nil)
+	return fn()
+}
+
+// newBoltTx wraps a bbolt transaction begun by e. Its first lookups read
+// the file; when they meet damage the transaction is rolled back, so that
+// it does not hold bbolt's locks.
+func (e *boltEngine) newBoltTx(tx *bolt.Tx) (*boltTx, error) {
+	bt := &boltTx{tx: tx, eng: e, writable: tx.Writable()}
+	if err := e.guarded(bt, bt.lookupLayout); err != nil {
+		_ = bt.rollback()
+		return nil, err
+	}
+	return bt, nil
+}
+
+// lookupLayout finds the layout's top buckets.
+func (bt *boltTx) lookupLayout() error {
+	tx := bt.tx
 	// bbolt keeps no plain key at its top level: v1 is a bucket or absent.
 	if bt.version = tx.Bucket(bKeyVersion); bt.version != nil {
 		var err error
@@ -91,7 +140,7 @@ func newBoltTx(tx *bolt.Tx) *boltTx {
 			bt.damage = fmt.Errorf("%q is %w", KeyVersion+"/"+KeySnapshots, err)
 		}
 	}
-	return bt
+	return nil
 }
 
 // layoutBucket returns the bucket key of parent, nil when there is none
@@ -123,15 +172,19 @@ func (b *boltTx) parentsBucket() (*bolt.Bucket, error) {
 // layoutDamage reports a plain key where the layout has the snapshots or
 // the parents bucket (a plain key for a snapshot's bucket is that record's
 // damage, which scan reports).
-func (b *boltTx) layoutDamage() error {
+func (b *boltTx) layoutDamage() (err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if b.damage != nil {
 		return b.damage
 	}
-	_, err := b.parentsBucket()
+	_, err = b.parentsBucket()
 	return err
 }
 
-func (e *boltEngine) close() error { return boltErr(e.db.Close()) }
+func (e *boltEngine) close() error {
+	return e.guarded(nil, func() error { return boltErr(e.db.Close()) })
+}
 
 // singleWriter: bbolt has one writer at a time, and a writer that grows the
 // file waits for every reader (metastore.go refuses nested writes).
@@ -150,10 +203,49 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
+
+	eng      *boltEngine
+	writable bool
+	// broken is set when a panic of bbolt was recovered in this writable
+	// transaction: its state is unknown, so it never commits, and every
+	// later write in it fails with broken.
+	broken error
 }
 
-func (b *boltTx) commit(context.Context) error { return boltErr(b.tx.Commit()) }
-func (b *boltTx) rollback() error              { return boltErr(b.tx.Rollback()) }
+// commit commits, unless the transaction or the store met damage: then it
+// rolls back and says so.
+func (b *boltTx) commit(context.Context) error {
+	if err := b.writeRefusal(); err != nil {
+		_ = b.rollback()
+		return err
+	}
+	err := b.eng.guarded(b, func() error { return boltErr(b.tx.Commit()) })
+	if b.broken != nil {
+		// The panic left the transaction open, holding the writer's lock.
+		_ = b.rollback()
+	}
+	return err
+}
+
+func (b *boltTx) rollback() error {
+	var tx *boltTx
+	if b.writable {
+		tx = b // a panic here may leave the writer's lock held
+	}
+	err := b.eng.guarded(tx, func() error { return boltErr(b.tx.Rollback()) })
+	if b.broken != nil && errors.Is(err, ErrTransactionDone) {
+		return nil // bbolt's commit ended it before it panicked
+	}
+	return err
+}
+
+// writeRefusal is why a write in b must not happen, if it must not.
+func (b *boltTx) writeRefusal() error {
+	if b.broken != nil {
+		return b.broken
+	}
+	return b.eng.writeRefusal()
+}
 
 // ensureBuckets creates the layout's buckets for a write. A damaged layout
 // is reported before anything is written (or logged for undoing).
@@ -179,11 +271,15 @@ func (b *boltTx) ensureBuckets() error {
 	return nil
 }
 
-func (b *boltTx) get(_ context.Context, name string) (*record, error) {
+func (b *boltTx) get(_ context.Context, name string) (r *record, err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	return b.read(name, true)
 }
 
 func (b *boltTx) getMany(_ context.Context, names lookupNames) (out [maxLookup]*record, err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	for i, name := range names {
 		if out[i], err = b.read(name, false); err != nil {
 			return out, err
@@ -209,7 +305,12 @@ func (b *boltTx) read(name string, full bool) (*record, error) {
 	return r, nil
 }
 
-func (b *boltTx) put(name string, r *record) error {
+func (b *boltTx) put(name string, r *record) (err error) {
+	if err := b.writeRefusal(); err != nil {
+		return err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
@@ -236,7 +337,12 @@ func snapshotErr(name string, err error) error {
 	return fmt.Errorf("snapshot %q: %w", name, err)
 }
 
-func (b *boltTx) delete(name string) error {
+func (b *boltTx) delete(name string) (err error) {
+	if err := b.writeRefusal(); err != nil {
+		return err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if b.snaps == nil {
 		return b.damage
 	}
@@ -244,7 +350,12 @@ func (b *boltTx) delete(name string) error {
 	return boltErr(b.snaps.DeleteBucket([]byte(name)))
 }
 
-func (b *boltTx) link(parent, child ref) error {
+func (b *boltTx) link(parent, child ref) (err error) {
+	if err := b.writeRefusal(); err != nil {
+		return err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
@@ -253,7 +364,12 @@ func (b *boltTx) link(parent, child ref) error {
 	return boltErr(b.parents.Put(k, []byte(child.name)))
 }
 
-func (b *boltTx) unlink(parent, child ref) error {
+func (b *boltTx) unlink(parent, child ref) (err error) {
+	if err := b.writeRefusal(); err != nil {
+		return err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if p, err := b.parentsBucket(); p == nil {
 		return err
 	}
@@ -267,7 +383,9 @@ func (b *boltTx) willCheckChildren(string) {} // a cursor seek is cheap
 // maxName is bbolt's key limit: containerd's store takes names up to it.
 func (b *boltTx) maxName() int { return bolt.MaxKeySize }
 
-func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
+func (b *boltTx) hasChildren(_ context.Context, p ref) (_ bool, err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if pb, err := b.parentsBucket(); pb == nil {
 		return false, err
 	}
@@ -282,7 +400,12 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (bool, error) {
 // not, and one created behind it is not.
 // A plain key where a snapshot's bucket belongs is a record that does not
 // decode.
-func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err error) error) error {
+//
+// A panic of bbolt becomes ErrDamaged; a panic of fn goes on unchanged.
+func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err error) error) (err error) {
+	inFn := false
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, &inFn)
 	if b.snaps == nil {
 		return b.damage
 	}
@@ -297,7 +420,17 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 	for k, _ := c.First(); k != nil; {
 		// k lies in bbolt's memory, which fn's writes may change: copy it.
 		past = append(append(past[:0], k...), 0)
-		if err := b.reachBucket(k, fn); err != nil {
+		// A key of the snapshots bucket that is not a bucket is no
+		// snapshot, and its record does not decode.
+		var r *record
+		sb, derr := layoutBucket(b.snaps, k)
+		if sb != nil {
+			r, derr = decodeBolt(sb, true)
+		}
+		inFn = true
+		err := fn(string(k), r, derr)
+		inFn = false
+		if err != nil {
 			return err
 		}
 		if reseek {
@@ -309,38 +442,41 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 	return nil
 }
 
-// reachBucket calls fn with the record of the snapshot bucket k; a key of
-// the snapshots bucket that is not a bucket is no snapshot, and passed over.
-func (b *boltTx) reachBucket(k []byte, fn func(name string, r *record, err error) error) error {
-	var r *record
-	sb, err := layoutBucket(b.snaps, k)
-	if sb != nil {
-		r, err = decodeBolt(sb, true)
-	}
-	return fn(string(k), r, err)
-}
-
-func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err error) error) error {
+func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err error) error) (err error) {
+	inFn := false
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, &inFn)
 	if p, err := b.parentsBucket(); p == nil {
 		return err
 	}
 	return boltErr(b.parents.ForEach(func(k, v []byte) error {
 		parent, child, ok := decodeParentLinkKey(k)
+		pr, cr, derr := ref{id: parent}, ref{name: string(v), id: child}, error(nil)
 		if !ok || v == nil {
-			return fn(ref{}, ref{name: string(v)}, fmt.Errorf("parents key %x is not a link's: %w", k, ErrCorrupt))
+			pr, cr, derr = ref{}, ref{name: string(v)}, fmt.Errorf("parents key %x is not a link's: %w", k, ErrCorrupt)
 		}
-		return fn(ref{id: parent}, ref{name: string(v), id: child}, nil)
+		inFn = true
+		err := fn(pr, cr, derr)
+		inFn = false
+		return err
 	}))
 }
 
-func (b *boltTx) idLimit(context.Context) (uint64, error) {
+func (b *boltTx) idLimit(context.Context) (_ uint64, err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if b.snaps == nil {
 		return 0, b.damage
 	}
 	return b.snaps.Sequence(), nil
 }
 
-func (b *boltTx) nextID(context.Context) (uint64, error) {
+func (b *boltTx) nextID(context.Context) (_ uint64, err error) {
+	if err := b.writeRefusal(); err != nil {
+		return 0, err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	// NextSequence would wrap to 0; checked before anything is written.
 	if b.snaps != nil && b.snaps.Sequence() == math.MaxUint64 {
 		return 0, ErrIDsExhausted
@@ -353,7 +489,12 @@ func (b *boltTx) nextID(context.Context) (uint64, error) {
 	return id, boltErr(err)
 }
 
-func (b *boltTx) raiseIDs(_ context.Context, id uint64) error {
+func (b *boltTx) raiseIDs(_ context.Context, id uint64) (err error) {
+	if err := b.writeRefusal(); err != nil {
+		return err
+	}
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
@@ -595,4 +736,13 @@ func writeBoltLabels(sb *bolt.Bucket, labels map[string]string, fresh bool) erro
 		}
 	}
 	return nil
+}
+
+// commitOrRollback ends the shared transaction of a group commit: commit
+// when some member's share is in it (unless it met damage), else rollback.
+func (b *boltTx) commitOrRollback(commit bool) error {
+	if commit || b.broken != nil {
+		return b.commit(context.Background())
+	}
+	return b.rollback()
 }

@@ -51,15 +51,32 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	g.mu.Lock()
 	g.waiting.Add(-1)
 	if g.tx == nil {
-		tx, err := e.db.Begin(true)
+		var tx *bolt.Tx
+		err := e.writeRefusal()
+		if err == nil {
+			err = e.guarded(nil, func() (err error) {
+				tx, err = e.db.Begin(true)
+				return boltErr(err)
+			})
+		}
 		if err != nil {
 			g.mu.Unlock()
-			return fmt.Errorf("failed to start transaction: %w", boltErr(err))
+			return fmt.Errorf("failed to start transaction: %w", err)
 		}
 		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
 	}
 	gc := g.commit
-	bt := newBoltTx(g.tx)
+	bt, err := e.newBoltTx(g.tx)
+	if err != nil {
+		// The lookup met damage and rolled the shared transaction back
+		// (see newBoltTx): the whole group ends with it.
+		g.tx = nil
+		gc.err = err
+		close(gc.done)
+		g.commit = nil
+		g.mu.Unlock()
+		return fmt.Errorf("failed to start transaction: %w", err)
+	}
 	// Until a callback succeeds the transaction holds nobody's writes, so a
 	// failure drops it whole and needs no undo log.
 	first := gc.members == 0
@@ -67,7 +84,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		bt.undo = &undoLog{}
 	}
 
-	err := g.runMember(fn, bt, gc, first)
+	err = g.runMember(fn, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
 	<-gc.done
@@ -109,17 +126,25 @@ func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupComm
 // writes (dropping the transaction when nobody's writes are in it yet),
 // then commits for the group if nobody else is waiting to join it (or the
 // group is full). Called with mu held; mu is released when it returns.
+//
+// A panic of bbolt recovered during a member's share (bt.broken) leaves the
+// shared transaction in an unknown state: the group is abandoned, nobody's
+// share is committed, and the store refuses later writes (markDamaged). A
+// member whose callback ignored the error returned to it still gets it.
 func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	switch {
+	case bt.broken != nil:
+		g.abandon(bt, fmt.Errorf("group commit aborted: %w", bt.broken))
 	case ok:
 		gc.members++
 	case first:
-		g.abandon(nil)
+		g.abandon(bt, nil)
 	default:
-		if uerr := bt.undo.revert(); uerr != nil {
+		uerr := bt.eng.guarded(bt, bt.undo.revert)
+		if uerr != nil {
 			// The shared transaction is in an unknown state: nobody's
 			// share may be committed.
-			g.abandon(fmt.Errorf("group commit aborted: undo failed: %w", uerr))
+			g.abandon(bt, fmt.Errorf("group commit aborted: undo failed: %w", uerr))
 		}
 	}
 
@@ -130,18 +155,17 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	tx := g.tx
 	g.tx, g.commit = nil, nil
 	g.mu.Unlock()
-	if gc.members > 0 {
-		gc.err = boltErr(tx.Commit())
-	} else {
-		gc.err = boltErr(tx.Rollback())
-	}
+	// bt stands for the shared transaction: a panic in bbolt's commit
+	// marks it broken, and the store damaged.
+	bt.tx = tx
+	gc.err = bt.commitOrRollback(gc.members > 0)
 	close(gc.done)
 }
 
-// abandon rolls back the open transaction and ends its group with err.
-// Called with mu held.
-func (g *boltGroup) abandon(err error) {
-	_ = g.tx.Rollback()
+// abandon rolls back the open transaction (bt's) and ends its group with
+// err. Called with mu held.
+func (g *boltGroup) abandon(bt *boltTx, err error) {
+	_ = bt.rollback()
 	g.commit.err = err
 	close(g.commit.done)
 	g.tx, g.commit = nil, nil

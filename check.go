@@ -15,9 +15,19 @@ type Problem struct {
 	Snapshot string
 	// Detail says what is wrong.
 	Detail string
+	// Page is set for damage to the engine's file below the records (on
+	// bbolt: a page or the freelist, as bbolt's own consistency check finds
+	// it, or a page that cannot be read at all), kept apart from the
+	// snapshot invariants; Snapshot is then empty, and String begins with
+	// "page damage: ". Such a store is repaired by copying what can still
+	// be read ('snapmeta salvage'), not by fixing records.
+	Page bool
 }
 
 func (p Problem) String() string {
+	if p.Page {
+		return "page damage: " + p.Detail
+	}
 	if p.Snapshot == "" {
 		return p.Detail
 	}
@@ -27,6 +37,9 @@ func (p Problem) String() string {
 // Check verifies every invariant of the store in one read-only transaction
 // and returns each problem found, in a stable order (none: nil):
 //
+//   - the engine's file is sound below the records (on bbolt: bbolt's own
+//     check of pages and freelist; see Problem.Page). When a page cannot
+//     be read at all, that is reported and the records are not judged;
 //   - the engine's layout is sound (when it is not, that is the one problem
 //     reported: the records cannot be judged);
 //   - every record decodes, under a name lookups reach;
@@ -52,6 +65,17 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	var problems []Problem
 	err = t.use(tctx, false, func(tx engineTx) error {
 		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}, maxName: tx.maxName()}
+		if pc, ok := tx.(pageChecker); ok {
+			found, err := pc.checkPages()
+			for _, d := range found {
+				c.found = append(c.found, Problem{Page: true, Detail: d})
+			}
+			if err != nil {
+				c.found = append(c.found, Problem{Page: true, Detail: err.Error()})
+				problems = c.found
+				return nil
+			}
+		}
 		if err := tx.layoutDamage(); err != nil {
 			c.report("", "the store's layout is damaged: %v", err)
 			problems = c.found
@@ -74,6 +98,14 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 		return nil, err
 	}
 	return problems, nil
+}
+
+// pageChecker is an engine transaction that can check its file below the
+// records (bbolt).
+type pageChecker interface {
+	// checkPages returns each damage found; the error is for pages that
+	// cannot be read at all (ErrDamaged).
+	checkPages() ([]string, error)
 }
 
 // checker gathers what Check reads and judges it afterwards.

@@ -63,6 +63,17 @@ var (
 	// as an empty store.
 	ErrCorrupt = fmt.Errorf("corrupt snapshot metadata: %w", errdefs.ErrDataLoss)
 
+	// ErrDamaged is returned when a bbolt file is damaged below the
+	// records: its meta pages or size show it cut short or overwritten, or
+	// bbolt panicked or faulted reading or writing it (class DataLoss; it
+	// wraps ErrCorrupt). A damaged file never panics the caller: opening,
+	// reading, walking, checking and writing it fail with this error, whose
+	// message names the file and the way out: 'snapmeta salvage --from
+	// FILE --to NEW' copies every record that can still be read. After a
+	// write met the damage the store refuses every later write with it;
+	// reads may go on.
+	ErrDamaged = fmt.Errorf("database file is damaged: %w", ErrCorrupt)
+
 	// ErrIDsExhausted is returned by CreateSnapshot when the ID allocator has
 	// handed out the last ID, 2^64-1 (class ResourceExhausted): IDs never wrap,
 	// since a driver names directories by ID. Only an Import or RaiseIDs near

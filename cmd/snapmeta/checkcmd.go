@@ -18,8 +18,13 @@ record decodes; every parent exists and is committed; the children index
 holds exactly the parent links; IDs are unique and none is above what the
 ID allocator handed out; every stored parent chain equals the followed one.
 
+On bbolt, damage to the file's pages (bbolt's own check of pages and
+freelist) is reported first, each line beginning with "page damage: ";
+'snapmeta salvage' copies what can still be read to a new file.
+
 Exit code 0: no problem. 1: one line per problem on stdout. 2: the store
-could not be read (missing, locked, unreachable).`,
+could not be read (missing, locked, unreachable, or damaged so that it
+cannot be opened: the message names 'snapmeta salvage').`,
 		Example: `  snapmeta check --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"`,
 		Args: exactArgs(0, "no arguments"),
@@ -46,8 +51,17 @@ could not be read (missing, locked, unreachable).`,
 				}
 				return &exitError{code: 2, err: err}
 			}
+			// Page damage first, apart: it is repaired by salvage, not by
+			// fixing records. Each such line begins with "page damage: ".
 			for _, p := range problems {
-				fmt.Fprintln(a.stdout, p.String())
+				if p.Page {
+					fmt.Fprintln(a.stdout, p.String())
+				}
+			}
+			for _, p := range problems {
+				if !p.Page {
+					fmt.Fprintln(a.stdout, p.String())
+				}
 			}
 			if len(problems) > 0 {
 				return &exitError{code: 1, err: fmt.Errorf("%d problem(s) found", len(problems))}

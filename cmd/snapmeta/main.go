@@ -151,6 +151,7 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 		a.exportCommand(),
 		a.importCommand(),
 		a.migrateCommand(),
+		a.salvageCommand(),
 	)
 	root.SetHelpCommand(helpCommand(root))
 	return root
