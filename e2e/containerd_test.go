@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,8 +23,10 @@ import (
 
 // The driver and the store are parameters: another driver's tests are one
 // line each.
-func TestContainerdNativeBolt(t *testing.T) { testContainerd(t, "native", boltStore) }
-func TestContainerdNativeEtcd(t *testing.T) { testContainerd(t, "native", etcdStore) }
+func TestContainerdNativeBolt(t *testing.T)  { testContainerd(t, "native", boltStore) }
+func TestContainerdNativeEtcd(t *testing.T)  { testContainerd(t, "native", etcdStore) }
+func TestContainerdOverlayBolt(t *testing.T) { testContainerd(t, "overlay", boltStore) }
+func TestContainerdOverlayEtcd(t *testing.T) { testContainerd(t, "overlay", etcdStore) }
 
 // testContainerd runs containerd with the daemon (driver on store) as its
 // proxy snapshotter, through every step below, in order.
@@ -51,7 +54,9 @@ func testContainerd(t *testing.T, driver string, store storeKind) {
 			assert.Regexp(t, "(?m)^"+regexp.QuoteMeta(c.String())+`\s+`+regexp.QuoteMeta(parent)+`\s*Committed\s*$`, ls)
 		}
 		// ...and the store holds exactly that chain, with the files of
-		// every layer applied in the top snapshot's directory.
+		// every layer applied: in the top snapshot's directory when it
+		// holds the whole tree, else in an overlay of the chain's layers
+		// and each layer in its own directory.
 		e.inspect(func(ms storage.MetaStore) {
 			requireClean(t, ms)
 			recs := ofTests(readStore(t, ms))
@@ -65,11 +70,30 @@ func testContainerd(t *testing.T, driver string, store storeKind) {
 				parent = r.name
 			}
 			r, _ := backendName(t, recs, top)
-			dir := filepath.Join(e.root, "snapshots", r.id)
-			assertFile(t, filepath.Join(dir, "etc/e2e-message"), "from layer 3\n")
-			assertFile(t, filepath.Join(dir, "data/kept"), "kept\n")
-			assert.NoFileExists(t, filepath.Join(dir, "etc/removed"), "the whiteout of layer 3")
-			assert.FileExists(t, filepath.Join(dir, "bin/busybox"))
+			e.withTree(t, e.treeMount(recs, r), func(dir string) {
+				assertFile(t, filepath.Join(dir, "etc/e2e-message"), "from layer 3\n")
+				assertFile(t, filepath.Join(dir, "data/kept"), "kept\n")
+				assert.NoFileExists(t, filepath.Join(dir, "etc/removed"), "the whiteout of layer 3")
+				assert.FileExists(t, filepath.Join(dir, "bin/busybox"))
+			})
+			if !e.layout.wholeTree {
+				layers := make([]string, len(chain))
+				for i, c := range chain {
+					r, _ := backendName(t, recs, c.String())
+					layers[i] = e.fsDir(r.id)
+				}
+				require.Len(t, layers, 3)
+				assert.FileExists(t, filepath.Join(layers[0], "bin/busybox"))
+				assert.NoFileExists(t, filepath.Join(layers[0], "etc/e2e-message"))
+				assertFile(t, filepath.Join(layers[1], "etc/e2e-message"), "from layer 2\n")
+				assertFile(t, filepath.Join(layers[1], "etc/removed"), "removed by layer 3\n")
+				assertFile(t, filepath.Join(layers[1], "data/kept"), "kept\n")
+				assert.NoFileExists(t, filepath.Join(layers[1], "bin/busybox"))
+				assertFile(t, filepath.Join(layers[2], "etc/e2e-message"), "from layer 3\n")
+				assert.True(t, isWhiteout(filepath.Join(layers[2], "etc/removed")), "layer 3 holds the whiteout of etc/removed")
+				assert.NoDirExists(t, filepath.Join(layers[2], "data"))
+				assert.NoFileExists(t, filepath.Join(layers[2], "bin/busybox"))
+			}
 		})
 	})
 
@@ -94,7 +118,8 @@ func testContainerd(t *testing.T, driver string, store storeKind) {
 			assert.Equal(t, topRec.name, r.info.Parent)
 			id = r.id
 		})
-		marker := filepath.Join(e.root, "snapshots", id, "marker")
+		// Its files: the whole tree, or its upper directory.
+		marker := filepath.Join(e.fsDir(id), "marker")
 		eventually(t, 30*time.Second, func() bool {
 			b, err := os.ReadFile(marker)
 			return err == nil && string(b) == "from-container\n"
@@ -149,13 +174,33 @@ func snapshotCommands(t *testing.T, e *env, top string) {
 	// between their commit and their labelling.
 	e.collectGarbage()
 	e.mustSnap("prepare", "e2e-active", top)
-	src, opts := mountOf(t, e.mustSnap("mounts", "/mnt/e2e", "e2e-active"))
-	assert.Equal(t, filepath.Join(e.root, "snapshots"), filepath.Dir(src))
-	assert.Contains(t, opts, "rw")
-	activeID := filepath.Base(src)
-	// What a container would write.
-	require.NoError(t, os.WriteFile(filepath.Join(src, "e2e-file"), make([]byte, 1<<20), 0o644))
-	du, err := fs.DiskUsage(ctx, src)
+	active := parseMount(t, e.mustSnap("mounts", "/mnt/e2e", "e2e-active"))
+	var activeID string
+	if e.layout.wholeTree {
+		// A read-write bind of its directory.
+		require.Equal(t, "bind", active.typ)
+		assert.Equal(t, filepath.Join(e.root, "snapshots"), filepath.Dir(active.source))
+		assert.Contains(t, active.options, "rw")
+		activeID = filepath.Base(active.source)
+	} else {
+		// An overlay with its own directory as upperdir (lowerdir is
+		// checked against the store below).
+		require.Equal(t, "overlay", active.typ)
+		upper, ok := active.option("upperdir")
+		require.True(t, ok, "no upperdir in %v", active.options)
+		assert.Equal(t, filepath.Join(e.root, "snapshots"), filepath.Dir(filepath.Dir(upper)))
+		activeID = filepath.Base(filepath.Dir(upper))
+		assert.Equal(t, e.fsDir(activeID), upper)
+		work, _ := active.option("workdir")
+		assert.Equal(t, filepath.Join(e.root, "snapshots", activeID, "work"), work)
+		assert.NotContains(t, active.options, "ro")
+	}
+	// What a container would write, through the mount.
+	e.withTree(t, active, func(dir string) {
+		assertFile(t, filepath.Join(dir, "etc/e2e-message"), "from layer 3\n")
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "e2e-file"), make([]byte, 1<<20), 0o644))
+	})
+	du, err := fs.DiskUsage(ctx, e.fsDir(activeID))
 	require.NoError(t, err)
 	assert.Equal(t, snapshots.Usage(du), usageOf(t, e.mustSnap("usage", "-b", "e2e-active"), "e2e-active"),
 		"usage of an active snapshot is measured on disk")
@@ -165,8 +210,25 @@ func snapshotCommands(t *testing.T, e *env, top string) {
 	e.mustSnap("label", "e2e-committed", "containerd.io/gc.root=e2e", "containerd.io/snapshot/e2e=labelled", "e2e.local=containerd-only")
 	e.mustSnap("view", "e2e-view", "e2e-committed")
 	e.mustSnap("label", "e2e-view", "containerd.io/gc.root=e2e")
-	viewSrc, viewOpts := mountOf(t, e.mustSnap("mounts", "/mnt/e2e-view", "e2e-view"))
-	assert.Contains(t, viewOpts, "ro")
+	view := parseMount(t, e.mustSnap("mounts", "/mnt/e2e-view", "e2e-view"))
+	if e.layout.wholeTree {
+		require.Equal(t, "bind", view.typ)
+	} else {
+		// A view of several parents: an overlay of their layers.
+		require.Equal(t, "overlay", view.typ)
+		_, ok := view.option("upperdir")
+		assert.False(t, ok, "a view has no upper directory: %v", view.options)
+	}
+	assert.Contains(t, view.options, "ro")
+	e.withTree(t, view, func(dir string) {
+		assertFile(t, filepath.Join(dir, "etc/e2e-message"), "from layer 3\n")
+		if fi, err := os.Stat(filepath.Join(dir, "e2e-file")); assert.NoError(t, err, "the committed write") {
+			assert.Equal(t, int64(1<<20), fi.Size())
+		}
+		if !e.layout.wholeTree {
+			assert.ErrorIs(t, os.WriteFile(filepath.Join(dir, "e2e-view-write"), nil, 0o644), syscall.EROFS)
+		}
+	})
 	committedUsage := usageOf(t, e.mustSnap("usage", "-b", "e2e-committed"), "e2e-committed")
 
 	var info struct {
@@ -205,7 +267,16 @@ func snapshotCommands(t *testing.T, e *env, top string) {
 		require.True(t, ok, "no view in %v", recs)
 		assert.Equal(t, snapshots.KindView, v.info.Kind)
 		assert.Equal(t, c.name, v.info.Parent)
-		assert.Equal(t, filepath.Join(e.root, "snapshots", c.id), viewSrc, "a view mounts its parent's directory")
+		if e.layout.wholeTree {
+			assert.Equal(t, filepath.Join(e.root, "snapshots", c.id), view.source, "a view mounts its parent's directory")
+		} else {
+			lower, _ := active.option("lowerdir")
+			assert.Equal(t, strings.Join(e.chainDirs(recs, topRec), ":"), lower,
+				"an active snapshot's lower directories: its parents' layers, immediate parent first")
+			lower, _ = view.option("lowerdir")
+			assert.Equal(t, strings.Join(e.chainDirs(recs, c), ":"), lower,
+				"a view's lower directories: its parent's layer and its ancestors'")
+		}
 
 		// ctr's tree nests each snapshot as deep as its chain in the store.
 		for key, d := range tree {
@@ -254,8 +325,9 @@ func killMidUnpack(t *testing.T, e *env, cid string) {
 		_, err := e.ctr(2*time.Minute, "images", "import", "--base-name", imageBase, "--snapshotter", snapshotter, big.path)
 		importErr <- err
 	}()
-	// The moment: the driver copies a parent for the next layer (a new-*
-	// directory beside committed ones), or containerd applies the third
+	// The moment: the driver builds the next layer's directory (a new-*
+	// directory beside committed ones: nativesnap copies the parent into
+	// it, overlaysnap makes it empty), or containerd applies the third
 	// layer. Either way layers remain to unpack.
 	deadline := time.Now().Add(90 * time.Second)
 	for {
@@ -267,7 +339,7 @@ func killMidUnpack(t *testing.T, e *env, cid string) {
 			building = building || strings.HasPrefix(n, "new-")
 		}
 		if (building && numbered >= 2) || numbered >= 3 {
-			t.Logf("killing the daemon: %d snapshot directories, copying a parent: %v", numbered, building)
+			t.Logf("killing the daemon: %d snapshot directories, building a new one: %v", numbered, building)
 			break
 		}
 		select {
@@ -345,15 +417,6 @@ func killMidUnpack(t *testing.T, e *env, cid string) {
 	if left := e.snapshotDirs(); len(left) > 0 {
 		t.Logf("left by the kill, unreferenced by any snapshot: %v", left)
 	}
-}
-
-// mountOf parses ctr's "mount -t TYPE SOURCE TARGET -o OPTIONS" line.
-func mountOf(t *testing.T, out string) (source string, options []string) {
-	t.Helper()
-	f := strings.Fields(out)
-	require.Len(t, f, 7, "mount line: %q", out)
-	require.Equal(t, "bind", f[2])
-	return f[3], strings.Split(f[6], ",")
 }
 
 // usageOf parses "ctr snapshots usage -b" for key.

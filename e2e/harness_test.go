@@ -256,6 +256,7 @@ type env struct {
 	top        *testing.T
 	t          *testing.T
 	driver     string
+	layout     layout // the driver's directories
 	store      storeKind
 	base       string // everything but the sockets lives here
 	root       string // the daemon's data root
@@ -268,14 +269,17 @@ type env struct {
 	starts     int // daemon starts, to name their logs
 	probes     int // waitReachable's probes, to name them
 	leases     int // collectGarbage's leases, to name them
+	mounts     int // withTree's mount points, to name them
 }
 
 // newEnv starts the daemon (driver on store) and a containerd using it.
 func newEnv(t *testing.T, driver string, store storeKind) *env {
 	t.Helper()
 	requirePrerequisites(t)
+	l, ok := layouts[driver]
+	require.True(t, ok, "no layout for driver %q", driver)
 	bin := daemonBinary(t)
-	e := &env{top: t, t: t, driver: driver, store: store, base: t.TempDir()}
+	e := &env{top: t, t: t, driver: driver, layout: l, store: store, base: t.TempDir()}
 	// Unix socket paths are limited to 107 bytes: they live in a short
 	// directory of their own.
 	sockDir, err := os.MkdirTemp("/tmp", "sm")
