@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -57,15 +58,20 @@ every field, one per line (the export format).`,
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json`,
 		RunE: func(c *cobra.Command, filters []string) error {
+			if err := storage.ValidateFilters(filters...); err != nil {
+				return usageErrorf("%v", err)
+			}
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st, filters...)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, filters...)
 				if err != nil {
 					return err
 				}
 				if asJSON {
-					return writeJSONLines(a.stdout, recs)
+					err = writeJSONLines(a.stdout, recs)
+				} else {
+					err = writeTable(a.stdout, recs)
 				}
-				return writeTable(a.stdout, recs)
+				return errors.Join(err, leftOut)
 			})
 		},
 	}
@@ -183,7 +189,7 @@ under it), timestamps, usage, labels and children.`,
 		Args: exactArgs(1, "one snapshot NAME"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
-				info, err := loadInfo(c.Context(), st, args[0])
+				info, problem, err := loadInfo(c.Context(), st, args[0])
 				if err != nil {
 					return err
 				}
@@ -191,9 +197,14 @@ under it), timestamps, usage, labels and children.`,
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(info)
+					err = enc.Encode(info)
+				} else {
+					err = writeInfo(a.stdout, info)
 				}
-				return writeInfo(a.stdout, info)
+				if problem != nil {
+					return errors.Join(err, &exitError{code: 1, err: problem})
+				}
+				return err
 			})
 		},
 	}
@@ -203,34 +214,40 @@ under it), timestamps, usage, labels and children.`,
 }
 
 // loadInfo reads one snapshot, its parent chain and its children in one
-// read-only transaction.
-func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (infoJSON, error) {
-	var out infoJSON
-	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+// read-only transaction. problem is set when the chain reaches a missing
+// parent: out then holds the chain up to it.
+func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJSON, problem, err error) {
+	err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		problem = nil
 		id, info, usage, err := storage.GetInfo(ctx, name)
 		if err != nil {
 			return err
 		}
 		out = infoJSON{Record: newRecord(id, info, usage)}
 		seen := map[string]bool{name: true}
-		for p := info.Parent; p != ""; {
+		for child, p := name, info.Parent; p != ""; {
 			if seen[p] {
 				return fmt.Errorf("snapshot %q: parent chain loops at %q (run snapmeta check)", name, p)
 			}
 			seen[p] = true
 			pid, pinfo, _, err := storage.GetInfo(ctx, p)
+			if isNotFound(err) {
+				// A damaged store: the record is still worth showing.
+				problem = fmt.Errorf("snapshot %q: parent %q does not exist; the parent chain ends there (see 'snapmeta check')", child, p)
+				break
+			}
 			if err != nil {
 				return fmt.Errorf("parent chain of %q: %w", name, err)
 			}
 			out.ParentIDs = append(out.ParentIDs, pid)
-			p = pinfo.Parent
+			child, p = p, pinfo.Parent
 		}
 		return storage.WalkInfo(ctx, func(_ context.Context, ci snapshots.Info) error {
 			out.Children = append(out.Children, ci.Name)
 			return nil
 		}, "parent=="+strconv.Quote(name))
 	})
-	return out, err
+	return out, problem, err
 }
 
 func writeInfo(w io.Writer, i infoJSON) error {
@@ -292,7 +309,7 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
 				}
@@ -301,10 +318,10 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(treeJSON(roots, loops))
+					return errors.Join(enc.Encode(treeJSON(roots, loops)), leftOut)
 				}
 				writeTree(a.stdout, roots, loops)
-				return nil
+				return leftOut
 			})
 		},
 	}

@@ -83,7 +83,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case errors.As(err, &ue), !a.started:
 		code = 2
 	}
-	msg := oneLine(err.Error())
+	msg := sayClassOnce(oneLine(err.Error()))
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		msg = strings.Replace(msg, "context canceled", "interrupted", 1)
 	}

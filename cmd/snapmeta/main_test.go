@@ -547,7 +547,7 @@ func TestErrors(t *testing.T) {
 		{[]string{"ls", "--store", "bolt://"}, 2, "has no file path"},
 		{[]string{"info", "--store", path}, 2, "info takes one snapshot NAME"},
 		{[]string{"info", "nope", "--store", path}, 1, `snapshot "nope" does not exist`},
-		{[]string{"ls", "--store", path, "kind=="}, 1, "filters: parse error"},
+		{[]string{"ls", "--store", path, "kind=="}, 2, "filters: parse error"},
 		{[]string{"tree", "extra", "--store", path}, 2, "tree takes no arguments"},
 		{[]string{"migrate", "--from", path}, 2, "migrate needs --from SOURCE and --to TARGET"},
 		{[]string{"migrate", "--from", path, "--to", "bolt://" + path}, 2, "--from and --to name the same store"},

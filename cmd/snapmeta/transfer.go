@@ -41,7 +41,7 @@ reported on stderr; import will refuse it.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
 				}
@@ -52,9 +52,10 @@ reported on stderr; import will refuse it.`,
 				for _, n := range loops {
 					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q is in a parent loop; import will refuse it\n", n)
 				}
-				return writeOutput(output, a.stdout, func(w io.Writer) error {
+				err = writeOutput(output, a.stdout, func(w io.Writer) error {
 					return writeJSONLines(w, ordered)
 				})
+				return errors.Join(err, leftOut)
 			})
 		},
 	}
