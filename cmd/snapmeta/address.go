@@ -190,7 +190,7 @@ func openStore(ctx context.Context, a address, mode openMode, ef *etcdFlags) (st
 	case "bolt":
 		return openBolt(a.path, mode)
 	case "etcd":
-		return openEtcd(ctx, a, ef)
+		return openEtcd(ctx, a, mode, ef)
 	}
 	return nil, fmt.Errorf("unknown engine %q", a.engine)
 }
@@ -205,6 +205,12 @@ func openBolt(path string, mode openMode) (storage.MetaStore, error) {
 	case err != nil && !errors.Is(err, os.ErrNotExist):
 		return nil, err
 	}
+	if err == nil && mode == readWrite {
+		// Before anything is written into a file of another kind.
+		if err := boltLayoutProblem(path); err != nil {
+			return nil, err
+		}
+	}
 	ms, err := storage.NewBoltMetaStore(path, func(o *bolt.Options) error {
 		o.ReadOnly = mode == readOnly
 		o.Timeout = boltLockTimeout
@@ -213,13 +219,20 @@ func openBolt(path string, mode openMode) (storage.MetaStore, error) {
 	if errors.Is(err, storage.ErrLocked) {
 		return nil, &lockedError{path: path, err: err}
 	}
+	if err == nil && mode == readOnly {
+		// Once the store holds the file: a daemon's lock is reported as such.
+		if err := boltLayoutProblem(path); err != nil {
+			_ = ms.Close()
+			return nil, err
+		}
+	}
 	return ms, err
 }
 
 // openEtcd connects to etcd and makes sure a member answers within the dial
 // timeout, so that an unreachable cluster is reported at once rather than
 // after the store's request timeout.
-func openEtcd(ctx context.Context, a address, ef *etcdFlags) (storage.MetaStore, error) {
+func openEtcd(ctx context.Context, a address, mode openMode, ef *etcdFlags) (storage.MetaStore, error) {
 	cfg, err := ef.clientConfig(a)
 	if err != nil {
 		return nil, err
@@ -230,7 +243,8 @@ func openEtcd(ctx context.Context, a address, ef *etcdFlags) (storage.MetaStore,
 	}
 	pctx, cancel := context.WithTimeout(ctx, ef.dialTimeout)
 	defer cancel()
-	if _, err := cli.Get(pctx, a.root+"/"+storage.KeyEtcdVersion+"/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil {
+	resp, err := cli.Get(pctx, a.root+"/"+storage.KeyEtcdVersion+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
 		_ = cli.Close()
 		if pctx.Err() != nil && ctx.Err() == nil {
 			msg := fmt.Sprintf("etcd %s did not answer within %v", strings.Join(a.endpoints, ","), ef.dialTimeout)
@@ -243,6 +257,11 @@ func openEtcd(ctx context.Context, a address, ef *etcdFlags) (storage.MetaStore,
 			return nil, fmt.Errorf("etcd %s: %w (the cluster requires a user: give --user)", strings.Join(a.endpoints, ","), err)
 		}
 		return nil, fmt.Errorf("etcd %s: %w", strings.Join(a.endpoints, ","), err)
+	}
+	if resp.Count == 0 && mode == readOnly {
+		err := emptyRootError(pctx, cli, a)
+		_ = cli.Close()
+		return nil, err
 	}
 	ms, err := storage.NewEtcdStoreFromClient(cli, a.root)
 	if err != nil {

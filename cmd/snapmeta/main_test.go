@@ -20,6 +20,7 @@ import (
 	ctrstorage "github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
+	"github.com/stretchr/testify/require"
 	bolt "go.etcd.io/bbolt"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
@@ -347,13 +348,18 @@ func TestInspectEtcd(t *testing.T) {
 			t.Errorf("snapmeta %s on etcd differs from bbolt\n--- etcd\n%s--- bolt\n%s", strings.Join(args, " "), got, want)
 		}
 	}
-	// Another root of the same cluster is another (empty) store.
-	other := strings.TrimSuffix(addr, "/fixture") + "/other"
-	if got := ok(t, "ls", "--store", other); got != "KIND  NAME  PARENT  ID  SIZE  CREATED\n" {
-		t.Errorf("ls of an empty root: %q", got)
+	// A store whose snapshots are all gone is still a store.
+	for _, name := range []string{"web", "web-view", "scratch", "layer-3", "other-2", "layer-2", "layer-1"} {
+		require.NoError(t, ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+			_, _, err := storage.Remove(ctx, name)
+			return err
+		}))
 	}
-	if got := ok(t, "tree", "--store", other); got != "(no snapshots)\n" {
-		t.Errorf("tree of an empty root: %q", got)
+	if got := ok(t, "ls", "--store", addr); got != "KIND  NAME  PARENT  ID  SIZE  CREATED\n" {
+		t.Errorf("ls of an emptied store: %q", got)
+	}
+	if got := ok(t, "tree", "--store", addr); got != "(no snapshots)\n" {
+		t.Errorf("tree of an emptied store: %q", got)
 	}
 }
 
