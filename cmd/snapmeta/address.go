@@ -106,6 +106,10 @@ func parseAddress(s string) (address, error) {
 			if h == "" {
 				return a, usageErrorf("store address %q has an empty endpoint", s)
 			}
+			// gRPC would try port 443 until the dial timeout.
+			if _, port, err := net.SplitHostPort(h); err != nil || port == "" {
+				return a, usageErrorf("etcd endpoint %q of store address %q has no port (want host:2379)", h, s)
+			}
 			a.endpoints = append(a.endpoints, h)
 		}
 		a.engine, a.root = "etcd", root
@@ -141,7 +145,8 @@ func (f *etcdFlags) clientConfig(a address) (*clientv3.Config, error) {
 		info := transport.TLSInfo{CertFile: f.cert, KeyFile: f.key, TrustedCAFile: f.cacert}
 		tlsCfg, err := info.ClientConfig()
 		if err != nil {
-			return nil, fmt.Errorf("TLS settings: %w", err)
+			// The files named on the command line are missing or wrong.
+			return nil, usageErrorf("TLS settings: %v", err)
 		}
 		cfg.TLS = tlsCfg
 	}

@@ -22,11 +22,25 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		if s, ok := (<-sigs).(syscall.Signal); ok {
+			cancel(interrupted{s})
+		}
+	}()
 	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
-	stop()
+	signal.Stop(sigs)
 	os.Exit(code)
 }
+
+// interrupted is why a run's context ends when a signal stops the tool: the
+// run then exits with 128 + the signal's number, as shells report it (130
+// for SIGINT, 143 for SIGTERM).
+type interrupted struct{ sig syscall.Signal }
+
+func (i interrupted) Error() string { return "interrupted by " + i.sig.String() }
 
 // app holds the settings shared by the commands of one run.
 type app struct {
@@ -84,7 +98,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		code = 2
 	}
 	msg := sayClassOnce(oneLine(err.Error()))
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+	var sig interrupted
+	switch {
+	case ctx.Err() != nil && errors.As(context.Cause(ctx), &sig):
+		// Whatever the command was doing, it ended because of the signal
+		// (etcd's client reports the cancellation in its own words).
+		code, msg = 128+int(sig.sig), "interrupted"
+	case ctx.Err() != nil && errors.Is(err, context.Canceled):
 		msg = strings.Replace(msg, "context canceled", "interrupted", 1)
 	}
 	if msg != "" {
@@ -132,8 +152,12 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
   snapmeta migrate --from bolt:///backup/metadata.db --to etcd://10.0.0.5:2379/snapshots`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
-		PersistentPreRun: func(*cobra.Command, []string) {
+		PersistentPreRunE: func(c *cobra.Command, _ []string) error {
+			if a.etcd.dialTimeout <= 0 {
+				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.dialTimeout, c.CommandPath())
+			}
 			a.started = true
+			return nil
 		},
 	}
 	root.CompletionOptions.DisableDefaultCmd = true

@@ -141,17 +141,31 @@ refused. The whole file is read and checked before anything is written.`,
 			if err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, readWrite, func(st storeHandle) error {
+			// A bbolt file this import creates goes again if nothing is
+			// imported into it: a failed import leaves no empty store.
+			newFile := ""
+			if ad, err := parseAddress(addr); err == nil && ad.engine == "bolt" {
+				if _, err := os.Stat(ad.path); errors.Is(err, os.ErrNotExist) {
+					newFile = ad.path
+				}
+			}
+			var created int
+			err = a.withStore(c.Context(), addr, readWrite, func(st storeHandle) error {
 				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
 					batch:        batch,
 					skipExisting: skipExisting,
 				})
+				created = stats.created
 				if err != nil {
 					return fmt.Errorf("%w (%d imported before this)", err, stats.created)
 				}
 				fmt.Fprintf(a.stdout, "imported %d snapshots, skipped %d identical\n", stats.created, stats.skipped)
 				return nil
 			})
+			if err != nil && newFile != "" && created == 0 {
+				_ = os.Remove(newFile)
+			}
+			return err
 		},
 	}
 	storeFlag(c, &addr)
