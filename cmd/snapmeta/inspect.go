@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -39,8 +40,8 @@ func (a *app) withStore(ctx context.Context, addr string, mode openMode, fn func
 }
 
 func (a *app) lsCommand() *cobra.Command {
-	var addr string
-	var asJSON bool
+	var addr, format string
+	var asJSON, quiet, noHeaders bool
 	c := &cobra.Command{
 		Use:   "ls [FILTER...]",
 		Short: "List snapshots",
@@ -52,32 +53,60 @@ view, committed), name, parent and labels.<key>, e.g. 'kind==committed' or
 snapshot is listed when it matches any of the filters.
 
 The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
-committed snapshots only. --json writes one JSON object per snapshot with
-every field, one per line (the export format).`,
+committed snapshots only; --no-headers leaves out the header line, -q
+writes the names only. --format json (or --json) writes one JSON object per
+snapshot with every field, one per line (the export format).`,
 		Example: `  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
-  snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json`,
+  snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
+  snapmeta ls -s metadata.db -q 'name~=^sha256:'`,
 		RunE: func(c *cobra.Command, filters []string) error {
 			if err := storage.ValidateFilters(filters...); err != nil {
 				return usageErrorf("%v", err)
+			}
+			switch format {
+			case "table":
+			case "json":
+				asJSON = true
+			default:
+				return usageErrorf("--format must be table or json, not %q", format)
+			}
+			if quiet && asJSON {
+				return usageErrorf("-q writes names only; it does not go with JSON")
 			}
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st, filters...)
 				if err != nil {
 					return err
 				}
-				if asJSON {
+				switch {
+				case asJSON:
 					err = writeJSONLines(a.stdout, recs)
-				} else {
-					err = writeTable(a.stdout, recs)
+				case quiet:
+					err = writeNames(a.stdout, recs)
+				default:
+					err = writeTable(a.stdout, recs, !noHeaders)
 				}
 				return errors.Join(err, leftOut)
 			})
 		},
 	}
 	storeFlag(c, &addr)
-	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table")
+	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table (--format json)")
+	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
+	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
+	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
 	return c
+}
+
+// writeNames writes one name per line, for scripts.
+func writeNames(w io.Writer, recs []Record) error {
+	bw := bufio.NewWriter(w)
+	for _, r := range recs {
+		bw.WriteString(r.Name)
+		bw.WriteByte('\n')
+	}
+	return bw.Flush()
 }
 
 func writeJSONLines(w io.Writer, recs []Record) error {
@@ -91,9 +120,11 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 	return nil
 }
 
-func writeTable(w io.Writer, recs []Record) error {
+func writeTable(w io.Writer, recs []Record, header bool) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+	if header {
+		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+	}
 	for _, r := range recs {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r), fmtTime(r.Created))
 	}

@@ -144,8 +144,13 @@ cluster shared by many hosts (github.com/snapmeta/storage).
 Read commands (ls, info, tree, ids, check, export) open a bbolt file
 read-only; while a running daemon holds the file they report it as locked.
 
+Every flag may be set from the environment instead: SNAPMETA_ and the flag's
+name in capitals, with _ for - (SNAPMETA_STORE, SNAPMETA_DIAL_TIMEOUT,
+SNAPMETA_CACERT, ...); the command line wins.
+
 Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
-(check: the store could not be read).`,
+(check: the store could not be read), 128+n when signal n stops it (130 for
+an interrupt).`,
 		Example: `  snapmeta demo
   snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta tree --store etcd://10.0.0.5:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
@@ -153,6 +158,9 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(c *cobra.Command, _ []string) error {
+			if err := flagsFromEnv(c); err != nil {
+				return err
+			}
 			if a.etcd.dialTimeout <= 0 {
 				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.dialTimeout, c.CommandPath())
 			}
@@ -181,6 +189,7 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 		a.exportCommand(),
 		a.importCommand(),
 		a.migrateCommand(),
+		a.versionCommand(),
 	)
 	root.SetHelpCommand(helpCommand(root))
 	return root
