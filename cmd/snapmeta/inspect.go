@@ -455,19 +455,21 @@ directories belong to none.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, readOnly, func(st storeHandle) error {
-				var m map[string]string
-				err := st.WithTransaction(c.Context(), false, func(ctx context.Context) (err error) {
-					m, err = storage.IDMap(ctx)
-					return err
-				})
+				// Walk rather than IDMap: a damaged record leaves out only
+				// itself.
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
+				}
+				m := make(map[string]string, len(recs))
+				for _, r := range recs {
+					m[r.ID] = r.Name
 				}
 				if asJSON {
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(m)
+					return errors.Join(enc.Encode(m), leftOut)
 				}
 				ids := slices.SortedFunc(maps.Keys(m), func(x, y string) int {
 					nx, errX := strconv.ParseUint(x, 10, 64)
@@ -488,7 +490,7 @@ directories belong to none.`,
 				for _, id := range ids {
 					fmt.Fprintf(tw, "%s\t%s\n", id, m[id])
 				}
-				return tw.Flush()
+				return errors.Join(tw.Flush(), leftOut)
 			})
 		},
 	}

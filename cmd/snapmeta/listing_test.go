@@ -30,7 +30,7 @@ func damageBolt(t *testing.T, path string, fn func(snaps *bolt.Bucket) error) {
 func TestListingsShowReadableRecords(t *testing.T) {
 	path := boltFixture(t)
 	want := map[string]string{}
-	for _, cmd := range []string{"ls", "tree", "export"} {
+	for _, cmd := range []string{"ls", "tree", "export", "ids"} {
 		want[cmd] = ok(t, cmd, "--store", path)
 	}
 	damageBolt(t, path, func(snaps *bolt.Bucket) error {
@@ -45,6 +45,7 @@ func TestListingsShowReadableRecords(t *testing.T) {
 		{"ls", []string{"scratch"}},
 		{"tree", []string{"scratch"}},
 		{"export", []string{`"name":"scratch"`}},
+		{"ids", []string{"scratch"}},
 	} {
 		t.Run(tc.cmd, func(t *testing.T) {
 			r := exe(t, tc.cmd, "--store", path)
