@@ -44,6 +44,7 @@ func TestInterruptExits130(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer l.Close()
+	connected := make(chan struct{}, 1)
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -51,6 +52,10 @@ func TestInterruptExits130(t *testing.T) {
 				return
 			}
 			defer c.Close()
+			select {
+			case connected <- struct{}{}:
+			default:
+			}
 		}
 	}()
 	cmd := exec.Command(binary, "ls", "--store", "etcd://"+l.Addr().String()+"/x", "--dial-timeout", "1m")
@@ -58,7 +63,14 @@ func TestInterruptExits130(t *testing.T) {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
-	time.Sleep(500 * time.Millisecond)
+	// Once it dials, the tool handles signals: it installs its handler
+	// first thing.
+	select {
+	case <-connected:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("the tool never dialled")
+	}
 	start := time.Now()
 	require.NoError(t, cmd.Process.Signal(os.Interrupt))
 	err = cmd.Wait()
