@@ -81,6 +81,19 @@ func TestContainerdDifferencesAreAsDocumented(t *testing.T) {
 			containerd: outcome{parent: "c"},
 			ours:       outcome{class: "NotFound"},
 		},
+		{
+			name: "a filter whose regular expression does not compile",
+			setup: func(ctx context.Context, f ctrdImpl) error {
+				_, err := f.CreateSnapshot(ctx, snapshots.KindActive, "a", "")
+				return err
+			},
+			step: func(ctx context.Context, f ctrdImpl) error {
+				return f.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil }, "name~=(")
+			},
+			// containerd matches nothing (and logs an error per snapshot).
+			containerd: outcome{},
+			ours:       outcome{class: "InvalidArgument"},
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

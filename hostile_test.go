@@ -462,8 +462,9 @@ func hostileRows() []hostileRow {
 		{name: "filter missing value", op: hostileWalk(`kind==`), want: hostileInvalidArgument},
 		{name: "filter missing field", op: hostileWalk(`==active`), want: hostileInvalidArgument},
 		// containerd compiles a regexp when matching, logs a bad one and
-		// matches nothing; a drop-in does the same.
-		{name: "filter bad regexp", op: hostileWalk(`name~="("`), want: hostileOK},
+		// matches nothing; we refuse it before reading (a documented
+		// difference).
+		{name: "filter bad regexp", op: hostileWalk(`name~="("`), want: hostileInvalidArgument},
 		{name: "filter good then bad", op: hostileWalk(`kind==active`, `,,`), want: hostileInvalidArgument},
 		{name: "filter that parses but matches nothing", op: hostileWalk(`labels."no.such"==x`), want: hostileOK},
 

@@ -394,7 +394,7 @@ func (t *transaction) UpdateInfo(ctx context.Context, info snapshots.Info, field
 }
 
 func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
-	filter, err := filters.ParseAll(fs...)
+	filter, err := parseFilters(fs...)
 	if err != nil {
 		return err
 	}

@@ -44,7 +44,10 @@ type Transactor interface {
 	// in this transaction: the walk reports each snapshot as the
 	// transaction holds it when the walk reaches its name, so one created
 	// or updated ahead of the walk is seen as written, one removed ahead of
-	// it is not visited, and one created behind it is not visited.
+	// it is not visited, and one created behind it is not visited. A filter
+	// that does not parse, or whose regular expression (~=) does not
+	// compile, is refused with InvalidArgument before anything is read
+	// (containerd's store matches nothing and logs once per snapshot).
 	WalkInfo(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error
 	// GetSnapshot returns the ID and parent IDs of an active or view
 	// snapshot; ParentIDs lists the immediate parent first.

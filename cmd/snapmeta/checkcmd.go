@@ -38,8 +38,8 @@ cannot be opened: the message names 'snapmeta salvage').`,
 				}
 				// The count is for the summary only; a store too damaged
 				// to list is still checked.
-				if recs, err := loadAll(c.Context(), st); err == nil {
-					count = len(recs)
+				if recs, bad, err := loadAll(c.Context(), st); err == nil {
+					count = len(recs) + len(bad)
 				} else {
 					count = -1
 				}

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -39,8 +41,8 @@ func (a *app) withStore(ctx context.Context, addr string, mode storeaddr.Mode, f
 }
 
 func (a *app) lsCommand() *cobra.Command {
-	var addr string
-	var asJSON bool
+	var addr, format string
+	var asJSON, quiet, noHeaders bool
 	c := &cobra.Command{
 		Use:   "ls [FILTER...]",
 		Short: "List snapshots",
@@ -52,27 +54,60 @@ view, committed), name, parent and labels.<key>, e.g. 'kind==committed' or
 snapshot is listed when it matches any of the filters.
 
 The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
-committed snapshots only. --json writes one JSON object per snapshot with
-every field, one per line (the export format).`,
+committed snapshots only; --no-headers leaves out the header line, -q
+writes the names only. --format json (or --json) writes one JSON object per
+snapshot with every field, one per line (the export format).`,
 		Example: `  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
-  snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json`,
+  snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
+  snapmeta ls -s metadata.db -q 'name~=^sha256:'`,
 		RunE: func(c *cobra.Command, filters []string) error {
+			if err := storage.ValidateFilters(filters...); err != nil {
+				return usageErrorf("%v", err)
+			}
+			switch format {
+			case "table":
+			case "json":
+				asJSON = true
+			default:
+				return usageErrorf("--format must be table or json, not %q", format)
+			}
+			if quiet && asJSON {
+				return usageErrorf("-q writes names only; it does not go with JSON")
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st, filters...)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, filters...)
 				if err != nil {
 					return err
 				}
-				if asJSON {
-					return writeJSONLines(a.stdout, recs)
+				switch {
+				case asJSON:
+					err = writeJSONLines(a.stdout, recs)
+				case quiet:
+					err = writeNames(a.stdout, recs)
+				default:
+					err = writeTable(a.stdout, recs, !noHeaders)
 				}
-				return writeTable(a.stdout, recs)
+				return errors.Join(err, leftOut)
 			})
 		},
 	}
 	storeFlag(c, &addr)
-	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table")
+	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table (--format json)")
+	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
+	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
+	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
 	return c
+}
+
+// writeNames writes one name per line, for scripts.
+func writeNames(w io.Writer, recs []Record) error {
+	bw := bufio.NewWriter(w)
+	for _, r := range recs {
+		bw.WriteString(r.Name)
+		bw.WriteByte('\n')
+	}
+	return bw.Flush()
 }
 
 func writeJSONLines(w io.Writer, recs []Record) error {
@@ -86,9 +121,11 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 	return nil
 }
 
-func writeTable(w io.Writer, recs []Record) error {
+func writeTable(w io.Writer, recs []Record, header bool) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+	if header {
+		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+	}
 	for _, r := range recs {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r), fmtTime(r.Created))
 	}
@@ -184,7 +221,7 @@ under it), timestamps, usage, labels and children.`,
 		Args: exactArgs(1, "one snapshot NAME"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				info, err := loadInfo(c.Context(), st, args[0])
+				info, problem, err := loadInfo(c.Context(), st, args[0])
 				if err != nil {
 					return err
 				}
@@ -192,9 +229,14 @@ under it), timestamps, usage, labels and children.`,
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(info)
+					err = enc.Encode(info)
+				} else {
+					err = writeInfo(a.stdout, info)
 				}
-				return writeInfo(a.stdout, info)
+				if problem != nil {
+					return errors.Join(err, &exitError{code: 1, err: problem})
+				}
+				return err
 			})
 		},
 	}
@@ -204,34 +246,40 @@ under it), timestamps, usage, labels and children.`,
 }
 
 // loadInfo reads one snapshot, its parent chain and its children in one
-// read-only transaction.
-func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (infoJSON, error) {
-	var out infoJSON
-	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+// read-only transaction. problem is set when the chain reaches a missing
+// parent: out then holds the chain up to it.
+func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJSON, problem, err error) {
+	err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		problem = nil
 		id, info, usage, err := storage.GetInfo(ctx, name)
 		if err != nil {
 			return err
 		}
 		out = infoJSON{Record: newRecord(id, info, usage)}
 		seen := map[string]bool{name: true}
-		for p := info.Parent; p != ""; {
+		for child, p := name, info.Parent; p != ""; {
 			if seen[p] {
 				return fmt.Errorf("snapshot %q: parent chain loops at %q (run snapmeta check)", name, p)
 			}
 			seen[p] = true
 			pid, pinfo, _, err := storage.GetInfo(ctx, p)
+			if isNotFound(err) {
+				// A damaged store: the record is still worth showing.
+				problem = fmt.Errorf("snapshot %q: parent %q does not exist; the parent chain ends there (see 'snapmeta check')", child, p)
+				break
+			}
 			if err != nil {
 				return fmt.Errorf("parent chain of %q: %w", name, err)
 			}
 			out.ParentIDs = append(out.ParentIDs, pid)
-			p = pinfo.Parent
+			child, p = p, pinfo.Parent
 		}
 		return storage.WalkInfo(ctx, func(_ context.Context, ci snapshots.Info) error {
 			out.Children = append(out.Children, ci.Name)
 			return nil
 		}, "parent=="+strconv.Quote(name))
 	})
-	return out, err
+	return out, problem, err
 }
 
 func writeInfo(w io.Writer, i infoJSON) error {
@@ -293,7 +341,7 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
 				}
@@ -302,10 +350,10 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(treeJSON(roots, loops))
+					return errors.Join(enc.Encode(treeJSON(roots, loops)), leftOut)
 				}
 				writeTree(a.stdout, roots, loops)
-				return nil
+				return leftOut
 			})
 		},
 	}
@@ -408,19 +456,21 @@ directories belong to none.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				var m map[string]string
-				err := st.WithTransaction(c.Context(), false, func(ctx context.Context) (err error) {
-					m, err = storage.IDMap(ctx)
-					return err
-				})
+				// Walk rather than IDMap: a damaged record leaves out only
+				// itself.
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
+				}
+				m := make(map[string]string, len(recs))
+				for _, r := range recs {
+					m[r.ID] = r.Name
 				}
 				if asJSON {
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return enc.Encode(m)
+					return errors.Join(enc.Encode(m), leftOut)
 				}
 				ids := slices.SortedFunc(maps.Keys(m), func(x, y string) int {
 					nx, errX := strconv.ParseUint(x, 10, 64)
@@ -441,7 +491,7 @@ directories belong to none.`,
 				for _, id := range ids {
 					fmt.Fprintf(tw, "%s\t%s\n", id, m[id])
 				}
-				return tw.Flush()
+				return errors.Join(tw.Flush(), leftOut)
 			})
 		},
 	}

@@ -22,11 +22,25 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		if s, ok := (<-sigs).(syscall.Signal); ok {
+			cancel(interrupted{s})
+		}
+	}()
 	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
-	stop()
+	signal.Stop(sigs)
 	os.Exit(code)
 }
+
+// interrupted is why a run's context ends when a signal stops the tool: the
+// run then exits with 128 + the signal's number, as shells report it (130
+// for SIGINT, 143 for SIGTERM).
+type interrupted struct{ sig syscall.Signal }
+
+func (i interrupted) Error() string { return "interrupted by " + i.sig.String() }
 
 // app holds the settings shared by the commands of one run.
 type app struct {
@@ -82,8 +96,14 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case errors.As(err, &ue), !a.started:
 		code = 2
 	}
-	msg := oneLine(err.Error())
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+	msg := sayClassOnce(oneLine(err.Error()))
+	var sig interrupted
+	switch {
+	case ctx.Err() != nil && errors.As(context.Cause(ctx), &sig):
+		// Whatever the command was doing, it ended because of the signal
+		// (etcd's client reports the cancellation in its own words).
+		code, msg = 128+int(sig.sig), "interrupted"
+	case ctx.Err() != nil && errors.Is(err, context.Canceled):
 		msg = strings.Replace(msg, "context canceled", "interrupted", 1)
 	}
 	if msg != "" {
@@ -123,16 +143,28 @@ cluster shared by many hosts (github.com/snapmeta/storage).
 Read commands (ls, info, tree, ids, check, export) open a bbolt file
 read-only; while a running daemon holds the file they report it as locked.
 
+Every flag may be set from the environment instead: SNAPMETA_ and the flag's
+name in capitals, with _ for - (SNAPMETA_STORE, SNAPMETA_DIAL_TIMEOUT,
+SNAPMETA_CACERT, ...); the command line wins.
+
 Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
-(check: the store could not be read).`,
+(check: the store could not be read), 128+n when signal n stops it (130 for
+an interrupt).`,
 		Example: `  snapmeta demo
   snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta tree --store etcd://10.0.0.5:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
   snapmeta migrate --from bolt:///backup/metadata.db --to etcd://10.0.0.5:2379/snapshots`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
-		PersistentPreRun: func(*cobra.Command, []string) {
+		PersistentPreRunE: func(c *cobra.Command, _ []string) error {
+			if err := flagsFromEnv(c); err != nil {
+				return err
+			}
+			if a.etcd.DialTimeout <= 0 {
+				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.DialTimeout, c.CommandPath())
+			}
 			a.started = true
+			return nil
 		},
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
@@ -152,6 +184,7 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 		a.importCommand(),
 		a.migrateCommand(),
 		a.salvageCommand(),
+		a.versionCommand(),
 	)
 	root.SetHelpCommand(helpCommand(root))
 	return root

@@ -80,7 +80,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, b
 	if len(problems) > 0 {
 		return fmt.Errorf("source has %d problem(s), the first: %s (see 'snapmeta check --store %s')", len(problems), problems[0], srcAddr)
 	}
-	srcRecs, err := loadAll(ctx, srcMS)
+	srcRecs, err := loadEvery(ctx, srcMS)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
@@ -93,7 +93,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, b
 	defer dstMS.Close()
 
 	// Refuse any real difference before writing anything.
-	dstRecs, err := loadAll(ctx, dstMS)
+	dstRecs, err := loadEvery(ctx, dstMS)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
 	}
@@ -124,11 +124,11 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, b
 	}
 
 	// Verify: both stores read afresh, every record compared.
-	srcRecs, err = loadAll(ctx, srcMS)
+	srcRecs, err = loadEvery(ctx, srcMS)
 	if err != nil {
 		return fmt.Errorf("verify: source: %w", err)
 	}
-	dstRecs, err = loadAll(ctx, dstMS)
+	dstRecs, err = loadEvery(ctx, dstMS)
 	if err != nil {
 		return fmt.Errorf("verify: target: %w", err)
 	}

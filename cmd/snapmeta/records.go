@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -173,48 +174,69 @@ func fmtLabels(l map[string]string) string {
 func fmtTimeNano(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
 // loadAll reads every snapshot matching filters (all without filters) in one
-// read-only transaction, in name order.
-func loadAll(ctx context.Context, ms storage.MetaStore, filters ...string) ([]Record, error) {
-	var recs []Record
-	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		recs = recs[:0]
-		var infos []snapshots.Info
-		if err := storage.WalkInfo(ctx, func(_ context.Context, info snapshots.Info) error {
-			infos = append(infos, info)
+// read-only transaction, in name order, with storage.Walk: on etcd one round
+// trip per page of records, on bbolt one cursor pass. Records that cannot be
+// read do not stop it: they are returned in bad, the others in recs.
+func loadAll(ctx context.Context, ms storage.MetaStore, filters ...string) (recs []Record, bad []storage.CorruptRecord, err error) {
+	err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		recs, bad = recs[:0], nil
+		err := storage.Walk(ctx, func(r storage.Record) error {
+			recs = append(recs, fromStorage(r))
 			return nil
-		}, filters...); err != nil {
-			return err
-		}
-		if len(infos) == 0 {
+		}, filters...)
+		var ce *storage.CorruptRecordsError
+		if errors.As(err, &ce) {
+			bad = ce.Records
 			return nil
 		}
-		// One scan for the IDs; GetInfo only where the usage is needed or
-		// the ID map is ambiguous (a damaged store may share an ID).
-		byID, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		ids := make(map[string]string, len(byID))
-		for id, name := range byID {
-			ids[name] = id
-		}
-		for _, info := range infos {
-			id, ok := ids[info.Name]
-			var usage snapshots.Usage
-			if !ok || info.Kind == snapshots.KindCommitted {
-				var err error
-				if id, _, usage, err = storage.GetInfo(ctx, info.Name); err != nil {
-					return err
-				}
-			}
-			recs = append(recs, newRecord(id, info, usage))
-		}
-		return nil
+		return err
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return recs, nil
+	return recs, bad, nil
+}
+
+// loadReadable is loadAll for the listing commands: it reports each record
+// that cannot be read on stderr, and returns, with the readable records,
+// leftOut: the error the command ends with once it has written them (exit
+// code 1; nil when every record was read).
+func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, filters ...string) (recs []Record, leftOut, err error) {
+	recs, bad, err := loadAll(ctx, ms, filters...)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(bad) == 0 {
+		return recs, nil, nil
+	}
+	for _, b := range bad {
+		fmt.Fprintf(a.stderr, "snapmeta: snapshot %q cannot be read: %s\n", b.Name, sayClassOnce(oneLine(b.Err.Error())))
+	}
+	return recs, &exitError{code: 1, err: fmt.Errorf("%d snapshot(s) cannot be read and are left out (see 'snapmeta check')", len(bad))}, nil
+}
+
+// loadEvery is loadAll for commands that need every record (migrate, demo):
+// a record that cannot be read is an error.
+func loadEvery(ctx context.Context, ms storage.MetaStore) ([]Record, error) {
+	recs, bad, err := loadAll(ctx, ms)
+	if err == nil && len(bad) > 0 {
+		err = &storage.CorruptRecordsError{Records: bad}
+	}
+	return recs, err
+}
+
+// fromStorage converts a record of the library.
+func fromStorage(r storage.Record) Record {
+	return Record{
+		Name:    r.Name,
+		ID:      r.ID,
+		Kind:    Kind(r.Kind),
+		Parent:  r.Parent,
+		Labels:  r.Labels,
+		Created: r.Created,
+		Updated: r.Updated,
+		Usage:   Usage{Size: r.Usage.Size, Inodes: r.Usage.Inodes},
+	}
 }
 
 // node is a snapshot in the parent forest.

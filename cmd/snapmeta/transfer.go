@@ -42,7 +42,7 @@ reported on stderr; import will refuse it.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, err := loadAll(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
 					return err
 				}
@@ -53,9 +53,10 @@ reported on stderr; import will refuse it.`,
 				for _, n := range loops {
 					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q is in a parent loop; import will refuse it\n", n)
 				}
-				return writeOutput(output, a.stdout, func(w io.Writer) error {
+				err = writeOutput(output, a.stdout, func(w io.Writer) error {
 					return writeJSONLines(w, ordered)
 				})
+				return errors.Join(err, leftOut)
 			})
 		},
 	}
@@ -141,17 +142,31 @@ refused. The whole file is read and checked before anything is written.`,
 			if err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadWrite, func(st storeHandle) error {
+			// A bbolt file this import creates goes again if nothing is
+			// imported into it: a failed import leaves no empty store.
+			newFile := ""
+			if ad, err := storeaddr.Parse(addr); err == nil && ad.Engine == storeaddr.Bolt {
+				if _, err := os.Stat(ad.Path); errors.Is(err, os.ErrNotExist) {
+					newFile = ad.Path
+				}
+			}
+			var created int
+			err = a.withStore(c.Context(), addr, storeaddr.ReadWrite, func(st storeHandle) error {
 				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
 					batch:        batch,
 					skipExisting: skipExisting,
 				})
+				created = stats.created
 				if err != nil {
 					return fmt.Errorf("%w (%d imported before this)", err, stats.created)
 				}
 				fmt.Fprintf(a.stdout, "imported %d snapshots, skipped %d identical\n", stats.created, stats.skipped)
 				return nil
 			})
+			if err != nil && newFile != "" && created == 0 {
+				_ = os.Remove(newFile)
+			}
+			return err
 		},
 	}
 	storeFlag(c, &addr)

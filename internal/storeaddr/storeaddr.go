@@ -140,6 +140,10 @@ func Parse(s string) (Address, error) {
 			if h == "" {
 				return a, Usagef("store address %q has an empty endpoint", s)
 			}
+			// gRPC would try port 443 until the dial timeout.
+			if _, port, err := net.SplitHostPort(h); err != nil || port == "" {
+				return a, Usagef("etcd endpoint %q of store address %q has no port (want host:2379)", h, s)
+			}
 			a.Endpoints = append(a.Endpoints, h)
 		}
 		a.Engine, a.Root = Etcd, root
@@ -193,7 +197,8 @@ func (f *EtcdFlags) ClientConfig(a Address) (*clientv3.Config, error) {
 		info := transport.TLSInfo{CertFile: f.Cert, KeyFile: f.Key, TrustedCAFile: f.CACert}
 		tlsCfg, err := info.ClientConfig()
 		if err != nil {
-			return nil, fmt.Errorf("TLS settings: %w", err)
+			// The files named on the command line are missing or wrong.
+			return nil, Usagef("TLS settings: %v", err)
 		}
 		cfg.TLS = tlsCfg
 	}
@@ -249,7 +254,7 @@ func Open(ctx context.Context, a Address, mode Mode, ef *EtcdFlags) (storage.Met
 	case Bolt:
 		return openBolt(a.Path, mode)
 	case Etcd:
-		return openEtcd(ctx, a, ef)
+		return openEtcd(ctx, a, mode, ef)
 	}
 	return nil, fmt.Errorf("unknown engine %q", a.Engine)
 }
@@ -264,6 +269,12 @@ func openBolt(path string, mode Mode) (storage.MetaStore, error) {
 	case err != nil && !errors.Is(err, os.ErrNotExist):
 		return nil, err
 	}
+	if err == nil && mode == ReadWrite {
+		// Before anything is written into a file of another kind.
+		if err := boltLayoutProblem(path); err != nil {
+			return nil, err
+		}
+	}
 	ms, err := storage.NewBoltMetaStore(path, func(o *bolt.Options) error {
 		o.ReadOnly = mode == ReadOnly
 		o.Timeout = BoltLockTimeout
@@ -272,13 +283,20 @@ func openBolt(path string, mode Mode) (storage.MetaStore, error) {
 	if errors.Is(err, storage.ErrLocked) {
 		return nil, &LockedError{Path: path, Err: err}
 	}
+	if err == nil && mode == ReadOnly {
+		// Once the store holds the file: a daemon's lock is reported as such.
+		if err := boltLayoutProblem(path); err != nil {
+			_ = ms.Close()
+			return nil, err
+		}
+	}
 	return ms, err
 }
 
 // openEtcd connects to etcd and makes sure a member answers within the dial
 // timeout, so that an unreachable cluster is reported at once rather than
 // after the store's request timeout.
-func openEtcd(ctx context.Context, a Address, ef *EtcdFlags) (storage.MetaStore, error) {
+func openEtcd(ctx context.Context, a Address, mode Mode, ef *EtcdFlags) (storage.MetaStore, error) {
 	cfg, err := ef.ClientConfig(a)
 	if err != nil {
 		return nil, err
@@ -289,7 +307,8 @@ func openEtcd(ctx context.Context, a Address, ef *EtcdFlags) (storage.MetaStore,
 	}
 	pctx, cancel := context.WithTimeout(ctx, ef.DialTimeout)
 	defer cancel()
-	if _, err := cli.Get(pctx, a.Root+"/"+storage.KeyEtcdVersion+"/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil {
+	resp, err := cli.Get(pctx, a.Root+"/"+storage.KeyEtcdVersion+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
 		_ = cli.Close()
 		if pctx.Err() != nil && ctx.Err() == nil {
 			msg := fmt.Sprintf("etcd %s did not answer within %v", strings.Join(a.Endpoints, ","), ef.DialTimeout)
@@ -302,6 +321,11 @@ func openEtcd(ctx context.Context, a Address, ef *EtcdFlags) (storage.MetaStore,
 			return nil, fmt.Errorf("etcd %s: %w (the cluster requires a user: give --user)", strings.Join(a.Endpoints, ","), err)
 		}
 		return nil, fmt.Errorf("etcd %s: %w", strings.Join(a.Endpoints, ","), err)
+	}
+	if resp.Count == 0 && mode == ReadOnly {
+		err := emptyRootError(pctx, cli, a)
+		_ = cli.Close()
+		return nil, err
 	}
 	ms, err := storage.NewEtcdStoreFromClient(cli, a.Root)
 	if err != nil {

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestFlagAndAddressErrors: mistakes on the command line are usage errors
+// (exit 2), in one line, found before anything is dialled.
+func TestFlagAndAddressErrors(t *testing.T) {
+	path := boltFixture(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ls", "--store", "etcd://127.0.0.1:1/x", "--dial-timeout", "0"}, "--dial-timeout must be positive, not 0s"},
+		{[]string{"ls", "--store", path, "--dial-timeout", "-1s"}, "--dial-timeout must be positive, not -1s"},
+		{[]string{"ls", "--store", "etcd://127.0.0.1/x"}, `etcd endpoint "127.0.0.1" of store address "etcd://127.0.0.1/x" has no port (want host:2379)`},
+		{[]string{"ls", "--store", "etcd://h1:2379,h2/x"}, `etcd endpoint "h2" of store address`},
+		{[]string{"ls", "--store", "etcd://127.0.0.1:1/x", "--cacert", filepath.Join(t.TempDir(), "none.pem")}, "TLS settings: "},
+		{[]string{"ls", "--store", "etcd://127.0.0.1:1/x", "--cert", path, "--key", path}, "TLS settings: "},
+	} {
+		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
+			start := time.Now()
+			wantFail(t, exe(t, tc.args...), 2, tc.want)
+			assert.Less(t, time.Since(start), 5*time.Second)
+		})
+	}
+}
+
+// TestInterruptExits130: SIGINT ends a command that waits (here for an
+// etcd that accepts connections and never answers) at once, with exit code
+// 130 and one line.
+func TestInterruptExits130(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	connected := make(chan struct{}, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			select {
+			case connected <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	cmd := exec.Command(binary, "ls", "--store", "etcd://"+l.Addr().String()+"/x", "--dial-timeout", "1m")
+	cmd.Env = cleanEnv()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	// Once it dials, the tool handles signals: it installs its handler
+	// first thing.
+	select {
+	case <-connected:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("the tool never dialled")
+	}
+	start := time.Now()
+	require.NoError(t, cmd.Process.Signal(os.Interrupt))
+	err = cmd.Wait()
+	assert.Less(t, time.Since(start), 5*time.Second)
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 130, ee.ExitCode())
+	assert.Equal(t, "snapmeta: interrupted\n", stderr.String())
+}
+
+// TestFailedImportLeavesNoFile: an import into a new bbolt file that
+// imports nothing removes the file it created; one into an existing file
+// leaves it.
+func TestFailedImportLeavesNoFile(t *testing.T) {
+	orphan := `{"name":"a","id":"5","kind":"active","parent":"ghost","labels":{},"created":"2025-01-01T00:00:00Z","updated":"2025-01-01T00:00:00Z","usage":{"size":0,"inodes":0}}` + "\n"
+	path := filepath.Join(t.TempDir(), "new.db")
+	wantFail(t, snapmeta(t, orphan, nil, "import", "--store", path), 1, `missing parent "ghost" (0 imported before this)`)
+	_, err := os.Stat(path)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+
+	existing := boltWith(t, "b")
+	wantFail(t, snapmeta(t, orphan, nil, "import", "--store", existing), 1, `missing parent "ghost"`)
+	assert.FileExists(t, existing)
+}
