@@ -298,6 +298,23 @@ func (s *pageScan) resync(b []byte, count int) []elem {
 		from := at + uint64(le.Uint32(b[at+4:]))
 		slots[i] = slot{e: one[0], ok: true, from: from, to: from + uint64(len(one[0].key)+len(one[0].value))}
 	}
+	// A damaged header may still point inside the page: a good element's
+	// data starts where the one before ends, or ends where the one after
+	// starts. One that joins neither is taken as damaged (the last one,
+	// after a damaged one, cannot be checked).
+	joined := make([]bool, count)
+	for i := range slots {
+		prevEnd := uint64(count) * leafElemSize
+		if i > 0 {
+			prevEnd = slots[i-1].to
+		}
+		joined[i] = slots[i].ok && ((i == 0 || slots[i-1].ok) && slots[i].from == prevEnd ||
+			i+1 < count && slots[i+1].ok && slots[i].to == slots[i+1].from ||
+			i == count-1)
+	}
+	for i := range slots {
+		slots[i].ok = joined[i]
+	}
 	var elems []elem
 	for i := 0; i < count; {
 		if slots[i].ok {
