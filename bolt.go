@@ -424,8 +424,13 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 		// snapshot, and its record does not decode.
 		var r *record
 		sb, derr := layoutBucket(b.snaps, k)
-		if sb != nil {
+		switch {
+		case sb != nil:
 			r, derr = decodeBolt(sb, true)
+		case derr == nil:
+			// The cursor reached k, but a lookup of k does not: its page
+			// is damaged (its keys are out of order).
+			derr = fmt.Errorf("the key cannot be looked up: its page is out of order: %w", ErrCorrupt)
 		}
 		inFn = true
 		err := fn(string(k), r, derr)
