@@ -69,7 +69,8 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 	}
 	// Released when the process ends, however it ends.
 	defer lock.Close()
-	if err := checkDriver(cfg.root, cfg.driver); err != nil {
+	recorded, err := checkDriver(cfg.root, cfg.driver)
+	if err != nil {
 		return err
 	}
 	ms, err := storeaddr.Open(ctx, addr, storeaddr.ReadWrite, &cfg.etcd)
@@ -80,6 +81,15 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 	if err != nil {
 		_ = ms.Close()
 		return fmt.Errorf("driver %s: %w", cfg.driver, err)
+	}
+	// Recorded only now that the driver has made the root its own: a start
+	// that failed earlier (a store that does not answer) binds the root to
+	// no driver.
+	if !recorded {
+		if err := recordDriver(cfg.root, cfg.driver); err != nil {
+			_ = sn.Close()
+			return err
+		}
 	}
 	d := &daemon{socket: cfg.socket, sn: sn}
 	l, err := d.listen()
@@ -253,23 +263,32 @@ func lockRoot(root string) (*os.File, error) {
 	return f, nil
 }
 
-// checkDriver records in <root>/driver which driver made root, and refuses
-// another one: each driver lays out its snapshot directories its own way,
-// so a root is only ever read by the driver that wrote it.
-func checkDriver(root, driver string) error {
+// checkDriver refuses a root that <root>/driver says another driver made:
+// each driver lays out its snapshot directories its own way, so a root is
+// only ever read by the driver that wrote it. It reports whether the root
+// records a driver already.
+func checkDriver(root, driver string) (recorded bool, err error) {
 	p := filepath.Join(root, "driver")
 	b, err := os.ReadFile(p)
 	switch {
 	case err == nil:
 		if got := strings.TrimSpace(string(b)); got != driver {
-			return fmt.Errorf("%s belongs to driver %q, not %q (see %s): use --driver %s or another --root", root, got, driver, p, got)
+			return true, fmt.Errorf("%s belongs to driver %q, not %q (see %s): use --driver %s or another --root", root, got, driver, p, got)
 		}
-		return nil
+		return true, nil
 	case errors.Is(err, fs.ErrNotExist):
-		return os.WriteFile(p, []byte(driver+"\n"), 0o600)
+		return false, nil
 	default:
+		return false, fmt.Errorf("data root: %w", err)
+	}
+}
+
+// recordDriver records in <root>/driver which driver made root.
+func recordDriver(root, driver string) error {
+	if err := os.WriteFile(filepath.Join(root, "driver"), []byte(driver+"\n"), 0o600); err != nil {
 		return fmt.Errorf("data root: %w", err)
 	}
+	return nil
 }
 
 // unaryInterceptor counts calls under way and logs each at debug level,

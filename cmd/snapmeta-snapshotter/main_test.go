@@ -506,6 +506,26 @@ func TestStartupErrors(t *testing.T) {
 	}
 }
 
+// TestFailedStartBindsNoDriver: a start that fails before the driver is
+// made (here a store that does not answer) leaves the root to any driver;
+// a start that succeeds binds it to its driver.
+func TestFailedStartBindsNoDriver(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "root")
+	failed := start(t, socketPath(t), "--root", root, "--driver", "overlay", "--store", "etcd://127.0.0.1:1/x", "--dial-timeout", "300ms")
+	require.Equal(t, 1, failed.wait(t, 30*time.Second), "stderr:\n%s", failed.stderr)
+	assert.NoFileExists(t, filepath.Join(root, "driver"))
+
+	d := serving(t, socketPath(t), "--root", root, "--driver", "native")
+	d.stop(t, syscall.SIGTERM)
+	got, err := os.ReadFile(filepath.Join(root, "driver"))
+	require.NoError(t, err)
+	assert.Equal(t, "native\n", string(got))
+
+	refused := start(t, socketPath(t), "--root", root, "--driver", "overlay")
+	assert.Equal(t, 1, refused.wait(t, 30*time.Second))
+	assert.Contains(t, refused.stderr.String(), `belongs to driver "native", not "overlay"`)
+}
+
 // TestSocketTaken: the daemon refuses a socket that something serves, and
 // anything at the path that is not a socket; what is there stays.
 func TestSocketTaken(t *testing.T) {
