@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sync/atomic"
 	"time"
@@ -54,6 +56,8 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	if err := checkBoltFile(dbfile); err != nil {
 		return nil, err
 	}
+	_, statErr := os.Stat(dbfile)
+	creates := errors.Is(statErr, os.ErrNotExist) && !options.ReadOnly
 	db, err := openBolt(dbfile, &options)
 	switch {
 	case errors.Is(err, berrors.ErrTimeout):
@@ -66,7 +70,25 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	case err != nil:
 		return nil, fmt.Errorf("failed to open database file %s: %w", dbfile, boltErr(err))
 	}
+	if creates && !options.NoSync {
+		// bbolt fsyncs the file, not its name: without the directory's
+		// fsync a power cut can take a new file, commits and all.
+		if err := syncDir(filepath.Dir(dbfile)); err != nil {
+			_ = db.Close()
+			return nil, fmt.Errorf("failed to make %s durable: %w", dbfile, boltErr(err))
+		}
+	}
 	return newMetaStore(&boltEngine{db: db, path: dbfile}), nil
+}
+
+// syncDir fsyncs a directory, making the names in it durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // The layout's keys as bytes, converted once rather than on every access.
