@@ -935,3 +935,38 @@ func TestPromiseProblemStringOfPageDamage(t *testing.T) {
 	assert.True(t, strings.HasPrefix(storage.Problem{Page: true, Detail: "page 7 freed twice"}.String(), "page damage: "))
 	assert.Contains(t, storage.Problem{Snapshot: "s", Detail: "parent missing"}.String(), "s")
 }
+
+// "IDs never wrap"; on etcd "the allocator hands out IDs from the floor
+// plus 128 for every block reserved on the root so far (before the raise as
+// after) ... a raise to within 128 × blocks of the top leaves no IDs": no
+// client commits an ID at or below the raised floor, none wraps, and every
+// client is refused with ErrIDsExhausted once the allocator's limit is
+// 2^64-1.
+func TestPromiseEtcdRaiseNearTheTopAfterBlocksWereReserved(t *testing.T) {
+	const top = uint64(1<<64 - 1)
+	root := uniqueRoot(t)
+	var stores []storage.MetaStore
+	for i := range 4 {
+		ms := openEtcd(t, root)
+		stores = append(stores, ms)
+		update(t, ms, func(ctx context.Context) error {
+			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, fmt.Sprintf("s%d", i), "")
+			return err
+		})
+	}
+	update(t, stores[0], func(ctx context.Context) error { return storage.RaiseIDs(ctx, top-300) })
+	before := promiseViewDump(t, stores[0])
+	assert.True(t, strings.HasSuffix(before, fmt.Sprintf("limit=%d\n", top)), before)
+	for i, ms := range stores {
+		err := ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, fmt.Sprintf("t%d", i), "")
+			return err
+		})
+		assert.ErrorIs(t, err, storage.ErrIDsExhausted, "client %d", i)
+		assert.True(t, errdefs.IsResourceExhausted(err), "client %d: class of %v", i, err)
+	}
+	assert.Equal(t, before, promiseViewDump(t, stores[0]), "nothing committed")
+	problems, err := storage.Check(context.Background(), stores[0])
+	require.NoError(t, err)
+	assert.Nil(t, problems)
+}
