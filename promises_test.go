@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -112,6 +113,14 @@ func TestPromiseEveryRefusalHasItsClassAndChangesNothing(t *testing.T) {
 			_, err := storage.CommitActive(ctx, "active", "x", snapshots.Usage{}, snapshots.WithLabels(bigLabel))
 			return err
 		}, errdefs.IsInvalidArgument},
+		{"rebase on commit onto the active itself", func(ctx context.Context) error {
+			_, err := storage.CommitActive(ctx, "free", "x", snapshots.Usage{}, snapshots.WithParent("free"))
+			return err
+		}, errdefs.IsFailedPrecondition},
+		{"rebase on commit onto its own new name", func(ctx context.Context) error {
+			_, err := storage.CommitActive(ctx, "free", "x", snapshots.Usage{}, snapshots.WithParent("x"))
+			return err
+		}, errdefs.IsNotFound},
 		{"remove a parent", func(ctx context.Context) error {
 			_, _, err := storage.Remove(ctx, "base")
 			return err
@@ -160,6 +169,9 @@ func TestPromiseEveryRefusalHasItsClassAndChangesNothing(t *testing.T) {
 						return err
 					}
 					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "active", "base", snapshots.WithLabels(map[string]string{"l": "v"})); err != nil {
+						return err
+					}
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "free", ""); err != nil {
 						return err
 					}
 					_, err := storage.CreateSnapshot(ctx, snapshots.KindView, "view", "base")
@@ -719,6 +731,13 @@ func TestPromiseEtcdConflictsOnlyWhereTheAnswerCouldDiffer(t *testing.T) {
 			}
 			return nil
 		}, create("c1", "p"), true},
+		{"update one snapshot vs update another", func(ctx context.Context) error {
+			_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "s1", Labels: map[string]string{"x": "1"}})
+			return err
+		}, func(ctx context.Context) error {
+			_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "s2", Labels: map[string]string{"x": "2"}})
+			return err
+		}, false},
 		{"create one name twice", create("c1", "p"), create("c1", "p"), true},
 		{"commit to one name twice", func(ctx context.Context) error {
 			_, err := storage.CommitActive(ctx, "s1", "same", snapshots.Usage{})
@@ -969,4 +988,104 @@ func TestPromiseEtcdRaiseNearTheTopAfterBlocksWereReserved(t *testing.T) {
 	problems, err := storage.Check(context.Background(), stores[0])
 	require.NoError(t, err)
 	assert.Nil(t, problems)
+}
+
+// "No labels read back as a nil map ... we read such a file as nil and
+// never write the empty bucket."
+func TestPromiseNoLabelsReadBackAsNil(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			ms := eng.open(t)
+			update(t, ms, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "a", "", snapshots.WithLabels(map[string]string{"k": "v"}))
+				return err
+			})
+			update(t, ms, func(ctx context.Context) error {
+				_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "a", Labels: map[string]string{}}, "labels.k")
+				return err
+			})
+			require.NoError(t, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+				_, info, _, err := storage.GetInfo(ctx, "a")
+				assert.Nil(t, info.Labels)
+				return err
+			}))
+		})
+	}
+}
+
+// "Import does not look for a snapshot of the store with an imported ID
+// (Check does)": Check reports the shared ID by snapshot.
+func TestPromiseCheckReportsAnImportedIDTheStoreAlreadyHad(t *testing.T) {
+	for _, eng := range engines {
+		t.Run(eng.name, func(t *testing.T) {
+			ms := eng.open(t)
+			var id string
+			update(t, ms, func(ctx context.Context) error {
+				s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "mine", "")
+				id = s.ID
+				return err
+			})
+			update(t, ms, func(ctx context.Context) error {
+				return storage.Import(ctx, storage.Record{Name: "theirs", ID: id, Kind: snapshots.KindCommitted})
+			})
+			problems, err := storage.Check(context.Background(), ms)
+			require.NoError(t, err)
+			require.NotEmpty(t, problems)
+			var names []string
+			for _, p := range problems {
+				assert.False(t, p.Page)
+				names = append(names, p.Snapshot)
+			}
+			assert.Subset(t, append(names, ""), []string{"mine"}, "%v", problems)
+			assert.Contains(t, fmt.Sprint(problems), "theirs")
+		})
+	}
+}
+
+// "A callback that fails (returns an error, panics, or ends its goroutine
+// with runtime.Goexit ...) has its writes undone before the next one runs,
+// so it affects nobody else, and the panic or Goexit then goes on in its
+// caller"; Close waits for WithTransaction calls in flight.
+func TestPromiseBoltGroupMemberThatExitsAffectsNobody(t *testing.T) {
+	ms := openBolt(t, t.TempDir())
+	const writers = 8
+	errs := make(chan error, writers)
+	exited := make(chan bool, 1)
+	start := make(chan struct{})
+	for i := range writers {
+		go func() {
+			<-start
+			errs <- ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, fmt.Sprintf("w%d", i), "")
+				return err
+			})
+		}()
+	}
+	go func() {
+		returned := false
+		defer func() { exited <- !returned }()
+		<-start
+		_ = ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+			if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "goexit", ""); err != nil {
+				return err
+			}
+			runtime.Goexit()
+			return nil
+		})
+		returned = true
+	}()
+	close(start)
+	within(t, hangBound, "group with a member that exits", func() {
+		for range writers {
+			assert.NoError(t, <-errs)
+		}
+		assert.True(t, <-exited, "the Goexit went on in its caller")
+	})
+	ids, err := idMap(ms)
+	require.NoError(t, err)
+	assert.Len(t, ids, writers)
+	for _, name := range ids {
+		assert.NotEqual(t, "goexit", name)
+	}
+	within(t, hangBound, "Close", func() { assert.NoError(t, ms.Close()) })
 }
