@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	cstorage "github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -1088,4 +1089,53 @@ func TestPromiseBoltGroupMemberThatExitsAffectsNobody(t *testing.T) {
 		assert.NotEqual(t, "goexit", name)
 	}
 	within(t, hangBound, "Close", func() { assert.NoError(t, ms.Close()) })
+}
+
+// "existing snapshot name ... what the engine holds: bbolt's key limit (32
+// KiB), so longer names containerd's store wrote stay reachable": at the
+// limit itself, a name containerd wrote is read, updated, used as a parent,
+// committed and removed.
+func TestPromiseContainerdNamesAtBoltsKeyLimitAreReachable(t *testing.T) {
+	dbfile := filepath.Join(t.TempDir(), "metadata.db")
+	cms, err := cstorage.NewMetaStore(dbfile)
+	require.NoError(t, err)
+	layer := strings.Repeat("L", 32768)
+	work := strings.Repeat("W", 32768)
+	ctx, tx, err := cms.TransactionContext(context.Background(), true)
+	require.NoError(t, err)
+	_, err = cstorage.CreateSnapshot(ctx, snapshots.KindActive, "tmp", "")
+	require.NoError(t, err)
+	_, err = cstorage.CommitActive(ctx, "tmp", layer, snapshots.Usage{})
+	require.NoError(t, err)
+	_, err = cstorage.CreateSnapshot(ctx, snapshots.KindActive, work, layer)
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit())
+	require.NoError(t, cms.Close())
+
+	ms, err := storage.NewBoltMetaStore(dbfile)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, ms.Close()) }()
+	problems, err := storage.Check(context.Background(), ms)
+	require.NoError(t, err)
+	assert.Nil(t, problems)
+	update(t, ms, func(ctx context.Context) error {
+		_, _, _, err := storage.GetInfo(ctx, layer)
+		require.NoError(t, err)
+		s, err := storage.GetSnapshot(ctx, work)
+		require.NoError(t, err)
+		assert.Equal(t, []string{"1"}, s.ParentIDs)
+		_, err = storage.UpdateInfo(ctx, snapshots.Info{Name: work, Labels: map[string]string{"a": "b"}})
+		require.NoError(t, err)
+		_, err = storage.CreateSnapshot(ctx, snapshots.KindActive, "child", layer)
+		require.NoError(t, err)
+		_, err = storage.CommitActive(ctx, work, "done", snapshots.Usage{})
+		require.NoError(t, err)
+		_, _, err = storage.Remove(ctx, "done")
+		require.NoError(t, err)
+		_, _, err = storage.Remove(ctx, "child")
+		require.NoError(t, err)
+		_, _, err = storage.Remove(ctx, layer)
+		require.NoError(t, err)
+		return nil
+	})
 }
