@@ -75,10 +75,11 @@ var (
 	ErrDamaged = fmt.Errorf("database file is damaged: %w", ErrCorrupt)
 
 	// ErrIDsExhausted is returned by CreateSnapshot when the ID allocator has
-	// handed out the last ID, 2^64-1 (class ResourceExhausted): IDs never wrap,
-	// since a driver names directories by ID. Only an Import or RaiseIDs near
-	// the top of the range gets a store there. Nothing is changed, and the
-	// transaction may go on.
+	// handed out the last ID, 2^64-1, or on etcd has reserved blocks up to it
+	// (see RaiseIDs) (class ResourceExhausted): IDs never wrap, since a driver
+	// names directories by ID. Only an Import or RaiseIDs near the top of the
+	// range gets a store there. Nothing is changed, and the transaction may go
+	// on.
 	ErrIDsExhausted = fmt.Errorf("snapshot IDs exhausted: %w", errdefs.ErrResourceExhausted)
 
 	// ErrTooLarge is returned when a transaction or a record exceeds what the

@@ -96,8 +96,9 @@ func IDLimit(ctx context.Context) (uint64, error) {
 // and, once it commits, on every client of the store. It never lowers the
 // allocator, and refuses nothing but what every write refuses (a read-only
 // or finished transaction, a canceled context). IDs never wrap: once 2^64-1
-// is at or below the raised floor (on etcd also once the blocks reserved
-// above the floor reach it), CreateSnapshot fails with ErrIDsExhausted.
+// is at or below the raised floor (on etcd also once the floor plus 128 for
+// every block reserved on the root, before the raise as after, reaches it:
+// see keys.go), CreateSnapshot fails with ErrIDsExhausted.
 //
 // On etcd each client hands out IDs from a block it reserved earlier, and
 // learns of a raise made by another client at its next commit: the commit of

@@ -157,14 +157,33 @@ func (s *metaStore) leave() {
 	}
 }
 
-// openTransaction returns the transaction of this store that ctx carries,
-// if it has not ended.
+// storeTxKey keys, in a context, the innermost transaction of one store
+// the context carries, whatever transactions of other stores (or
+// ContextWithTransactor's) were added to the context after it.
+type storeTxKey struct{ s *metaStore }
+
+// withTransaction returns ctx carrying t, for the package-level functions
+// and for recognising transactions nested in t.
+func (s *metaStore) withTransaction(ctx context.Context, t *transaction) context.Context {
+	return context.WithValue(ContextWithTransactor(ctx, t), storeTxKey{s}, t)
+}
+
+// openTransaction returns an open transaction of this store that ctx
+// carries, if any: the innermost one that has not ended, also when a
+// transaction of another store, or a nested one of this store that has
+// ended since, was added to the context after it.
 func (s *metaStore) openTransaction(ctx context.Context) *transaction {
-	t, ok := ctx.Value(transactionKey{}).(*transaction)
-	if !ok || t.store != s || t.done.Load() {
-		return nil
+	for ctx != nil {
+		t, ok := ctx.Value(storeTxKey{s}).(*transaction)
+		if !ok {
+			return nil
+		}
+		if !t.done.Load() {
+			return t
+		}
+		ctx = t.ctx
 	}
-	return t
+	return nil
 }
 
 func (s *metaStore) TransactionContext(ctx context.Context, writable bool) (context.Context, Transactor, error) {
@@ -195,7 +214,7 @@ func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost 
 	}
 	// The transaction is in flight until its Commit or Rollback.
 	t := &transaction{ctx: ctx, tx: etx, writable: writable, store: s, inFlight: true}
-	return ContextWithTransactor(ctx, t), t, nil
+	return s.withTransaction(ctx, t), t, nil
 }
 
 // Backoff bounds for retrying conflicts: long enough to let the winner of a
@@ -251,7 +270,7 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 		t := &transaction{ctx: ctx, tx: etx, writable: true, store: s}
 		// The group commits; the callback's transaction ends with it.
 		defer t.done.Store(true)
-		if err := fn(ContextWithTransactor(ctx, t)); err != nil {
+		if err := fn(s.withTransaction(ctx, t)); err != nil {
 			return err
 		}
 		// A canceled transaction commits nothing, as Commit.
