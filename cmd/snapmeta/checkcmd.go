@@ -14,7 +14,7 @@ func (a *app) checkCommand() *cobra.Command {
 	var addr string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "check",
+		Use:   "check [STORE]",
 		Short: "Verify the store's invariants",
 		Long: `Verify every invariant of the store in one read-only transaction: every
 record decodes; every parent exists and is committed; the children index
@@ -38,8 +38,11 @@ is too damaged to count. The exit codes do not change; an unreadable store
 		Example: `  snapmeta check --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"
   snapmeta check --store metadata.db --json | jq -r '.problems[].detail'`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			var problems []storage.Problem
 			var count int
 			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {

@@ -44,7 +44,7 @@ func (a *app) lsCommand() *cobra.Command {
 	var addr, format string
 	var asJSON, quiet, noHeaders bool
 	c := &cobra.Command{
-		Use:   "ls [FILTER...]",
+		Use:   "ls [STORE] [FILTER...]",
 		Short: "List snapshots",
 		Long: `List the snapshots of a store, in name order.
 
@@ -53,17 +53,36 @@ view, committed), name, parent and labels.<key>, e.g. 'kind==committed' or
 'labels."containerd.io/gc.root"'. Within one filter a comma means "and"; a
 snapshot is listed when it matches any of the filters.
 
+The store is --store, $SNAPMETA_STORE, or the first argument: that is the
+store when it begins with a scheme (bolt://, etcd://) or names a file that
+exists, and the first FILTER otherwise. A filter that happens to be the
+name of a file is given after --store instead.
+
 The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
 committed snapshots only; --no-headers leaves out the header line, -q
 writes the names only. --format json (or --json) writes one JSON object per
 snapshot with every field, one per line (the export format).`,
-		Example: `  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta ls etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
   snapmeta ls -s metadata.db -q 'name~=^sha256:'`,
 		RunE: func(c *cobra.Command, filters []string) error {
+			if len(filters) > 0 && looksLikeStore(filters[0]) {
+				if err := a.storeFromArg(c, &addr, filters[0]); err != nil {
+					return err
+				}
+				filters = filters[1:]
+			}
 			if err := storage.ValidateFilters(filters...); err != nil {
+				if len(filters) > 0 && strings.ContainsAny(filters[0], "/\\") {
+					// Most likely a store path with a typo.
+					return usageErrorf("%q is neither a file that exists nor a filter (%v)", filters[0], err)
+				}
 				return usageErrorf("%v", err)
+			}
+			if addr == "" && len(filters) > 0 {
+				return usageErrorf("no store given (%q names no file that exists, so it was taken as a filter): name the store first, use --store ADDRESS or set SNAPMETA_STORE", filters[0])
 			}
 			switch format {
 			case "table":
@@ -332,14 +351,17 @@ func (a *app) treeCommand() *cobra.Command {
 	var addr string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "tree",
+		Use:   "tree [STORE]",
 		Short: "Show snapshots as a parent tree",
 		Long: `Show every snapshot under its parent, base layers at the left. A snapshot
 whose parent is missing (a damaged store) is shown at the left, marked.`,
 		Example: `  snapmeta tree --store metadata.db
   snapmeta tree --store etcd://127.0.0.1:2379/snapshots --json`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
@@ -445,7 +467,7 @@ func (a *app) idsCommand() *cobra.Command {
 	var addr string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "ids",
+		Use:   "ids [STORE]",
 		Short: "Map snapshot IDs to names",
 		Long: `Print every snapshot ID with the snapshot's name, in ID order. A driver names
 a snapshot's directory by its ID (e.g. .../snapshots/<ID>/fs), so this is
@@ -453,8 +475,11 @@ how to tell which directory belongs to which snapshot, and which
 directories belong to none.`,
 		Example: `  snapmeta ids --store metadata.db
   snapmeta ids --store etcd://127.0.0.1:2379/snapshots --json`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				// Walk rather than IDMap: a damaged record leaves out only
 				// itself.

@@ -9,6 +9,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/snapmeta/storage/etcdtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -79,4 +80,61 @@ func TestCheckJSON(t *testing.T) {
 	r := exe(t, "check", "--store", filepath.Join(t.TempDir(), "none.db"), "--json")
 	wantFail(t, r, 2, "does not exist")
 	assert.Empty(t, r.stdout, "an unreadable store writes no JSON")
+}
+
+// TestStoreArgument: the store may be the argument of the commands that
+// take no other (and the first of ls's); it means what --store means,
+// wins over $SNAPMETA_STORE, and must agree with --store.
+func TestStoreArgument(t *testing.T) {
+	path := boltFixture(t)
+	other := boltWith(t, "b")
+	for _, tc := range []struct {
+		cmd  []string // the command, then its flags
+		env  []string
+		want []string // the same command with --store path
+	}{
+		{[]string{"ls", path}, nil, []string{"ls"}},
+		{[]string{"ls", "bolt://" + path, "-q", "kind==view"}, nil, []string{"ls", "-q", "kind==view"}},
+		{[]string{"ls", path, "kind==view", "name==layer-1", "--json"}, nil, []string{"ls", "kind==view", "name==layer-1", "--json"}},
+		{[]string{"ls", path}, []string{"SNAPMETA_STORE=" + other}, []string{"ls"}},
+		{[]string{"ls", "-q", "kind==view"}, []string{"SNAPMETA_STORE=" + path}, []string{"ls", "-q", "kind==view"}},
+		{[]string{"ls", path, "--store", "bolt://" + path}, nil, []string{"ls"}},
+		{[]string{"tree", path}, nil, []string{"tree"}},
+		{[]string{"ids", path, "--json"}, nil, []string{"ids", "--json"}},
+		{[]string{"check", path}, []string{"SNAPMETA_STORE=" + other}, []string{"check"}},
+		{[]string{"export", path}, nil, []string{"export"}},
+	} {
+		t.Run(strings.Join(tc.cmd, "_"), func(t *testing.T) {
+			r := snapmeta(t, "", tc.env, tc.cmd...)
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Empty(t, r.stderr)
+			assert.Equal(t, mask(ok(t, append(tc.want, "--store", path)...)), mask(r.stdout))
+		})
+	}
+	missing := filepath.Join(t.TempDir(), "none.db")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ls", other, "--store", path}, "two stores given: --store " + path + " and " + other},
+		{[]string{"check", "--store", path, other}, "two stores given"},
+		{[]string{"tree", path, other}, "snapmeta tree takes at most one argument, the STORE"},
+		{[]string{"ls", missing}, `is neither a file that exists nor a filter`},
+		{[]string{"ls", "none.db"}, `no store given ("none.db" names no file that exists, so it was taken as a filter)`},
+		{[]string{"ls", "etc://h:2379/x"}, `unknown store address scheme "etc"`},
+		{[]string{"check", "etcd://h/x"}, `etcd endpoint "h" of store address "etcd://h/x" has no port`},
+	} {
+		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
+			wantFail(t, exe(t, tc.args...), 2, tc.want)
+		})
+	}
+}
+
+// TestStoreArgumentEtcd: an etcd address as the argument.
+func TestStoreArgumentEtcd(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, ms := etcdStore(t, c, "arg")
+	fixture(t, ms)
+	assert.Equal(t, "ok: 7 snapshots, no problems\n", ok(t, "check", addr))
+	assert.Equal(t, ok(t, "ls", "--store", addr, "kind==active"), ok(t, "ls", addr, "kind==active"))
 }

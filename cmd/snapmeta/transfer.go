@@ -28,7 +28,7 @@ const maxBatch = 10000
 func (a *app) exportCommand() *cobra.Command {
 	var addr, output string
 	c := &cobra.Command{
-		Use:   "export",
+		Use:   "export [STORE]",
 		Short: "Write every snapshot as JSON Lines",
 		Long: `Write every snapshot of the store, read in one transaction, as JSON Lines:
 one object per line with every field (name, id, kind, parent, labels,
@@ -39,8 +39,11 @@ A snapshot whose parent is missing (a damaged store) is still written, and
 reported on stderr; import will refuse it.`,
 		Example: `  snapmeta export --store metadata.db > snapshots.jsonl
   snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
