@@ -42,7 +42,7 @@ func (a *app) withStore(ctx context.Context, addr string, mode storeaddr.Mode, f
 
 func (a *app) lsCommand() *cobra.Command {
 	var addr, format string
-	var asJSON, quiet, noHeaders bool
+	var asJSON, quiet, noHeaders, rawBytes bool
 	c := &cobra.Command{
 		Use:   "ls [STORE] [FILTER...]",
 		Short: "List snapshots",
@@ -59,14 +59,16 @@ exists, and the first FILTER otherwise. A filter that happens to be the
 name of a file is given after --store instead.
 
 The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
-committed snapshots only; --no-headers leaves out the header line, -q
+committed snapshots only, in IEC units (KiB, MiB, ...) or, with -b, in
+bytes; --no-headers leaves out the header line, -q
 writes the names only. --format json (or --json) writes one JSON object per
 snapshot with every field, one per line (the export format).`,
 		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta ls etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
-  snapmeta ls -s metadata.db -q 'name~=^sha256:'`,
+  snapmeta ls -s metadata.db -q 'name~=^sha256:'
+  snapmeta ls metadata.db -b 'kind==committed'`,
 		RunE: func(c *cobra.Command, filters []string) error {
 			if len(filters) > 0 && looksLikeStore(filters[0]) {
 				if err := a.storeFromArg(c, &addr, filters[0]); err != nil {
@@ -105,7 +107,7 @@ snapshot with every field, one per line (the export format).`,
 				case quiet:
 					err = writeNames(a.stdout, recs)
 				default:
-					err = writeTable(a.stdout, recs, !noHeaders)
+					err = writeTable(a.stdout, recs, !noHeaders, rawBytes)
 				}
 				return errors.Join(err, leftOut)
 			})
@@ -116,6 +118,7 @@ snapshot with every field, one per line (the export format).`,
 	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
 	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
 	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
+	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "sizes in bytes instead of KiB, MiB, ...")
 	return c
 }
 
@@ -140,13 +143,15 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 	return nil
 }
 
-func writeTable(w io.Writer, recs []Record, header bool) error {
+// writeTable writes the ls table; rawBytes writes sizes as byte counts,
+// for scripts and for comparing sizes exactly.
+func writeTable(w io.Writer, recs []Record, header, rawBytes bool) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if header {
 		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
 	}
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r), fmtTime(r.Created))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created))
 	}
 	return tw.Flush()
 }
@@ -158,10 +163,14 @@ func dash(s string) string {
 	return s
 }
 
-// sizeOf is the human size of a committed snapshot, "-" for others.
-func sizeOf(r Record) string {
+// sizeOf is the size of a committed snapshot, in IEC units or in bytes,
+// and "-" for others.
+func sizeOf(r Record, rawBytes bool) string {
 	if snapshots.Kind(r.Kind) != snapshots.KindCommitted {
 		return "-"
+	}
+	if rawBytes {
+		return strconv.FormatInt(r.Usage.Size, 10)
 	}
 	return humanBytes(r.Usage.Size)
 }
@@ -228,13 +237,15 @@ func nonNil(s []string) []string {
 
 func (a *app) infoCommand() *cobra.Command {
 	var addr string
-	var asJSON bool
+	var asJSON, rawBytes bool
 	c := &cobra.Command{
 		Use:   "info NAME",
 		Short: "Show every field of one snapshot",
 		Long: `Show every field of one snapshot: kind, ID, parent, the IDs of its parent
 chain (immediate parent first: the directories an overlay driver stacks
-under it), timestamps, usage, labels and children.`,
+under it), timestamps, usage, labels and children. The size is in IEC units
+with the byte count, or with -b the byte count alone; --json always writes
+bytes.`,
 		Example: `  snapmeta info --store metadata.db my-container
   snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
 		Args: exactArgs(1, "one snapshot NAME"),
@@ -250,7 +261,7 @@ under it), timestamps, usage, labels and children.`,
 					enc.SetIndent("", "  ")
 					err = enc.Encode(info)
 				} else {
-					err = writeInfo(a.stdout, info)
+					err = writeInfo(a.stdout, info, rawBytes)
 				}
 				if problem != nil {
 					return errors.Join(err, &exitError{code: 1, err: problem})
@@ -261,6 +272,7 @@ under it), timestamps, usage, labels and children.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
+	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "the size in bytes only, not in KiB, MiB, ...")
 	return c
 }
 
@@ -301,7 +313,7 @@ func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJ
 	return out, problem, err
 }
 
-func writeInfo(w io.Writer, i infoJSON) error {
+func writeInfo(w io.Writer, i infoJSON, rawBytes bool) error {
 	var buf bytes.Buffer
 	tw := tabwriter.NewWriter(&buf, 0, 4, 1, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
@@ -313,7 +325,11 @@ func writeInfo(w io.Writer, i infoJSON) error {
 	row("Created", fmtTimeNano(i.Created))
 	row("Updated", fmtTimeNano(i.Updated))
 	if snapshots.Kind(i.Kind) == snapshots.KindCommitted {
-		row("Size", fmt.Sprintf("%s (%d bytes)", humanBytes(i.Usage.Size), i.Usage.Size))
+		if rawBytes {
+			row("Size", strconv.FormatInt(i.Usage.Size, 10))
+		} else {
+			row("Size", fmt.Sprintf("%s (%d bytes)", humanBytes(i.Usage.Size), i.Usage.Size))
+		}
 		row("Inodes", strconv.FormatInt(i.Usage.Inodes, 10))
 	} else {
 		row("Size", "- (known once committed)")

@@ -138,3 +138,39 @@ func TestStoreArgumentEtcd(t *testing.T) {
 	assert.Equal(t, "ok: 7 snapshots, no problems\n", ok(t, "check", addr))
 	assert.Equal(t, ok(t, "ls", "--store", addr, "kind==active"), ok(t, "ls", addr, "kind==active"))
 }
+
+// TestBytes: -b writes sizes as byte counts in ls's table and in info.
+func TestBytes(t *testing.T) {
+	path := boltFixture(t)
+	want := map[string]string{"layer-1": "1048576", "layer-2": "5243003", "layer-3": "2048", "other-2": "700", "scratch": "-", "web": "-", "web-view": "-"}
+	for _, tc := range []struct {
+		args []string
+		env  []string
+	}{
+		{[]string{"-b"}, nil},
+		{[]string{"--bytes"}, nil},
+		{nil, []string{"SNAPMETA_BYTES=true"}},
+	} {
+		t.Run(strings.Join(append(tc.args, tc.env...), "_"), func(t *testing.T) {
+			r := snapmeta(t, "", tc.env, append([]string{"ls", path, "--no-headers"}, tc.args...)...)
+			require.Equal(t, 0, r.code, r.stderr)
+			got := map[string]string{}
+			for _, line := range strings.Split(strings.TrimSuffix(r.stdout, "\n"), "\n") {
+				f := strings.Fields(line)
+				require.Len(t, f, 6, "KIND NAME PARENT ID SIZE CREATED: %q", line)
+				got[f[1]] = f[4]
+			}
+			assert.Equal(t, want, got)
+
+			r = snapmeta(t, "", tc.env, append([]string{"info", "--store", path, "layer-2"}, tc.args...)...)
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Regexp(t, `(?m)^Size:\s+5243003\n`, r.stdout)
+			r = snapmeta(t, "", tc.env, append([]string{"info", "--store", path, "web"}, tc.args...)...)
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Regexp(t, `(?m)^Size:\s+- \(known once committed\)\n`, r.stdout)
+		})
+	}
+	// Without -b: IEC units, and info adds the byte count.
+	assert.Contains(t, ok(t, "ls", path, "name==layer-2"), "5.0 MiB")
+	assert.Regexp(t, `(?m)^Size:\s+5\.0 MiB \(5243003 bytes\)\n`, ok(t, "info", "--store", path, "layer-2"))
+}
