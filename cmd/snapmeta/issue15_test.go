@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -173,4 +175,53 @@ func TestBytes(t *testing.T) {
 	// Without -b: IEC units, and info adds the byte count.
 	assert.Contains(t, ok(t, "ls", path, "name==layer-2"), "5.0 MiB")
 	assert.Regexp(t, `(?m)^Size:\s+5\.0 MiB \(5243003 bytes\)\n`, ok(t, "info", "--store", path, "layer-2"))
+}
+
+// TestCompletion: each shell's script is written and parses in that shell
+// (where it is installed), and the command it calls back answers.
+func TestCompletion(t *testing.T) {
+	for _, tc := range []struct {
+		shell, want string
+	}{
+		{"bash", "__start_snapmeta"},
+		{"zsh", "#compdef snapmeta"},
+		{"fish", "complete -c snapmeta"},
+	} {
+		t.Run(tc.shell, func(t *testing.T) {
+			script := ok(t, "completion", tc.shell)
+			assert.Contains(t, script, tc.want)
+			sh, err := exec.LookPath(tc.shell)
+			if err != nil {
+				t.Logf("%s not installed: the script's syntax is not checked", tc.shell)
+				return
+			}
+			file := filepath.Join(t.TempDir(), "snapmeta."+tc.shell)
+			require.NoError(t, os.WriteFile(file, []byte(script), 0o600))
+			out, err := exec.Command(sh, "-n", file).CombinedOutput()
+			assert.NoError(t, err, "%s -n: %s", tc.shell, out)
+		})
+	}
+	// What the scripts ask the binary.
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"__complete", "che"}, []string{"check\t"}},
+		{[]string{"__complete", "completion", ""}, []string{"bash\n", "zsh\n", "fish\n"}},
+		{[]string{"__complete", "ls", "--by"}, []string{"--bytes\t"}},
+	} {
+		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
+			// Cobra reports the directive on stderr.
+			r := exe(t, tc.args...)
+			require.Equal(t, 0, r.code, r.stderr)
+			for _, w := range tc.want {
+				assert.Contains(t, r.stdout, w)
+			}
+		})
+	}
+	for _, args := range [][]string{{"completion"}, {"completion", "tcsh"}, {"completion", "bash", "zsh"}} {
+		t.Run(strings.Join(args, "_"), func(t *testing.T) {
+			wantFail(t, exe(t, args...), 2, "bash, zsh or fish")
+		})
+	}
 }

@@ -197,6 +197,7 @@ an interrupt).`,
 		a.migrateCommand(),
 		a.salvageCommand(),
 		a.versionCommand(),
+		a.completionCommand(),
 	)
 	root.SetHelpCommand(helpCommand(root))
 	return root

@@ -572,7 +572,7 @@ func TestErrors(t *testing.T) {
 
 // TestHelp: every command's --help shows an example.
 func TestHelp(t *testing.T) {
-	for _, cmd := range []string{"", "demo", "ls", "info", "tree", "ids", "check", "export", "import", "migrate", "version", "help"} {
+	for _, cmd := range []string{"", "demo", "ls", "info", "tree", "ids", "check", "export", "import", "migrate", "version", "completion", "help"} {
 		args := strings.Fields(cmd + " --help")
 		out := ok(t, args...)
 		if !strings.Contains(out, "Examples:\n  snapmeta ") {
