@@ -23,7 +23,8 @@ func (a *app) migrateCommand() *cobra.Command {
 		Short: "Copy every snapshot from one store to another, IDs unchanged",
 		Long: `Copy every snapshot of SOURCE to TARGET with its ID, kind, parent, labels,
 times and usage unchanged (a driver's directories are named by ID), parents
-before children, --batch snapshots per transaction. Stop the daemons using
+before children, --batch snapshots per transaction (at most 63 into etcd:
+see 'snapmeta import --help'). Stop the daemons using
 either store first: SOURCE is read once, at the start.
 
 The target must be empty or hold only snapshots identical to the source's:
@@ -54,8 +55,8 @@ tenth of the way.`,
 			if from == "" || to == "" {
 				return usageErrorf("migrate needs --from SOURCE and --to TARGET")
 			}
-			if batch < 1 || batch > maxBatch {
-				return usageErrorf("--batch must be between 1 and %d", maxBatch)
+			if err := checkBatch(batch, to); err != nil {
+				return err
 			}
 			src, err := storeaddr.Parse(from)
 			if err != nil {
@@ -95,7 +96,7 @@ tenth of the way.`,
 	}
 	c.Flags().StringVar(&from, "from", "", "address of the store to copy")
 	c.Flags().StringVar(&to, "to", "", "address of the store to copy into (created if a missing bbolt file)")
-	c.Flags().IntVar(&batch, "batch", defaultBatch, "snapshots per transaction")
+	c.Flags().IntVar(&batch, "batch", defaultBatch, fmt.Sprintf("snapshots per transaction (at most %d into etcd)", maxEtcdBatch))
 	fromCreds.addFlags(c, "from", "source")
 	toCreds.addFlags(c, "to", "target")
 	return c
