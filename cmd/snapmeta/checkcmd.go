@@ -1,7 +1,9 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"io"
 
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/internal/storeaddr"
@@ -10,8 +12,9 @@ import (
 
 func (a *app) checkCommand() *cobra.Command {
 	var addr string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "check",
+		Use:   "check [STORE]",
 		Short: "Verify the store's invariants",
 		Long: `Verify every invariant of the store in one read-only transaction: every
 record decodes; every parent exists and is committed; the children index
@@ -24,11 +27,22 @@ freelist) is reported first, each line beginning with "page damage: ";
 
 Exit code 0: no problem. 1: one line per problem on stdout. 2: the store
 could not be read (missing, locked, unreachable, or damaged so that it
-cannot be opened: the message names 'snapmeta salvage').`,
+cannot be opened: the message names 'snapmeta salvage').
+
+--json writes one JSON object instead, for exit codes 0 and 1 alike:
+{"ok": BOOL, "snapshots": N, "problems": [{"snapshot": NAME, "detail": TEXT,
+"page_damage": BOOL}, ...]}, page damage first; "snapshot" is "" for a
+problem of the store as a whole, and "snapshots" is left out when the store
+is too damaged to count. The exit codes do not change; an unreadable store
+(2) writes nothing on stdout, its reason on stderr.`,
 		Example: `  snapmeta check --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
-  snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+  snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"
+  snapmeta check --store metadata.db --json | jq -r '.problems[].detail'`,
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			var problems []storage.Problem
 			var count int
 			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
@@ -52,19 +66,32 @@ cannot be opened: the message names 'snapmeta salvage').`,
 				return &exitError{code: 2, err: err}
 			}
 			// Page damage first, apart: it is repaired by salvage, not by
-			// fixing records. Each such line begins with "page damage: ".
+			// fixing records.
+			ordered := make([]storage.Problem, 0, len(problems))
 			for _, p := range problems {
 				if p.Page {
-					fmt.Fprintln(a.stdout, p.String())
+					ordered = append(ordered, p)
 				}
 			}
 			for _, p := range problems {
 				if !p.Page {
+					ordered = append(ordered, p)
+				}
+			}
+			var werr error
+			if asJSON {
+				werr = writeCheckJSON(a.stdout, ordered, count)
+			} else {
+				// Each page damage line begins with "page damage: ".
+				for _, p := range ordered {
 					fmt.Fprintln(a.stdout, p.String())
 				}
 			}
 			if len(problems) > 0 {
 				return &exitError{code: 1, err: fmt.Errorf("%d problem(s) found", len(problems))}
+			}
+			if werr != nil || asJSON {
+				return werr
 			}
 			if count >= 0 {
 				fmt.Fprintf(a.stdout, "ok: %d snapshots, no problems\n", count)
@@ -75,5 +102,36 @@ cannot be opened: the message names 'snapmeta salvage').`,
 		},
 	}
 	storeFlag(c, &addr)
+	c.Flags().BoolVar(&asJSON, "json", false, "write the result as one JSON object")
 	return c
+}
+
+// checkJSON is what check --json writes. Problems is never null, so that a
+// script can iterate it without a test for a clean store.
+type checkJSON struct {
+	OK        bool          `json:"ok"`
+	Snapshots *int          `json:"snapshots,omitempty"`
+	Problems  []problemJSON `json:"problems"`
+}
+
+type problemJSON struct {
+	Snapshot   string `json:"snapshot"`
+	Detail     string `json:"detail"`
+	PageDamage bool   `json:"page_damage"`
+}
+
+// writeCheckJSON writes problems (already in output order) and the count
+// of snapshots (negative when unknown).
+func writeCheckJSON(w io.Writer, problems []storage.Problem, count int) error {
+	out := checkJSON{OK: len(problems) == 0, Problems: []problemJSON{}}
+	if count >= 0 {
+		out.Snapshots = &count
+	}
+	for _, p := range problems {
+		out.Problems = append(out.Problems, problemJSON{Snapshot: p.Snapshot, Detail: p.Detail, PageDamage: p.Page})
+	}
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	return enc.Encode(out)
 }

@@ -42,9 +42,9 @@ func (a *app) withStore(ctx context.Context, addr string, mode storeaddr.Mode, f
 
 func (a *app) lsCommand() *cobra.Command {
 	var addr, format string
-	var asJSON, quiet, noHeaders bool
+	var asJSON, quiet, noHeaders, rawBytes bool
 	c := &cobra.Command{
-		Use:   "ls [FILTER...]",
+		Use:   "ls [STORE] [FILTER...]",
 		Short: "List snapshots",
 		Long: `List the snapshots of a store, in name order.
 
@@ -53,17 +53,38 @@ view, committed), name, parent and labels.<key>, e.g. 'kind==committed' or
 'labels."containerd.io/gc.root"'. Within one filter a comma means "and"; a
 snapshot is listed when it matches any of the filters.
 
+The store is --store, $SNAPMETA_STORE, or the first argument: that is the
+store when it begins with a scheme (bolt://, etcd://) or names a file that
+exists, and the first FILTER otherwise. A filter that happens to be the
+name of a file is given after --store instead.
+
 The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
-committed snapshots only; --no-headers leaves out the header line, -q
+committed snapshots only, in IEC units (KiB, MiB, ...) or, with -b, in
+bytes; --no-headers leaves out the header line, -q
 writes the names only. --format json (or --json) writes one JSON object per
 snapshot with every field, one per line (the export format).`,
-		Example: `  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta ls etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
-  snapmeta ls -s metadata.db -q 'name~=^sha256:'`,
+  snapmeta ls -s metadata.db -q 'name~=^sha256:'
+  snapmeta ls metadata.db -b 'kind==committed'`,
 		RunE: func(c *cobra.Command, filters []string) error {
+			if len(filters) > 0 && looksLikeStore(filters[0]) {
+				if err := a.storeFromArg(c, &addr, filters[0]); err != nil {
+					return err
+				}
+				filters = filters[1:]
+			}
 			if err := storage.ValidateFilters(filters...); err != nil {
+				if len(filters) > 0 && strings.ContainsAny(filters[0], "/\\") {
+					// Most likely a store path with a typo.
+					return usageErrorf("%q is neither a file that exists nor a filter (%v)", filters[0], err)
+				}
 				return usageErrorf("%v", err)
+			}
+			if addr == "" && len(filters) > 0 {
+				return usageErrorf("no store given (%q names no file that exists, so it was taken as a filter): name the store first, use --store ADDRESS or set SNAPMETA_STORE", filters[0])
 			}
 			switch format {
 			case "table":
@@ -86,7 +107,7 @@ snapshot with every field, one per line (the export format).`,
 				case quiet:
 					err = writeNames(a.stdout, recs)
 				default:
-					err = writeTable(a.stdout, recs, !noHeaders)
+					err = writeTable(a.stdout, recs, !noHeaders, rawBytes)
 				}
 				return errors.Join(err, leftOut)
 			})
@@ -97,6 +118,7 @@ snapshot with every field, one per line (the export format).`,
 	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
 	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
 	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
+	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "sizes in bytes instead of KiB, MiB, ...")
 	return c
 }
 
@@ -121,13 +143,15 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 	return nil
 }
 
-func writeTable(w io.Writer, recs []Record, header bool) error {
+// writeTable writes the ls table; rawBytes writes sizes as byte counts,
+// for scripts and for comparing sizes exactly.
+func writeTable(w io.Writer, recs []Record, header, rawBytes bool) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if header {
 		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
 	}
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r), fmtTime(r.Created))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created))
 	}
 	return tw.Flush()
 }
@@ -139,10 +163,14 @@ func dash(s string) string {
 	return s
 }
 
-// sizeOf is the human size of a committed snapshot, "-" for others.
-func sizeOf(r Record) string {
+// sizeOf is the size of a committed snapshot, in IEC units or in bytes,
+// and "-" for others.
+func sizeOf(r Record, rawBytes bool) string {
 	if snapshots.Kind(r.Kind) != snapshots.KindCommitted {
 		return "-"
+	}
+	if rawBytes {
+		return strconv.FormatInt(r.Usage.Size, 10)
 	}
 	return humanBytes(r.Usage.Size)
 }
@@ -209,13 +237,15 @@ func nonNil(s []string) []string {
 
 func (a *app) infoCommand() *cobra.Command {
 	var addr string
-	var asJSON bool
+	var asJSON, rawBytes bool
 	c := &cobra.Command{
 		Use:   "info NAME",
 		Short: "Show every field of one snapshot",
 		Long: `Show every field of one snapshot: kind, ID, parent, the IDs of its parent
 chain (immediate parent first: the directories an overlay driver stacks
-under it), timestamps, usage, labels and children.`,
+under it), timestamps, usage, labels and children. The size is in IEC units
+with the byte count, or with -b the byte count alone; --json always writes
+bytes.`,
 		Example: `  snapmeta info --store metadata.db my-container
   snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
 		Args: exactArgs(1, "one snapshot NAME"),
@@ -231,7 +261,7 @@ under it), timestamps, usage, labels and children.`,
 					enc.SetIndent("", "  ")
 					err = enc.Encode(info)
 				} else {
-					err = writeInfo(a.stdout, info)
+					err = writeInfo(a.stdout, info, rawBytes)
 				}
 				if problem != nil {
 					return errors.Join(err, &exitError{code: 1, err: problem})
@@ -242,6 +272,7 @@ under it), timestamps, usage, labels and children.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
+	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "the size in bytes only, not in KiB, MiB, ...")
 	return c
 }
 
@@ -282,7 +313,7 @@ func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJ
 	return out, problem, err
 }
 
-func writeInfo(w io.Writer, i infoJSON) error {
+func writeInfo(w io.Writer, i infoJSON, rawBytes bool) error {
 	var buf bytes.Buffer
 	tw := tabwriter.NewWriter(&buf, 0, 4, 1, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
@@ -294,7 +325,11 @@ func writeInfo(w io.Writer, i infoJSON) error {
 	row("Created", fmtTimeNano(i.Created))
 	row("Updated", fmtTimeNano(i.Updated))
 	if snapshots.Kind(i.Kind) == snapshots.KindCommitted {
-		row("Size", fmt.Sprintf("%s (%d bytes)", humanBytes(i.Usage.Size), i.Usage.Size))
+		if rawBytes {
+			row("Size", strconv.FormatInt(i.Usage.Size, 10))
+		} else {
+			row("Size", fmt.Sprintf("%s (%d bytes)", humanBytes(i.Usage.Size), i.Usage.Size))
+		}
 		row("Inodes", strconv.FormatInt(i.Usage.Inodes, 10))
 	} else {
 		row("Size", "- (known once committed)")
@@ -332,14 +367,17 @@ func (a *app) treeCommand() *cobra.Command {
 	var addr string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "tree",
+		Use:   "tree [STORE]",
 		Short: "Show snapshots as a parent tree",
 		Long: `Show every snapshot under its parent, base layers at the left. A snapshot
 whose parent is missing (a damaged store) is shown at the left, marked.`,
 		Example: `  snapmeta tree --store metadata.db
   snapmeta tree --store etcd://127.0.0.1:2379/snapshots --json`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
@@ -445,7 +483,7 @@ func (a *app) idsCommand() *cobra.Command {
 	var addr string
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "ids",
+		Use:   "ids [STORE]",
 		Short: "Map snapshot IDs to names",
 		Long: `Print every snapshot ID with the snapshot's name, in ID order. A driver names
 a snapshot's directory by its ID (e.g. .../snapshots/<ID>/fs), so this is
@@ -453,8 +491,11 @@ how to tell which directory belongs to which snapshot, and which
 directories belong to none.`,
 		Example: `  snapmeta ids --store metadata.db
   snapmeta ids --store etcd://127.0.0.1:2379/snapshots --json`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				// Walk rather than IDMap: a damaged record leaves out only
 				// itself.

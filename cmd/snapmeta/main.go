@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"regexp"
 	"strings"
 	"syscall"
 
@@ -50,6 +51,9 @@ type app struct {
 	// started is set once a command's own code runs: an error before that
 	// came from parsing the command line.
 	started bool
+	// fromEnv names the flags the environment set rather than the command
+	// line (both show as changed).
+	fromEnv map[string]bool
 }
 
 // exitError carries an exit code; msg, when set, is printed as the error.
@@ -140,6 +144,11 @@ cluster shared by many hosts (github.com/snapmeta/storage).
 
 ` + storeaddr.Help + `
 
+The store is --store, $SNAPMETA_STORE, or the argument of ls, tree, ids,
+check and export (for ls: the first argument, when it has a scheme or names
+a file that exists); the argument wins over $SNAPMETA_STORE, and must name
+the same store as --store when both are given.
+
 Read commands (ls, info, tree, ids, check, export) open a bbolt file
 read-only; while a running daemon holds the file they report it as locked.
 
@@ -151,15 +160,18 @@ Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 (check: the store could not be read), 128+n when signal n stops it (130 for
 an interrupt).`,
 		Example: `  snapmeta demo
-  snapmeta ls --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
+  snapmeta check etcd://10.0.0.5:2379/snapshots
   snapmeta tree --store etcd://10.0.0.5:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
   snapmeta migrate --from bolt:///backup/metadata.db --to etcd://10.0.0.5:2379/snapshots`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(c *cobra.Command, _ []string) error {
-			if err := flagsFromEnv(c); err != nil {
+			fromEnv, err := flagsFromEnv(c)
+			if err != nil {
 				return err
 			}
+			a.fromEnv = fromEnv
 			if a.etcd.DialTimeout <= 0 {
 				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.DialTimeout, c.CommandPath())
 			}
@@ -185,6 +197,7 @@ an interrupt).`,
 		a.migrateCommand(),
 		a.salvageCommand(),
 		a.versionCommand(),
+		a.completionCommand(),
 	)
 	root.SetHelpCommand(helpCommand(root))
 	return root
@@ -214,6 +227,58 @@ func storeFlag(c *cobra.Command, target *string) {
 	c.Flags().StringVarP(target, "store", "s", def, "the store's address (default $SNAPMETA_STORE)")
 }
 
+// schemeRE is the start of an address with a scheme (bolt://, etcd://, or
+// a mistyped one that Parse then names). A filter cannot begin so: a field
+// name is followed by an operator, a dot or a comma, never by "://".
+var schemeRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
+
+// looksLikeStore is ls's rule for its first argument: a store when it has
+// a scheme or names an existing file or directory, a filter otherwise. It
+// cannot be ambiguous: a filter the operator means can be written after
+// --store instead, and a store can always be given with a scheme.
+func looksLikeStore(arg string) bool {
+	if schemeRE.MatchString(arg) {
+		return true
+	}
+	_, err := os.Stat(arg)
+	return err == nil
+}
+
+// storeFromArg makes pos, a store given as a positional argument, the
+// command's store. --store given on the command line too must name the
+// same store; $SNAPMETA_STORE gives way to it, as every variable does to
+// the command line.
+func (a *app) storeFromArg(c *cobra.Command, addr *string, pos string) error {
+	if c.Flags().Changed("store") && !a.fromEnv["store"] && *addr != pos {
+		fa, errF := storeaddr.Parse(*addr)
+		pa, errP := storeaddr.Parse(pos)
+		if errF != nil || errP != nil || !fa.SameStore(pa) {
+			return usageErrorf("two stores given: --store %s and %s (see '%s --help')", *addr, pos, c.CommandPath())
+		}
+	}
+	*addr = pos
+	return nil
+}
+
+// storeArgs is the Args of a command whose only positional argument is
+// its store: at most one, taken as the store.
+func storeArgs(c *cobra.Command, args []string) error {
+	if len(args) > 1 {
+		return usageErrorf("%s takes at most one argument, the STORE (see '%s --help')", c.CommandPath(), c.CommandPath())
+	}
+	return nil
+}
+
+// positionalStore applies storeFromArg to a storeArgs command's argument.
+// It runs in RunE, after the environment has set the flags: Args runs
+// before PersistentPreRunE.
+func (a *app) positionalStore(c *cobra.Command, addr *string, args []string) error {
+	if len(args) == 1 {
+		return a.storeFromArg(c, addr, args[0])
+	}
+	return nil
+}
+
 // args checkers that report usage errors.
 func exactArgs(n int, what string) cobra.PositionalArgs {
 	return func(c *cobra.Command, args []string) error {
@@ -233,10 +298,10 @@ func maxArgs(n int, what string) cobra.PositionalArgs {
 	}
 }
 
-// open parses and opens the store named by --store.
+// open parses and opens the store named by --store or the argument.
 func (a *app) open(ctx context.Context, addr string, mode storeaddr.Mode) (storeHandle, error) {
 	if addr == "" {
-		return storeHandle{}, usageErrorf("no store given: use --store ADDRESS or set SNAPMETA_STORE")
+		return storeHandle{}, usageErrorf("no store given: name it as the argument, use --store ADDRESS or set SNAPMETA_STORE")
 	}
 	ad, err := storeaddr.Parse(addr)
 	if err != nil {

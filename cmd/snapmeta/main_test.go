@@ -546,7 +546,7 @@ func TestErrors(t *testing.T) {
 	}{
 		{[]string{"nosuchcommand"}, 2, `unknown command "nosuchcommand"`},
 		{[]string{"ls", "--nosuchflag"}, 2, "unknown flag: --nosuchflag"},
-		{[]string{"ls"}, 2, "no store given: use --store ADDRESS or set SNAPMETA_STORE"},
+		{[]string{"ls"}, 2, "no store given: name it as the argument, use --store ADDRESS or set SNAPMETA_STORE"},
 		{[]string{"ls", "--store", "ftp://x/y"}, 2, `unknown store address scheme "ftp"`},
 		{[]string{"ls", "--store", "etcd://h:2379"}, 2, "has no root"},
 		{[]string{"ls", "--store", "etcd:///root"}, 2, "has no etcd endpoint"},
@@ -554,7 +554,8 @@ func TestErrors(t *testing.T) {
 		{[]string{"info", "--store", path}, 2, "info takes one snapshot NAME"},
 		{[]string{"info", "nope", "--store", path}, 1, `snapshot "nope" does not exist`},
 		{[]string{"ls", "--store", path, "kind=="}, 2, "filters: parse error"},
-		{[]string{"tree", "extra", "--store", path}, 2, "tree takes no arguments"},
+		{[]string{"tree", "extra", "--store", path}, 2, "two stores given: --store " + path + " and extra"},
+		{[]string{"tree", "a", "b"}, 2, "tree takes at most one argument, the STORE"},
 		{[]string{"migrate", "--from", path}, 2, "migrate needs --from SOURCE and --to TARGET"},
 		{[]string{"migrate", "--from", path, "--to", "bolt://" + path}, 2, "--from and --to name the same store"},
 		{[]string{"import", "--store", path, "--batch", "0"}, 2, "--batch must be between 1 and"},
@@ -571,7 +572,7 @@ func TestErrors(t *testing.T) {
 
 // TestHelp: every command's --help shows an example.
 func TestHelp(t *testing.T) {
-	for _, cmd := range []string{"", "demo", "ls", "info", "tree", "ids", "check", "export", "import", "migrate", "version", "help"} {
+	for _, cmd := range []string{"", "demo", "ls", "info", "tree", "ids", "check", "export", "import", "migrate", "version", "completion", "help"} {
 		args := strings.Fields(cmd + " --help")
 		out := ok(t, args...)
 		if !strings.Contains(out, "Examples:\n  snapmeta ") {

@@ -17,12 +17,14 @@ import (
 func (a *app) migrateCommand() *cobra.Command {
 	var from, to string
 	var batch int
+	var fromCreds, toCreds sideCreds
 	c := &cobra.Command{
 		Use:   "migrate --from SOURCE --to TARGET",
 		Short: "Copy every snapshot from one store to another, IDs unchanged",
 		Long: `Copy every snapshot of SOURCE to TARGET with its ID, kind, parent, labels,
 times and usage unchanged (a driver's directories are named by ID), parents
-before children, --batch snapshots per transaction. Stop the daemons using
+before children, --batch snapshots per transaction (at most 63 into etcd:
+see 'snapmeta import --help'). Stop the daemons using
 either store first: SOURCE is read once, at the start.
 
 The target must be empty or hold only snapshots identical to the source's:
@@ -32,18 +34,29 @@ written. At the end both stores are compared (counts and every record) and
 the target is checked (see 'snapmeta check'); a mismatch or a problem fails
 the command.
 
+The etcd flags (--cacert, --cert, --key, --user) apply to both stores.
+--from-cacert, --from-cert, --from-key and --from-user (and --to-...) set
+one store's own instead, where the two clusters want different
+credentials; a flag not given for a side falls back to the shared one.
+--from-cert and --from-key go together (as do --to-cert and --to-key), and
+replace --cert and --key as a pair. The password of --from-user NAME comes
+from $SNAPMETA_FROM_PASSWORD, else $SNAPMETA_PASSWORD (--to-user: from
+$SNAPMETA_TO_PASSWORD first).
+
 A progress bar is drawn on a terminal; otherwise a line is written at every
 tenth of the way.`,
 		Example: `  snapmeta migrate --from /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db \
       --to etcd://10.0.0.5:2379,10.0.0.6:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
-  snapmeta migrate --from etcd://127.0.0.1:2379/snapshots --to bolt:///backup/metadata.db`,
+  snapmeta migrate --from etcd://127.0.0.1:2379/snapshots --to bolt:///backup/metadata.db
+  snapmeta migrate --from etcd://old:2379/snaps --from-user reader:pw \
+      --to etcd://new:2379/snaps --to-cacert new-ca.pem --to-cert me.pem --to-key me-key.pem`,
 		Args: exactArgs(0, "no arguments (use --from and --to)"),
 		RunE: func(c *cobra.Command, _ []string) error {
 			if from == "" || to == "" {
 				return usageErrorf("migrate needs --from SOURCE and --to TARGET")
 			}
-			if batch < 1 || batch > maxBatch {
-				return usageErrorf("--batch must be between 1 and %d", maxBatch)
+			if err := checkBatch(batch, to); err != nil {
+				return err
 			}
 			src, err := storeaddr.Parse(from)
 			if err != nil {
@@ -56,17 +69,78 @@ tenth of the way.`,
 			if src.SameStore(dst) {
 				return usageErrorf("--from and --to name the same store")
 			}
-			return a.migrate(c.Context(), src, dst, batch)
+			srcEtcd, err := fromCreds.apply(a.etcd)
+			if err != nil {
+				return err
+			}
+			dstEtcd, err := toCreds.apply(a.etcd)
+			if err != nil {
+				return err
+			}
+			// A mistake in either side's credentials is found before the
+			// source is read, not after.
+			for _, side := range []struct {
+				name string
+				ad   storeaddr.Address
+				ef   *storeaddr.EtcdFlags
+			}{{"source", src, &srcEtcd}, {"target", dst, &dstEtcd}} {
+				if side.ad.Engine != storeaddr.Etcd {
+					continue
+				}
+				if _, err := side.ef.ClientConfig(side.ad); err != nil {
+					return usageErrorf("%s: %v", side.name, err)
+				}
+			}
+			return a.migrate(c.Context(), src, dst, &srcEtcd, &dstEtcd, batch)
 		},
 	}
 	c.Flags().StringVar(&from, "from", "", "address of the store to copy")
 	c.Flags().StringVar(&to, "to", "", "address of the store to copy into (created if a missing bbolt file)")
-	c.Flags().IntVar(&batch, "batch", defaultBatch, "snapshots per transaction")
+	c.Flags().IntVar(&batch, "batch", defaultBatch, fmt.Sprintf("snapshots per transaction (at most %d into etcd)", maxEtcdBatch))
+	fromCreds.addFlags(c, "from", "source")
+	toCreds.addFlags(c, "to", "target")
 	return c
 }
 
-func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, batch int) error {
-	srcMS, err := storeaddr.Open(ctx, srcAddr, storeaddr.ReadOnly, &a.etcd)
+// sideCreds are the etcd credentials of one side of a migration, for two
+// clusters that do not accept the same ones (an old cluster's read-only
+// user, a new cluster's client certificate).
+type sideCreds struct {
+	side                    string // "from" or "to"
+	cacert, cert, key, user string
+}
+
+func (s *sideCreds) addFlags(c *cobra.Command, side, what string) {
+	s.side = side
+	c.Flags().StringVar(&s.cacert, side+"-cacert", "", "etcd: CA bundle for the "+what+" only (else --cacert)")
+	c.Flags().StringVar(&s.cert, side+"-cert", "", "etcd: client certificate for the "+what+" only (with --"+side+"-key; else --cert)")
+	c.Flags().StringVar(&s.key, side+"-key", "", "etcd: its private key (else --key)")
+	c.Flags().StringVar(&s.user, side+"-user", "", "etcd: user, or name:password, for the "+what+" only (else --user)")
+}
+
+// apply returns the shared flags with this side's own in their place.
+func (s sideCreds) apply(shared storeaddr.EtcdFlags) (storeaddr.EtcdFlags, error) {
+	ef := shared
+	if s.cacert != "" {
+		ef.CACert = s.cacert
+	}
+	// A certificate and its key are one credential: half of one side's and
+	// half of the shared one would never load.
+	if (s.cert == "") != (s.key == "") {
+		return ef, usageErrorf("--%s-cert and --%s-key go together", s.side, s.side)
+	}
+	if s.cert != "" {
+		ef.Cert, ef.Key = s.cert, s.key
+	}
+	if s.user != "" {
+		ef.User = s.user
+		ef.PasswordEnv = envName(s.side + "-password")
+	}
+	return ef, nil
+}
+
+func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, srcEtcd, dstEtcd *storeaddr.EtcdFlags, batch int) error {
+	srcMS, err := storeaddr.Open(ctx, srcAddr, storeaddr.ReadOnly, srcEtcd)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
@@ -86,7 +160,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, b
 	}
 	ordered, _, _ := parentFirst(srcRecs)
 
-	dstMS, err := storeaddr.Open(ctx, dstAddr, storeaddr.ReadWrite, &a.etcd)
+	dstMS, err := storeaddr.Open(ctx, dstAddr, storeaddr.ReadWrite, dstEtcd)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
 	}

@@ -25,10 +25,31 @@ const defaultBatch = 32
 // maxBatch bounds --batch.
 const maxBatch = 10000
 
+// maxEtcdBatch is the most snapshots one etcd transaction of import holds
+// with etcd's default --max-txn-ops: a snapshot with a parent is two writes
+// (its record and its entry in the parent's children index), and the
+// transaction adds up to two of its own (the ID floor, a marker). Guards
+// do not count: the store merges them into ranges past the limit. A larger
+// --batch would be split, so a batch would no longer be one transaction.
+const maxEtcdBatch = (storage.DefaultEtcdMaxTxnOps - 2) / 2
+
+// checkBatch refuses a --batch the target cannot write in one transaction.
+// It refuses rather than clamps: each batch is promised to be one
+// transaction, and a smaller batch than asked for should be asked for.
+func checkBatch(batch int, target string) error {
+	if batch < 1 || batch > maxBatch {
+		return usageErrorf("--batch must be between 1 and %d", maxBatch)
+	}
+	if ad, err := storeaddr.Parse(target); err == nil && ad.Engine == storeaddr.Etcd && batch > maxEtcdBatch {
+		return usageErrorf("--batch %d is more than one etcd transaction holds: at most %d snapshots on etcd (two writes each, of etcd's default --max-txn-ops %d); give --batch %d or less", batch, maxEtcdBatch, storage.DefaultEtcdMaxTxnOps, maxEtcdBatch)
+	}
+	return nil
+}
+
 func (a *app) exportCommand() *cobra.Command {
 	var addr, output string
 	c := &cobra.Command{
-		Use:   "export",
+		Use:   "export [STORE]",
 		Short: "Write every snapshot as JSON Lines",
 		Long: `Write every snapshot of the store, read in one transaction, as JSON Lines:
 one object per line with every field (name, id, kind, parent, labels,
@@ -39,8 +60,11 @@ A snapshot whose parent is missing (a damaged store) is still written, and
 reported on stderr; import will refuse it.`,
 		Example: `  snapmeta export --store metadata.db > snapshots.jsonl
   snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
-		Args: exactArgs(0, "no arguments"),
-		RunE: func(c *cobra.Command, _ []string) error {
+		Args: storeArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := a.positionalStore(c, &addr, args); err != nil {
+				return err
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st)
 				if err != nil {
@@ -118,7 +142,14 @@ stdin) with their IDs, kinds, parents, labels, times and usage unchanged.
 Parents must come before their children, or exist in the store already.
 
 Each batch of --batch lines is one transaction: it is written entirely or
-not at all. A snapshot whose name exists in the store is refused; with
+not at all. The import as a whole is not: after a failure the batches
+before it stay written (the message says how many snapshots), and running
+the same import again with --skip-existing finishes it. On etcd a batch
+holds at most 63 snapshots (a larger --batch is refused, not clamped: that
+is what one transaction holds with etcd's default --max-txn-ops 128); on a
+cluster started with a smaller --max-txn-ops, a batch it refuses as too
+large is split in halves, each its own transaction, so such a batch is not
+all or nothing. A snapshot whose name exists in the store is refused; with
 --skip-existing one whose stored record is identical to the line is skipped
 (so an interrupted import can be run again), and one that differs is still
 refused. The whole file is read and checked before anything is written.`,
@@ -126,8 +157,8 @@ refused. The whole file is read and checked before anything is written.`,
   snapmeta import --store etcd://127.0.0.1:2379/snapshots snapshots.jsonl --skip-existing`,
 		Args: maxArgs(1, "one FILE"),
 		RunE: func(c *cobra.Command, args []string) error {
-			if batch < 1 || batch > maxBatch {
-				return usageErrorf("--batch must be between 1 and %d", maxBatch)
+			if err := checkBatch(batch, addr); err != nil {
+				return err
 			}
 			in, name := a.stdin, "stdin"
 			if len(args) == 1 && args[0] != "-" {
@@ -171,7 +202,7 @@ refused. The whole file is read and checked before anything is written.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&skipExisting, "skip-existing", false, "skip snapshots already stored with an identical record")
-	c.Flags().IntVar(&batch, "batch", defaultBatch, "snapshots per transaction")
+	c.Flags().IntVar(&batch, "batch", defaultBatch, fmt.Sprintf("snapshots per transaction (at most %d on etcd)", maxEtcdBatch))
 	return c
 }
 

@@ -59,9 +59,11 @@ func envName(flag string) string {
 }
 
 // flagsFromEnv sets every flag of c not given on the command line from its
-// environment variable (see envName); the command line wins.
-func flagsFromEnv(c *cobra.Command) error {
+// environment variable (see envName); the command line wins. It returns
+// the names of the flags it set.
+func flagsFromEnv(c *cobra.Command) (map[string]bool, error) {
 	var err error
+	set := map[string]bool{}
 	c.Flags().VisitAll(func(f *pflag.Flag) {
 		if err != nil || f.Changed || f.Name == "help" {
 			return
@@ -73,6 +75,7 @@ func flagsFromEnv(c *cobra.Command) error {
 		if serr := c.Flags().Set(f.Name, v); serr != nil {
 			err = usageErrorf("$%s: %v (see '%s --help')", envName(f.Name), serr, c.CommandPath())
 		}
+		set[f.Name] = true
 	})
-	return err
+	return set, err
 }

@@ -170,6 +170,10 @@ type EtcdFlags struct {
 	User string
 	// DialTimeout bounds connecting and the first answer at Open.
 	DialTimeout time.Duration
+	// PasswordEnv, when set, is the variable read first for User's
+	// password ($SNAPMETA_PASSWORD after it): a command that opens two
+	// stores as two users (migrate) gives each its own.
+	PasswordEnv string
 }
 
 // AddFlags registers --cacert, --cert, --key, --user and --dial-timeout
@@ -204,14 +208,20 @@ func (f *EtcdFlags) ClientConfig(a Address) (*clientv3.Config, error) {
 	}
 	if f.User != "" {
 		name, pass, ok := strings.Cut(f.User, ":")
-		if !ok {
-			pass, ok = os.LookupEnv("SNAPMETA_PASSWORD")
+		envs := []string{"SNAPMETA_PASSWORD"}
+		if f.PasswordEnv != "" {
+			envs = append([]string{f.PasswordEnv}, envs...)
+		}
+		for _, env := range envs {
+			if !ok {
+				pass, ok = os.LookupEnv(env)
+			}
 		}
 		if name == "" {
 			return nil, Usagef("--user needs a user name")
 		}
 		if !ok {
-			return nil, Usagef("no password for etcd user %q: set SNAPMETA_PASSWORD or use --user %s:PASSWORD", name, name)
+			return nil, Usagef("no password for etcd user %q: set %s or give the user as %s:PASSWORD", name, strings.Join(envs, " or "), name)
 		}
 		cfg.Username, cfg.Password = name, pass
 	}
