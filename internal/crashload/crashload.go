@@ -192,6 +192,17 @@ func Read(ctx context.Context, ms storage.MetaStore) (map[string]*State, error) 
 // only if nobody killed it within ChildLimit, or on a failure (reported on
 // t, and printed with the prefix "crash child" that RunChild looks for).
 func Write(t *testing.T, ms storage.MetaStore, logDir string, cycle int, seed uint64) {
+	WriteTolerating(t, ms, logDir, cycle, seed, nil)
+}
+
+// WriteTolerating is Write for a store whose commits may fail without the
+// writer being wrong, such as an etcd cluster losing a member: a
+// transaction whose error satisfies uncertain is neither acknowledged nor
+// released. Its outcome is unknown (a commit request lost with its
+// connection may still have been applied), so its names stay reserved for
+// the rest of the child's life: for Verify it is simply in flight, visible
+// entirely or not at all. The writer goes on with other names.
+func WriteTolerating(t *testing.T, ms storage.MetaStore, logDir string, cycle int, seed uint64, uncertain func(error) bool) {
 	snaps, err := Read(context.Background(), ms)
 	require.NoError(t, err, "learning the state of the store")
 
@@ -202,14 +213,15 @@ func Write(t *testing.T, ms storage.MetaStore, logDir string, cycle int, seed ui
 		return f
 	}
 	w := &world{
-		t:        t,
-		ms:       ms,
-		cycle:    cycle,
-		intents:  openLog(IntentsLog),
-		acked:    openLog(AckedLog),
-		stop:     make(chan struct{}),
-		snaps:    snaps,
-		reserved: map[string]bool{},
+		t:         t,
+		ms:        ms,
+		cycle:     cycle,
+		intents:   openLog(IntentsLog),
+		acked:     openLog(AckedLog),
+		stop:      make(chan struct{}),
+		snaps:     snaps,
+		reserved:  map[string]bool{},
+		uncertain: uncertain,
 	}
 	limit := time.AfterFunc(ChildLimit, w.halt)
 	defer limit.Stop()
@@ -221,7 +233,7 @@ func Write(t *testing.T, ms storage.MetaStore, logDir string, cycle int, seed ui
 		wg.Go(func() { w.write(rng, i < groupWriters) })
 	}
 	wg.Wait()
-	t.Logf("not killed within %v: stopped after %d acknowledged transactions", ChildLimit, w.acks.Load())
+	t.Logf("not killed within %v: stopped after %d acknowledged transactions (%d of unknown outcome)", ChildLimit, w.acks.Load(), w.unknown.Load())
 }
 
 // world is the child's knowledge of the store and its writers'
@@ -236,6 +248,9 @@ type world struct {
 	stopOnce sync.Once
 	seq      atomic.Int64 // numbers transactions and new names
 	acks     atomic.Int64 // acknowledged transactions
+	unknown  atomic.Int64 // transactions that failed as uncertain allows
+
+	uncertain func(error) bool // see WriteTolerating; nil: no error is expected
 
 	mu sync.Mutex
 	// snaps is the state after every acknowledged transaction; its values
@@ -269,6 +284,11 @@ func (w *world) write(rng *rand.Rand, group bool) {
 			return
 		}
 		if err := p.execute(w.ms); err != nil {
+			if w.uncertain != nil && w.uncertain(err) {
+				// Keep the names reserved: see WriteTolerating.
+				w.unknown.Add(1)
+				continue
+			}
 			w.fail(fmt.Errorf("transaction %s via %s %q: %w", p.tx.ID, p.tx.Via, p.tx.Ops, err))
 			return
 		}
@@ -690,47 +710,106 @@ func (o *output) String() string {
 // child must not end any other way, nor report a failure or a race.
 func RunChild(t *testing.T, test string, env []string, cycle int, runFor time.Duration, stats *Stats) {
 	t.Helper()
-	out := &output{ready: make(chan struct{})}
-	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v")
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = out, out
-	start := time.Now()
-	require.NoError(t, cmd.Start())
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-
-	kill := func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}
+	c := StartChild(t, test, env, cycle, stats)
 	select {
-	case <-out.ready:
-	case err := <-exited:
-		t.Fatalf("cycle %d: the child ended (%v) before it was ready:\n%s", cycle, err, out)
-	case <-time.After(time.Minute):
-		kill()
-		t.Fatalf("cycle %d: the child was not ready within a minute:\n%s", cycle, out)
-	}
-	ready := time.Now()
-	stats.Startup += ready.Sub(start)
-	select {
-	case err := <-exited:
-		t.Fatalf("cycle %d: the child ended (%v) before it was killed:\n%s", cycle, err, out)
+	case err := <-c.exited:
+		t.Fatalf("cycle %d: the child ended (%v) before it was killed:\n%s", cycle, err, c.out)
 	case <-time.After(runFor):
 	}
-	kill()
-	stats.Running += time.Since(ready)
+	c.Kill(t)
+}
 
-	ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus)
+// Child is a child process started by StartChild.
+type Child struct {
+	cmd            *exec.Cmd
+	out            *output
+	exited         chan error
+	cycle          int
+	started, ready time.Time
+	stats          *Stats
+	killed         bool
+}
+
+// StartChild re-executes the test binary running only the test named test
+// with env added to the environment, and returns once the child has
+// printed Ready. The caller must call Kill. It is RunChild's first half,
+// for tests that do something else while the child writes.
+func StartChild(t *testing.T, test string, env []string, cycle int, stats *Stats) *Child {
+	t.Helper()
+	c := LaunchChild(t, test, env, cycle, stats)
+	c.WaitReady(t)
+	return c
+}
+
+// LaunchChild is StartChild without the wait: call WaitReady before using
+// the child, which lets several children start at once.
+func LaunchChild(t *testing.T, test string, env []string, cycle int, stats *Stats) *Child {
+	t.Helper()
+	c := &Child{out: &output{ready: make(chan struct{})}, exited: make(chan error, 1), cycle: cycle, stats: stats}
+	c.cmd = exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.v")
+	c.cmd.Env = append(os.Environ(), env...)
+	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	c.started = time.Now()
+	require.NoError(t, c.cmd.Start())
+	go func() { c.exited <- c.cmd.Wait() }()
+	return c
+}
+
+// WaitReady waits until the child has printed Ready, and fails t if it
+// ends first or is not ready within a minute. Once ready, it returns at
+// once.
+func (c *Child) WaitReady(t *testing.T) {
+	t.Helper()
+	if !c.ready.IsZero() {
+		return
+	}
+	select {
+	case <-c.out.ready:
+	case err := <-c.exited:
+		c.killed = true // nothing left to kill
+		t.Fatalf("cycle %d: the child ended (%v) before it was ready:\n%s", c.cycle, err, c.out)
+	case <-time.After(time.Minute):
+		c.kill()
+		t.Fatalf("cycle %d: the child was not ready within a minute:\n%s", c.cycle, c.out)
+	}
+	c.ready = time.Now()
+	c.stats.Startup += c.ready.Sub(c.started)
+}
+
+func (c *Child) kill() {
+	if !c.killed {
+		c.killed = true
+		_ = c.cmd.Process.Kill()
+		<-c.exited
+	}
+}
+
+// Kill kills the child with SIGKILL and fails t if it had ended any other
+// way, or reported a failure or a race. Kill may be called more than once.
+func (c *Child) Kill(t *testing.T) {
+	t.Helper()
+	if c.killed {
+		return
+	}
+	c.kill()
+	c.stats.Running += time.Since(c.ready)
+	ws, ok := c.cmd.ProcessState.Sys().(syscall.WaitStatus)
 	if !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-		t.Fatalf("cycle %d: the child ended with %v, not by SIGKILL:\n%s", cycle, cmd.ProcessState, out)
+		t.Fatalf("cycle %d: the child ended with %v, not by SIGKILL:\n%s", c.cycle, c.cmd.ProcessState, c.out)
 	}
 	for _, bad := range []string{"WARNING: DATA RACE", "--- FAIL", "panic:", "crash child"} {
-		if strings.Contains(out.String(), bad) {
-			t.Fatalf("cycle %d: the child reported %q:\n%s", cycle, bad, out)
+		if strings.Contains(c.out.String(), bad) {
+			t.Fatalf("cycle %d: the child reported %q:\n%s", c.cycle, bad, c.out)
 		}
 	}
 }
+
+// Signal sends sig to the child, for a child that stops gracefully on it;
+// Kill must still follow.
+func (c *Child) Signal(sig os.Signal) error { return c.cmd.Process.Signal(sig) }
+
+// Output returns what the child printed so far.
+func (c *Child) Output() string { return c.out.String() }
 
 // ReadLog returns the transactions of the whole lines appended to path
 // since the last call, and cuts off a last line the kill left unfinished
