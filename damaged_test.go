@@ -25,11 +25,11 @@ import (
 // are: the page size, the snapshots bucket's root (a branch page once the
 // store is big enough) and a leaf page under it.
 type dmgBase struct {
-	data             []byte
-	names            []string
-	pageSize         int
-	branch, leaf     uint64 // 0: none
-	committed, child string // a committed snapshot to create children of
+	data         []byte
+	names        []string
+	pageSize     int
+	branch, leaf uint64 // 0: none
+	committed    string // a committed snapshot to create children of
 }
 
 var (

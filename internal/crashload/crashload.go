@@ -123,7 +123,6 @@ func kindName(k snapshots.Kind) string { return k.String() }
 
 var (
 	kindActive    = kindName(snapshots.KindActive)
-	kindView      = kindName(snapshots.KindView)
 	kindCommitted = kindName(snapshots.KindCommitted)
 )
 
