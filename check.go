@@ -10,6 +10,9 @@ import (
 
 // Problem is one broken invariant found by Check.
 type Problem struct {
+	// Host is the host scope of the snapshot concerned, on a host-scoped
+	// root (see WithHost); empty otherwise.
+	Host string
 	// Snapshot names the snapshot concerned; it is empty for a problem of
 	// the store as a whole.
 	Snapshot string
@@ -28,10 +31,14 @@ func (p Problem) String() string {
 	if p.Page {
 		return "page damage: " + p.Detail
 	}
-	if p.Snapshot == "" {
-		return p.Detail
+	var where string
+	if p.Host != "" {
+		where = fmt.Sprintf("host %q: ", p.Host)
 	}
-	return fmt.Sprintf("snapshot %q: %s", p.Snapshot, p.Detail)
+	if p.Snapshot == "" {
+		return where + p.Detail
+	}
+	return fmt.Sprintf("%ssnapshot %q: %s", where, p.Snapshot, p.Detail)
 }
 
 // Check verifies every invariant of the store in one read-only transaction
@@ -48,6 +55,14 @@ func (p Problem) String() string {
 //     each under the one key the engine writes for it;
 //   - IDs are unique, and none is above what the ID allocator has handed out;
 //   - every stored parent chain equals the chain found by following parents.
+//
+// On a host-scoped root (a store opened WithHost or WithHostView) it
+// checks every host's scope so, whichever host the store is of, and the
+// root as a whole: IDs are unique across scopes except among the bindings
+// of one shared layer; every binding is counted among its layer's
+// references and every reference is a binding of that layer, with the
+// layer's chain; the content index holds exactly one entry per layer; no
+// record lies outside the scopes.
 //
 // The error is for a store that cannot be read at all, or a MetaStore not
 // made by this package (class NotImplemented). Check holds every record's
@@ -81,14 +96,17 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 			problems = c.found
 			return nil
 		}
-		if err := tx.scan(tctx, c.addRecord); err != nil {
-			return err
-		}
-		if err := tx.scanLinks(tctx, c.addLink); err != nil {
-			return err
-		}
 		limit, err := tx.idLimit(tctx)
 		if err != nil {
+			return err
+		}
+		if sx, ok := tx.(scopedTx); ok {
+			if _, ok := sx.scopeHost(); ok {
+				problems, err = checkHostScopes(tctx, sx, limit)
+				return err
+			}
+		}
+		if err := c.read(tctx, tx); err != nil {
 			return err
 		}
 		problems = c.problems(limit)
@@ -98,6 +116,14 @@ func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 		return nil, err
 	}
 	return problems, nil
+}
+
+// read reads the records and the children index of tx's scope.
+func (c *checker) read(ctx context.Context, tx engineTx) error {
+	if err := tx.scan(ctx, c.addRecord); err != nil {
+		return err
+	}
+	return tx.scanLinks(ctx, c.addLink)
 }
 
 // pageChecker is an engine transaction that can check its file below the
@@ -162,7 +188,7 @@ func (c *checker) problems(idLimit uint64) []Problem {
 		default:
 			c.report(name, "unknown kind %d", int(r.Kind))
 		}
-		if owners := c.byID[r.ID]; len(owners) > 1 && owners[0] == name {
+		if owners := c.byID[r.ID]; len(owners) > 1 && owners[0] == name && !c.bindingsOfOneLayer(owners) {
 			c.report(name, "ID %d is shared with %q", r.ID, owners[1:])
 		}
 		if r.ID == 0 || r.ID > idLimit {
@@ -172,6 +198,17 @@ func (c *checker) problems(idLimit uint64) []Problem {
 	}
 	c.checkLinks()
 	return c.found
+}
+
+// bindingsOfOneLayer reports whether the records of names are all
+// bindings of one shared layer, which may share an ID.
+func (c *checker) bindingsOfOneLayer(names []string) bool {
+	for _, n := range names {
+		if r := c.records[n]; r.Content == "" || r.Content != c.records[names[0]].Content {
+			return false
+		}
+	}
+	return true
 }
 
 func (c *checker) checkParent(name string, r *record) {

@@ -25,6 +25,20 @@ type etcdOptions struct {
 	maxTxnOps      int
 	requestTimeout time.Duration
 	wrapKV         func(clientv3.KV) clientv3.KV
+	// host is the host scope (hosts.go), empty for none; hostView opens
+	// it without a lease.
+	host     string
+	hostView bool
+	hostTTL  time.Duration
+}
+
+func defaultEtcdOptions() etcdOptions {
+	return etcdOptions{
+		pageSize:       DefaultEtcdPageSize,
+		maxTxnOps:      DefaultEtcdMaxTxnOps,
+		requestTimeout: DefaultEtcdRequestTimeout,
+		hostTTL:        DefaultHostTTL,
+	}
 }
 
 // Defaults of the etcd engine. DefaultEtcdMaxTxnOps is etcd's own default
@@ -114,11 +128,7 @@ func NewEtcdStoreFromClient(cli *clientv3.Client, root string, opts ...EtcdOpt) 
 }
 
 func newEtcdStore(cli *clientv3.Client, own bool, root string, opts []EtcdOpt) (MetaStore, error) {
-	o := etcdOptions{
-		pageSize:       DefaultEtcdPageSize,
-		maxTxnOps:      DefaultEtcdMaxTxnOps,
-		requestTimeout: DefaultEtcdRequestTimeout,
-	}
+	o := defaultEtcdOptions()
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
 			return nil, err
@@ -128,7 +138,15 @@ func newEtcdStore(cli *clientv3.Client, own bool, root string, opts []EtcdOpt) (
 	if o.wrapKV != nil {
 		kv = o.wrapKV(kv)
 	}
-	e := &etcdEngine{cli: cli, own: own, kv: kv, keys: newEtcdKeys(root), opts: o}
+	e := &etcdEngine{cli: cli, own: own, kv: kv, keys: newEtcdKeys(root), root: root, opts: o}
+	if o.host != "" {
+		e.keys = e.keys.forHost(o.host)
+	}
+	host, err := e.openScope(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	e.host = host
 	return newMetaStore(e), nil
 }
 
@@ -148,8 +166,13 @@ type etcdEngine struct {
 	cli    *clientv3.Client
 	own    bool
 	kv     clientv3.KV
-	keys   etcdKeys
+	keys   etcdKeys // of the store's scope
+	root   string
 	opts   etcdOptions
+	host   *etcdHost // nil without host scopes
+	// unscopedChecked is set once a store without a host has found its
+	// root is not host-scoped (checkUnscoped).
+	unscopedChecked atomic.Bool
 
 	// ids is this store's reserved block of IDs, shared by its
 	// transactions.
@@ -157,8 +180,14 @@ type etcdEngine struct {
 	ids  etcdIDBlock
 }
 
-func (e *etcdEngine) begin(_ context.Context, writable bool) (engineTx, error) {
-	return &etcdTx{e: e, writable: writable, reads: readSet{}}, nil
+func (e *etcdEngine) begin(ctx context.Context, writable bool) (engineTx, error) {
+	if err := e.checkUnscoped(ctx); err != nil {
+		return nil, err
+	}
+	if writable && e.host.fenced() && e.host.expired.Load() {
+		return nil, fmt.Errorf("host %q: %w", e.host.name, ErrHostExpired)
+	}
+	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: writable, reads: readSet{}}, keys: e.keys}, nil
 }
 
 // beginRetry starts a transaction at the revision of the lost commit,
@@ -168,15 +197,16 @@ func (e *etcdEngine) beginRetry(_ context.Context, lost error) engineTx {
 	if !errors.As(lost, &lc) || lc.e != e {
 		return nil
 	}
-	return &etcdTx{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}
+	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}, keys: e.keys}
 }
 
 func (e *etcdEngine) close() error {
 	e.closed.Store(true)
+	err := e.host.release()
 	if e.own {
-		return e.cli.Close()
+		err = errors.Join(err, e.cli.Close())
 	}
-	return nil
+	return err
 }
 
 // errRequestTimeout tells our request timeout from the caller's deadline.

@@ -8,12 +8,18 @@ import (
 	"strings"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/containerd/containerd/v2/core/snapshots"
 )
 
-// etcdKeys builds the keys of one root; see keys.go for the layout.
+// etcdKeys builds the keys of one root, and of one scope in it: the whole
+// root when it has no host scopes, or one host's; see keys.go for the
+// layout.
 type etcdKeys struct {
-	prefix  string
+	prefix  string // of the root: IDs, hosts, shared layers
+	scope   string // of the records, markers and children index
+	owner   string // the host whose scope it is, empty without host scopes
 	markers deletionMarkers
 	idBlock string
 	idFloor string
@@ -21,26 +27,48 @@ type etcdKeys struct {
 
 func newEtcdKeys(root string) etcdKeys {
 	p := root + "/" + KeyEtcdVersion + "/"
-	return etcdKeys{
-		prefix: p,
-		markers: deletionMarkers{
-			committed: p + KeyEtcdSnapshots,
-			others:    p + KeyEtcdOthersRemoved,
-			replaced:  p + KeyEtcdReplaced,
-		},
-		idBlock: p + KeyEtcdIDBlock,
-		idFloor: p + KeyEtcdIDFloor,
-	}
+	return etcdKeys{prefix: p, idBlock: p + KeyEtcdIDBlock, idFloor: p + KeyEtcdIDFloor}.inScope(p)
 }
 
-func (k etcdKeys) snapshot(name string) string { return k.prefix + KeyEtcdSnapshots + "/" + name }
+// inScope returns the keys of the same root with records under scope.
+func (k etcdKeys) inScope(scope string) etcdKeys {
+	k.scope = scope
+	k.markers = deletionMarkers{
+		committed: scope + KeyEtcdSnapshots,
+		others:    scope + KeyEtcdOthersRemoved,
+		replaced:  scope + KeyEtcdReplaced,
+	}
+	return k
+}
+
+// forHost returns the keys of host's scope of the same root.
+func (k etcdKeys) forHost(host string) etcdKeys {
+	k = k.inScope(k.prefix + KeyEtcdScopes + "/" + host + "/")
+	k.owner = host
+	return k
+}
+
+func (k etcdKeys) snapshot(name string) string { return k.scope + KeyEtcdSnapshots + "/" + name }
 
 func (k etcdKeys) snapshotRange() (string, string) {
-	return k.prefix + KeyEtcdSnapshots + "/", k.prefix + KeyEtcdSnapshots + "0"
+	return k.scope + KeyEtcdSnapshots + "/", k.scope + KeyEtcdSnapshots + "0"
+}
+
+func (k etcdKeys) childrenRange() (string, string) {
+	start := k.scope + KeyEtcdChildren + "/"
+	return start, clientv3.GetPrefixRangeEnd(start)
 }
 
 func (k etcdKeys) childPrefix(parent string) string {
-	return k.prefix + KeyEtcdChildren + "/" + escapeName(parent) + "/"
+	return k.scope + KeyEtcdChildren + "/" + escapeName(parent) + "/"
+}
+
+func (k etcdKeys) mode() string            { return k.prefix + KeyEtcdMode }
+func (k etcdKeys) host(host string) string { return k.prefix + KeyEtcdHosts + "/" + host }
+func (k etcdKeys) lock(host string) string { return k.prefix + KeyLock + "/" + host }
+func (k etcdKeys) layer(id uint64) string  { return k.prefix + KeyEtcdLayers + "/" + formatID(id) }
+func (k etcdKeys) contentPrefix(key string) string {
+	return k.prefix + KeyEtcdContent + "/" + escapeName(key) + "/"
 }
 
 func (k etcdKeys) child(parent string, child uint64) string {
@@ -93,16 +121,26 @@ func unescapeName(s string) (string, bool) {
 	return b.String(), true
 }
 
-// recordVersion is the first byte of every etcd record.
-const recordVersion = 1
+// recordVersion is the first byte of every etcd record without a content
+// key; recordVersionShared that of a binding of a shared layer, which
+// carries one (see share.go).
+const (
+	recordVersion       = 1
+	recordVersionShared = 2
+)
 
 // encodeRecord is the etcd record format, version 1: the version byte, then
 // uvarint ID, kind byte, parent, parent chain, labels (sorted), created and
-// updated (time.MarshalBinary), varint inodes and size. Strings and byte
+// updated (time.MarshalBinary), varint inodes and size. Version 2 adds the
+// content key of a shared layer's binding at the end. Strings and byte
 // fields are uvarint length-prefixed; lists are uvarint count-prefixed.
 func encodeRecord(r *record) []byte {
 	b := make([]byte, 0, 64+len(r.Parent)+8*len(r.ParentIDs))
-	b = append(b, recordVersion)
+	if r.Content != "" {
+		b = append(b, recordVersionShared)
+	} else {
+		b = append(b, recordVersion)
+	}
 	b = binary.AppendUvarint(b, r.ID)
 	b = append(b, byte(r.Kind))
 	b = appendBytes(b, []byte(r.Parent))
@@ -120,7 +158,11 @@ func encodeRecord(r *record) []byte {
 		b = appendBytes(b, tb)
 	}
 	b = binary.AppendVarint(b, r.Usage.Inodes)
-	return binary.AppendVarint(b, r.Usage.Size)
+	b = binary.AppendVarint(b, r.Usage.Size)
+	if r.Content != "" {
+		b = appendBytes(b, []byte(r.Content))
+	}
+	return b
 }
 
 func appendBytes(b, v []byte) []byte {
@@ -188,7 +230,7 @@ func decodeRecord(b []byte) (*record, error) {
 	if len(b) == 0 {
 		return nil, fmt.Errorf("empty record: %w", ErrCorrupt)
 	}
-	if b[0] != recordVersion {
+	if b[0] != recordVersion && b[0] != recordVersionShared {
 		return nil, fmt.Errorf("unknown record version %d: %w", b[0], ErrCorrupt)
 	}
 	d := &recordDecoder{b: b[1:]}
@@ -222,6 +264,11 @@ func decodeRecord(b []byte) (*record, error) {
 	}
 	r.Usage.Inodes = d.varint("inodes")
 	r.Usage.Size = d.varint("size")
+	if b[0] == recordVersionShared {
+		if r.Content = string(d.bytes("content key")); r.Content == "" {
+			d.fail("content key")
+		}
+	}
 	if d.err == nil && len(d.b) != 0 {
 		d.fail("record: trailing bytes")
 	}
@@ -229,4 +276,61 @@ func decodeRecord(b []byte) (*record, error) {
 		return nil, d.err
 	}
 	return r, nil
+}
+
+// layerVersion is the first byte of every shared layer's record.
+const layerVersion = 1
+
+// encodeLayer is the format of layers/<ID>: the version byte, content key,
+// parent chain, varint inodes and size, then the references, each a host
+// and a name, sorted.
+func encodeLayer(l *layer) []byte {
+	b := []byte{layerVersion}
+	b = appendBytes(b, []byte(l.Content))
+	b = binary.AppendUvarint(b, uint64(len(l.ParentIDs)))
+	for _, id := range l.ParentIDs {
+		b = binary.AppendUvarint(b, id)
+	}
+	b = binary.AppendVarint(b, l.Usage.Inodes)
+	b = binary.AppendVarint(b, l.Usage.Size)
+	b = binary.AppendUvarint(b, uint64(len(l.Refs)))
+	for _, r := range l.Refs {
+		b = appendBytes(b, []byte(r.Host))
+		b = appendBytes(b, []byte(r.Name))
+	}
+	return b
+}
+
+// decodeLayer parses encodeLayer's format; like decodeRecord it never
+// panics, and anything it cannot read is ErrCorrupt.
+func decodeLayer(b []byte) (*layer, error) {
+	if len(b) == 0 || b[0] != layerVersion {
+		return nil, fmt.Errorf("bad shared layer version: %w", ErrCorrupt)
+	}
+	d := &recordDecoder{b: b[1:]}
+	l := &layer{Content: string(d.bytes("content key"))}
+	if n := d.count("parent chain", 1); n > 0 {
+		l.ParentIDs = make([]uint64, n)
+		for i := range l.ParentIDs {
+			l.ParentIDs[i] = d.uvarint("parent chain")
+		}
+	}
+	l.Usage.Inodes = d.varint("inodes")
+	l.Usage.Size = d.varint("size")
+	if n := d.count("references", 2); n > 0 {
+		l.Refs = make([]layerRef, n)
+		for i := range l.Refs {
+			l.Refs[i] = layerRef{Host: string(d.bytes("reference host")), Name: string(d.bytes("reference name"))}
+		}
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.fail("shared layer: trailing bytes")
+	}
+	if d.err == nil && l.Content == "" {
+		d.fail("content key")
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	return l, nil
 }

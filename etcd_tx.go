@@ -22,7 +22,19 @@ type childPeek struct {
 
 // etcdTx is an optimistic transaction: reads at one revision, buffered
 // writes, and one guarded Txn at commit (see etcd_guard.go for the guards).
+// It reads and writes the records of one scope (keys); views of other
+// scopes of the root share its state (see view).
 type etcdTx struct {
+	*etcdTxState
+	keys etcdKeys
+}
+
+// view returns the same transaction over the records of another scope of
+// the root: reads at the same revision, writes in the same Txn.
+func (t *etcdTx) view(keys etcdKeys) *etcdTx { return &etcdTx{etcdTxState: t.etcdTxState, keys: keys} }
+
+// etcdTxState is what every view of one transaction shares.
+type etcdTxState struct {
 	e        *etcdEngine
 	writable bool
 
@@ -101,7 +113,7 @@ func (t *etcdTx) records(ctx context.Context, names lookupNames, whole bool) ([m
 		if name == "" {
 			continue
 		}
-		k := t.e.keys.snapshot(name)
+		k := t.keys.snapshot(name)
 		if v, ok := t.writes[k]; ok {
 			if v == nil {
 				continue
@@ -144,10 +156,10 @@ func (t *etcdTx) records(ctx context.Context, names lookupNames, whole bool) ([m
 		}
 		asked[names[i]] = true
 		reads = append(reads, read{names[i], false})
-		ops = append(ops, clientv3.OpGet(t.e.keys.snapshot(names[i]), t.readOpts()...))
+		ops = append(ops, clientv3.OpGet(t.keys.snapshot(names[i]), t.readOpts()...))
 		if t.wantChildren[names[i]] {
 			reads = append(reads, read{names[i], true})
-			ops = append(ops, clientv3.OpGet(t.e.keys.childPrefix(names[i]),
+			ops = append(ops, clientv3.OpGet(t.keys.childPrefix(names[i]),
 				t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(1))...))
 		}
 	}
@@ -174,7 +186,7 @@ func (t *etcdTx) records(ctx context.Context, names lookupNames, whole bool) ([m
 				}
 			}
 		}
-		t.reads.note(t.e.keys.snapshot(rd.name), readOf(kv), whole)
+		t.reads.note(t.keys.snapshot(rd.name), readOf(kv), whole)
 	}
 	return out, nil
 }
@@ -267,43 +279,43 @@ func (t *etcdTx) writtenAfter(after, end string) (string, bool) {
 }
 
 func (t *etcdTx) put(name string, r *record) error {
-	k := t.e.keys.snapshot(name)
+	k := t.keys.snapshot(name)
 	if v, written := t.writes[k]; written && v == nil && t.reads[k].createRev != 0 {
 		// A new record where a stored one was removed in this transaction.
-		t.write(t.e.keys.markers.replaced, []byte{})
+		t.write(t.keys.markers.replaced, []byte{})
 	}
 	t.write(k, encodeRecord(r))
 	return nil
 }
 
 func (t *etcdTx) delete(name string) error {
-	k := t.e.keys.snapshot(name)
+	k := t.keys.snapshot(name)
 	// Deleting leaves no key for a range compare to see; touching a marker,
 	// which lies in the range a walk guards, makes walkers conflict, and
 	// merged guards see it too (see etcd_guard.go). A record that exists
 	// only in this transaction was seen by nobody else and needs none.
 	if r, read := t.reads[k]; !read {
-		t.write(t.e.keys.markers.committed, []byte{})
-		t.write(t.e.keys.markers.others, []byte{})
+		t.write(t.keys.markers.committed, []byte{})
+		t.write(t.keys.markers.others, []byte{})
 	} else if r.createRev != 0 {
-		t.write(t.e.keys.markers.forKind(kindOfValue(r.value)), []byte{})
+		t.write(t.keys.markers.forKind(kindOfValue(r.value)), []byte{})
 	}
 	t.write(k, nil)
 	return nil
 }
 
 func (t *etcdTx) link(parent, child ref) error {
-	t.write(t.e.keys.child(parent.name, child.id), []byte(child.name))
+	t.write(t.keys.child(parent.name, child.id), []byte(child.name))
 	return nil
 }
 
 func (t *etcdTx) unlink(parent, child ref) error {
-	t.write(t.e.keys.child(parent.name, child.id), nil)
+	t.write(t.keys.child(parent.name, child.id), nil)
 	return nil
 }
 
 func (t *etcdTx) hasChildren(ctx context.Context, p ref) (bool, error) {
-	prefix := t.e.keys.childPrefix(p.name)
+	prefix := t.keys.childPrefix(p.name)
 	deleted := map[string]bool{}
 	for k, v := range t.writes {
 		if strings.HasPrefix(k, prefix) {
@@ -360,10 +372,10 @@ func (t *etcdTx) readRange(start, end string) {
 // walk is visited with its new record, one deleted ahead of it is not, and
 // one written behind it is not visited (again).
 func (t *etcdTx) scan(ctx context.Context, fn func(name string, r *record, err error) error) error {
-	start, end := t.e.keys.snapshotRange()
+	start, end := t.keys.snapshotRange()
 	// The guard starts at the deletion marker, which sorts just before the
 	// snapshots, so removals conflict with this walk too.
-	t.readRange(t.e.keys.markers.committed, end)
+	t.readRange(t.keys.markers.committed, end)
 
 	// No snapshot's key is start itself (that would be the empty name, which
 	// is never written), so every written one lies after it.
@@ -438,9 +450,9 @@ func (w *etcdWalk) report(key string, value []byte) error {
 func (t *etcdTx) layoutDamage() error { return nil }
 
 func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error {
-	start := t.e.keys.prefix + KeyEtcdChildren + "/"
-	t.readRange(start, clientv3.GetPrefixRangeEnd(start))
-	return t.scanRange(ctx, start, clientv3.GetPrefixRangeEnd(start), func(kv *mvccpb.KeyValue) error {
+	start, end := t.keys.childrenRange()
+	t.readRange(start, end)
+	return t.scanRange(ctx, start, end, func(kv *mvccpb.KeyValue) error {
 		rest := string(kv.Key[len(start):])
 		i := strings.LastIndexByte(rest, '/')
 		var parent string
@@ -510,13 +522,28 @@ func (t *etcdTx) commit(ctx context.Context) error {
 	if len(ops) > limit {
 		return fmt.Errorf("%d writes, etcd accepts %d per transaction: %w", len(ops), limit, ErrTooLarge)
 	}
-	cmps, err := guards(t.reads, t.ranges, t.rev, limit, t.e.keys.snapshot(""), t.e.keys.markers)
+	host := t.e.host
+	budget := limit
+	if host.fenced() {
+		if host.expired.Load() {
+			return fmt.Errorf("host %q: %w", host.name, ErrHostExpired)
+		}
+		budget-- // for the fence
+	}
+	cmps, err := guards(t.reads, t.ranges, t.rev, budget, t.keys.snapshot(""), t.keys.markers)
 	if err != nil {
 		return err
 	}
-	floorKey := t.e.keys.idFloor
+	floorKey := t.keys.idFloor
 	_, guardsFloor := t.reads[floorKey]
-	refetched, refetch := refetchOps(t.reads, floorKey, limit)
+	refetched, refetch := refetchOps(t.reads, floorKey, budget)
+	if host.fenced() {
+		// The lock key keeps the revision this store put it at while the
+		// lease lives; its expiry deletes it.
+		lock := t.keys.lock(host.name)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(lock), "=", host.lockRev))
+		refetch = append(refetch, clientv3.OpGet(lock))
+	}
 	var resp *clientv3.TxnResponse
 	err = t.e.call(ctx, func(ctx context.Context) (err error) {
 		resp, err = t.e.kv.Txn(ctx).If(cmps...).Then(ops...).Else(refetch...).Commit()
@@ -526,6 +553,13 @@ func (t *etcdTx) commit(ctx context.Context) error {
 		return err
 	}
 	if !resp.Succeeded {
+		if host.fenced() {
+			kvs := resp.Responses[len(resp.Responses)-1].GetResponseRange().GetKvs()
+			if len(kvs) == 0 || kvs[0].ModRevision != host.lockRev {
+				host.expired.Store(true)
+				return fmt.Errorf("host %q: %w", host.name, ErrHostExpired)
+			}
+		}
 		lost := &lostCommit{e: t.e, rev: resp.Header.Revision, read: t.rev, kvs: map[string]*mvccpb.KeyValue{}}
 		for i, k := range refetched {
 			var kv *mvccpb.KeyValue

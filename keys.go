@@ -97,6 +97,30 @@ const (
 // reserved)*128 instead, raising the floor by one with each, and guards
 // ids/block (read once, one round trip), so that a block reserved meanwhile
 // makes it conflict.
+//
+// Host scopes (see hosts.go). A root opened WithHost keeps each host's
+// records apart, and shares the ID allocator and the shared layers:
+//
+//	mode                              "hosts": the root is host-scoped
+//	                                  (absent: it is not)
+//	hosts/<host>                      the host, since it first opened the
+//	                                  root (decimal Unix seconds)
+//	hosts/<host>/lock                 KeyLock: held by the lease of the open
+//	                                  store of the host, the lease ID in
+//	                                  decimal; absent while no store of the
+//	                                  host is alive
+//	scopes/<host>/snapshots/<name>    the host's records, and its deletion
+//	scopes/<host>/snapshots...        markers and children index, laid out
+//	scopes/<host>/children/...        as the root's are without scopes
+//	layers/<ID>                       a shared layer: content key, parent
+//	                                  chain, usage and its references, one
+//	                                  per binding (host and name)
+//	content/<escaped key>/<ID>        index of shared layers by content
+//	                                  key -> uvarint parent ID (0: none)
+//
+// Host names are 1 to 128 bytes of letters, digits and ".-_:", so they are
+// one path element. A binding's record is version 2 (encodeRecord): a
+// version 1 record followed by its content key.
 const (
 	KeyEtcdVersion   = "storage.v1"
 	KeyEtcdSnapshots = "snapshots"
@@ -109,4 +133,18 @@ const (
 	KeyEtcdChildren = "children"
 	KeyEtcdIDBlock  = "ids/block"
 	KeyEtcdIDFloor  = "ids/floor"
+
+	KeyEtcdMode    = "mode"
+	KeyEtcdHosts   = "hosts"
+	KeyEtcdScopes  = "scopes"
+	KeyEtcdLayers  = "layers"
+	KeyEtcdContent = "content"
+	// KeyLock is the key, under a host's entry, that the host's lease
+	// holds while the host is alive: it names who owns the host's active
+	// snapshots and whether that owner lives.
+	KeyLock = "lock"
+	// KeyUpperdir is the label in which a driver records where an active
+	// snapshot's writable layer lives, so that a host taking it over finds
+	// it: containerd's convention for overlay snapshotters.
+	KeyUpperdir = "containerd.io/snapshot/overlay.upperdir"
 )

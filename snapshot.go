@@ -39,6 +39,10 @@ type record struct {
 	Updated time.Time
 	// Usage is only kept for committed snapshots.
 	Usage snapshots.Usage
+	// Content is the content key of a committed snapshot that is a binding
+	// of a shared layer (see share.go), empty otherwise. It is identity:
+	// it never changes while the record lives. Only etcd stores it.
+	Content string
 }
 
 // ref names a snapshot both ways, so each engine can key its children index
@@ -541,29 +545,9 @@ func (t *transaction) CreateSnapshot(ctx context.Context, kind snapshots.Kind, k
 
 func (t *transaction) Remove(ctx context.Context, key string) (id string, kind snapshots.Kind, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
-		tx.willCheckChildren(key)
-		r, err := identityOf(ctx, tx, key)
+		r, err := remove(ctx, tx, key, false)
 		if err != nil {
 			return err
-		}
-		busy, err := tx.hasChildren(ctx, ref{key, r.ID})
-		if err != nil {
-			return err
-		}
-		if busy {
-			return fmt.Errorf("cannot remove snapshot %q with child: %w", key, errdefs.ErrFailedPrecondition)
-		}
-		if r.Parent != "" {
-			pid, err := parentID(ctx, tx, r)
-			if err != nil {
-				return err
-			}
-			if err := tx.unlink(ref{r.Parent, pid}, ref{key, r.ID}); err != nil {
-				return fmt.Errorf("failed to delete parent link: %w", err)
-			}
-		}
-		if err := tx.delete(key); err != nil {
-			return fmt.Errorf("failed to delete snapshot %q: %w", key, err)
 		}
 		id, kind = formatID(r.ID), r.Kind
 		return nil
@@ -572,6 +556,50 @@ func (t *transaction) Remove(ctx context.Context, key string) (id string, kind s
 		return "", 0, err
 	}
 	return id, kind, nil
+}
+
+// removed is the record of a removed snapshot, and whether its data may go
+// (see Release).
+type removed struct {
+	*record
+	last bool
+}
+
+// remove removes key and its parent link. A binding of a shared layer
+// drops its reference (see dropBinding); release lets it go while other
+// bindings remain.
+func remove(ctx context.Context, tx engineTx, key string, release bool) (removed, error) {
+	tx.willCheckChildren(key)
+	r, err := identityOf(ctx, tx, key)
+	if err != nil {
+		return removed{}, err
+	}
+	busy, err := tx.hasChildren(ctx, ref{key, r.ID})
+	if err != nil {
+		return removed{}, err
+	}
+	if busy {
+		return removed{}, fmt.Errorf("cannot remove snapshot %q with child: %w", key, errdefs.ErrFailedPrecondition)
+	}
+	last := true
+	if r.Content != "" {
+		if last, err = dropBinding(ctx, tx, key, r, release); err != nil {
+			return removed{}, err
+		}
+	}
+	if r.Parent != "" {
+		pid, err := parentID(ctx, tx, r)
+		if err != nil {
+			return removed{}, err
+		}
+		if err := tx.unlink(ref{r.Parent, pid}, ref{key, r.ID}); err != nil {
+			return removed{}, fmt.Errorf("failed to delete parent link: %w", err)
+		}
+	}
+	if err := tx.delete(key); err != nil {
+		return removed{}, fmt.Errorf("failed to delete snapshot %q: %w", key, err)
+	}
+	return removed{r, last}, nil
 }
 
 // parentID returns the ID of r's parent, from the stored chain when there is
@@ -589,74 +617,9 @@ func parentID(ctx context.Context, tx engineTx, r *record) (uint64, error) {
 
 func (t *transaction) CommitActive(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (id string, err error) {
 	err = t.use(ctx, true, func(tx engineTx) error {
-		if err := checkName("committed snapshot", name); err != nil {
-			return err
-		}
-		base, err := applyOpts(opts)
+		r, err := commitActive(ctx, tx, key, name, usage, "", opts)
 		if err != nil {
 			return err
-		}
-		rs, err := lookup(ctx, tx, name, key, base.Parent)
-		if err != nil {
-			return err
-		}
-		taken, r, rebaseOnto := rs[0], rs[1], rs[2]
-		if taken != nil {
-			return fmt.Errorf("committed snapshot %q: %w", name, errdefs.ErrAlreadyExists)
-		}
-		if r == nil {
-			return fmt.Errorf("failed to get active snapshot %q: %w", key, errdefs.ErrNotFound)
-		}
-		if r.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
-		}
-
-		committed := *r
-		committed.Kind = snapshots.KindCommitted
-		committed.Created = time.Now().UTC()
-		committed.Updated = committed.Created
-		committed.Labels = base.Labels // replaced, not inherited
-		committed.Usage = usage
-
-		var pid uint64
-		switch {
-		case r.Parent == base.Parent || base.Parent == "":
-			// The parent stays; it is committed and cannot have gone while
-			// this active was its child.
-			if r.Parent != "" {
-				if pid, err = parentID(ctx, tx, r); err != nil {
-					return err
-				}
-			}
-		case r.Parent == "":
-			// An active created without a parent may be rebased on commit.
-			if rebaseOnto == nil {
-				return fmt.Errorf("missing parent %q of snapshot %q: %w", base.Parent, key, errdefs.ErrNotFound)
-			}
-			if rebaseOnto.Kind != snapshots.KindCommitted {
-				return fmt.Errorf("parent %q is not committed: %w", base.Parent, errdefs.ErrFailedPrecondition)
-			}
-			committed.Parent = base.Parent
-			if committed.ParentIDs, err = chainOf(ctx, tx, rebaseOnto); err != nil {
-				return err
-			}
-			pid = rebaseOnto.ID
-		default:
-			return fmt.Errorf("cannot change parent of active snapshot %q on commit: %w", key, errdefs.ErrInvalidArgument)
-		}
-
-		if err := tx.delete(key); err != nil {
-			return fmt.Errorf("failed to delete active snapshot %q: %w", key, err)
-		}
-		if err := tx.put(name, &committed); err != nil {
-			return err
-		}
-		if committed.Parent != "" {
-			// The link is keyed by the IDs, which stay: linking again
-			// renames the child in place.
-			if err := tx.link(ref{committed.Parent, pid}, ref{name, r.ID}); err != nil {
-				return fmt.Errorf("failed to update parent link of %q: %w", name, err)
-			}
 		}
 		id = formatID(r.ID)
 		return nil
@@ -665,6 +628,83 @@ func (t *transaction) CommitActive(ctx context.Context, key, name string, usage 
 		return "", err
 	}
 	return id, nil
+}
+
+// commitActive commits the active key as name and returns the committed
+// record; content is the content key of a shared layer (see CommitShared),
+// empty for none.
+func commitActive(ctx context.Context, tx engineTx, key, name string, usage snapshots.Usage, content string, opts []snapshots.Opt) (*record, error) {
+	if err := checkName("committed snapshot", name); err != nil {
+		return nil, err
+	}
+	base, err := applyOpts(opts)
+	if err != nil {
+		return nil, err
+	}
+	rs, err := lookup(ctx, tx, name, key, base.Parent)
+	if err != nil {
+		return nil, err
+	}
+	taken, r, rebaseOnto := rs[0], rs[1], rs[2]
+	if taken != nil {
+		return nil, fmt.Errorf("committed snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+	}
+	if r == nil {
+		return nil, fmt.Errorf("failed to get active snapshot %q: %w", key, errdefs.ErrNotFound)
+	}
+	if r.Kind != snapshots.KindActive {
+		return nil, fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+	}
+
+	committed := *r
+	committed.Kind = snapshots.KindCommitted
+	committed.Created = time.Now().UTC()
+	committed.Updated = committed.Created
+	committed.Labels = base.Labels // replaced, not inherited
+	committed.Usage = usage
+	committed.Content = content
+
+	var pid uint64
+	switch {
+	case r.Parent == base.Parent || base.Parent == "":
+		// The parent stays; it is committed and cannot have gone while
+		// this active was its child.
+		if r.Parent != "" {
+			if pid, err = parentID(ctx, tx, r); err != nil {
+				return nil, err
+			}
+		}
+	case r.Parent == "":
+		// An active created without a parent may be rebased on commit.
+		if rebaseOnto == nil {
+			return nil, fmt.Errorf("missing parent %q of snapshot %q: %w", base.Parent, key, errdefs.ErrNotFound)
+		}
+		if rebaseOnto.Kind != snapshots.KindCommitted {
+			return nil, fmt.Errorf("parent %q is not committed: %w", base.Parent, errdefs.ErrFailedPrecondition)
+		}
+		committed.Parent = base.Parent
+		if committed.ParentIDs, err = chainOf(ctx, tx, rebaseOnto); err != nil {
+			return nil, err
+		}
+		pid = rebaseOnto.ID
+	default:
+		return nil, fmt.Errorf("cannot change parent of active snapshot %q on commit: %w", key, errdefs.ErrInvalidArgument)
+	}
+
+	if err := tx.delete(key); err != nil {
+		return nil, fmt.Errorf("failed to delete active snapshot %q: %w", key, err)
+	}
+	if err := tx.put(name, &committed); err != nil {
+		return nil, err
+	}
+	if committed.Parent != "" {
+		// The link is keyed by the IDs, which stay: linking again
+		// renames the child in place.
+		if err := tx.link(ref{committed.Parent, pid}, ref{name, r.ID}); err != nil {
+			return nil, fmt.Errorf("failed to update parent link of %q: %w", name, err)
+		}
+	}
+	return &committed, nil
 }
 
 func (t *transaction) IDMap(ctx context.Context) (map[string]string, error) {
