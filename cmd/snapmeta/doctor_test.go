@@ -238,3 +238,94 @@ func TestDoctorCleanExitsZero(t *testing.T) {
 	ok(t, "doctor", f.store, "--root", f.root)
 	ok(t, "doctor", "--store", f.store, "--containerd-db", f.metaDB, "--snapshotter", "native")
 }
+
+// TestDoctorLostReferenceUnderAKeptOne: a snapshot whose own reference is
+// gone but whose child containerd still refers to is reported as
+// unreferenced, with the note that the collector will fail to remove it.
+func TestDoctorLostReferenceUnderAKeptOne(t *testing.T) {
+	f := doctorFixture(t)
+	layer1, layer2 := f.backend(t, "layer-1"), f.backend(t, "layer-2")
+	db, err := bolt.Open(f.metaDB, 0o600, nil)
+	require.NoError(t, err)
+	require.NoError(t, db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte("v1")).Bucket([]byte("default")).Bucket([]byte("snapshots")).Bucket([]byte("native")).DeleteBucket([]byte("layer-1"))
+	}))
+	require.NoError(t, db.Close())
+
+	rep, r := doctorJSON(t, f.args()...)
+	assert.Equal(t, 1, r.code)
+	assert.Equal(t, []finding{{
+		Kind: findUnreferenced, Snapshot: layer1.Name, ID: layer1.ID, SnapshotKind: "committed",
+		Detail: `the garbage collector will fail to remove it: "` + layer2.Name + `", which containerd refers to, descends from it`,
+	}}, rep.Findings)
+}
+
+// TestDoctorUsageErrors: flags that do not go together, paths that do not
+// exist and a database that is not containerd's exit 2 with one line.
+func TestDoctorUsageErrors(t *testing.T) {
+	f := doctorFixture(t)
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"nothing to compare with", []string{"doctor", f.store}, "doctor needs --containerd-db and --snapshotter, or --root, or both"},
+		{"a database without the snapshotter's name", []string{"doctor", f.store, "--containerd-db", f.metaDB}, "--containerd-db needs --snapshotter"},
+		{"a snapshotter's name without a database", []string{"doctor", f.store, "--root", f.root, "--snapshotter", "native"}, "--snapshotter is the snapshotter's name in --containerd-db, which is not given"},
+		{"a database that does not exist", []string{"doctor", f.store, "--containerd-db", f.metaDB + ".gone", "--snapshotter", "native"}, "meta.db.gone: no such file or directory"},
+		{"a root that does not exist", []string{"doctor", f.store, "--root", f.root + ".gone"}, "native.gone: no such file or directory"},
+		{"the snapshots directory given as the root", []string{"doctor", f.store, "--root", f.snapshotsDir()}, "holds no snapshots/ directory: --root is the driver's root, the directory that holds snapshots/; give " + f.root + " instead"},
+		{"a snapshotter containerd does not know", []string{"doctor", f.store, "--containerd-db", f.metaDB, "--snapshotter", "overlayfs"}, `has no snapshot of snapshotter "overlayfs" in any namespace; it has snapshots of native`},
+		{"the snapshotter's store given as containerd's", []string{"doctor", f.store, "--containerd-db", f.store, "--snapshotter", "native"}, "is not containerd's metadata database (it is a snapshotter's store)"},
+		{"a store that does not exist", []string{"doctor", f.store + ".gone", "--root", f.root}, "does not exist"},
+		{"a lock timeout of zero", []string{"doctor", f.store, "--containerd-db", f.metaDB, "--snapshotter", "native", "--lock-timeout", "0s"}, "--lock-timeout must be positive"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := exe(t, tc.args...)
+			wantFail(t, r, 2, tc.want)
+			assert.Empty(t, r.stdout)
+		})
+	}
+}
+
+// TestDoctorLockedDatabase: while another process holds containerd's
+// database (as a running containerd does), doctor gives up after
+// --lock-timeout and says what to do, rather than wait.
+func TestDoctorLockedDatabase(t *testing.T) {
+	f := doctorFixture(t)
+	db, err := bolt.Open(f.metaDB, 0o600, nil) // an exclusive lock
+	require.NoError(t, err)
+	defer db.Close()
+	r := exe(t, f.args("--lock-timeout", "200ms")...)
+	wantFail(t, r, 2, "containerd's database "+f.metaDB+" is locked: a running containerd holds it (waited 200ms); stop containerd, or copy the file")
+}
+
+// TestDoctorFlagsFromEnvironment: doctor's flags, like every command's,
+// may be set as SNAPMETA_ variables.
+func TestDoctorFlagsFromEnvironment(t *testing.T) {
+	f := doctorFixture(t)
+	require.NoError(t, os.Mkdir(filepath.Join(f.snapshotsDir(), "999"), 0o700))
+	r := snapmeta(t, "", []string{
+		"SNAPMETA_STORE=" + f.store, "SNAPMETA_CONTAINERD_DB=" + f.metaDB,
+		"SNAPMETA_SNAPSHOTTER=native", "SNAPMETA_ROOT=" + f.root, "SNAPMETA_JSON=true",
+	}, "doctor")
+	assert.Equal(t, 1, r.code, "stderr: %s", r.stderr)
+	var rep doctorReport
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep))
+	assert.Equal(t, []finding{{Kind: findOrphanDirectory, ID: "999", Path: filepath.Join(f.snapshotsDir(), "999")}}, rep.Findings)
+	assert.Equal(t, f.metaDB, rep.ContainerdDB)
+}
+
+// TestDoctorRefusesUnreadableRecords: a record that cannot be read hides
+// its ID, so doctor refuses the store rather than call its directory an
+// orphan.
+func TestDoctorRefusesUnreadableRecords(t *testing.T) {
+	f := doctorFixture(t)
+	c := f.backend(t, "container")
+	damageBolt(t, f.store, func(snaps *bolt.Bucket) error {
+		return snaps.Bucket([]byte(c.Name)).Put([]byte(storage.KeyKind), []byte{9, 9})
+	})
+	r := exe(t, f.args()...)
+	wantFail(t, r, 2, "the store has 1 snapshot(s) that cannot be read; doctor compares only a store it can read whole (see 'snapmeta check' and 'snapmeta salvage')")
+	assert.Empty(t, r.stdout)
+}
