@@ -99,7 +99,7 @@ func (a *app) doctorCommand() *cobra.Command {
 	var lockTimeout time.Duration
 	var asJSON bool
 	c := &cobra.Command{
-		Use:   "doctor [STORE] (--containerd-db META.DB --snapshotter NAME | --root DIR)...",
+		Use:   "doctor [STORE] [--containerd-db META.DB --snapshotter NAME] [--root DIR]",
 		Short: "Reconcile the store with containerd's meta.db and the driver's directories",
 		Long: `Compare the snapshotter's store with containerd's metadata database and with
 the driver's snapshot directories, and report where they disagree. Doctor
