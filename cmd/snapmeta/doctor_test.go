@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/log"
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/etcdtest"
 	"github.com/snapmeta/storage/examples/nativesnap"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -39,18 +40,27 @@ func (f doctorFiles) args(extra ...string) []string {
 // namespace "default" and a snapshot in "k8s.io"; everything agrees.
 func doctorFixture(t *testing.T) doctorFiles {
 	t.Helper()
-	// containerd's content store warns, once per store, that the file
-	// system lacks fsverity.
-	require.NoError(t, log.SetLevel("error"))
 	dir := t.TempDir()
 	f := doctorFiles{store: filepath.Join(dir, "metadata.db"), metaDB: filepath.Join(dir, "meta.db"), root: filepath.Join(dir, "native")}
 	ms, err := storage.NewBoltMetaStore(f.store)
 	require.NoError(t, err)
+	writeThroughContainerd(t, f, ms)
+	return f
+}
+
+// writeThroughContainerd makes doctorFixture's snapshots in ms, f.root and
+// f.metaDB with containerd's metadata layer, as containerd would, and
+// closes ms.
+func writeThroughContainerd(t *testing.T, f doctorFiles, ms storage.MetaStore) {
+	t.Helper()
+	// containerd's content store warns, once per store, that the file
+	// system lacks fsverity.
+	require.NoError(t, log.SetLevel("error"))
 	sn, err := nativesnap.New(f.root, ms)
 	require.NoError(t, err)
 	bdb, err := bolt.Open(f.metaDB, 0o600, nil)
 	require.NoError(t, err)
-	cs, err := local.NewStore(filepath.Join(dir, "content"))
+	cs, err := local.NewStore(filepath.Join(filepath.Dir(f.metaDB), "content"))
 	require.NoError(t, err)
 	mdb := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"native": sn})
 	require.NoError(t, mdb.Init(context.Background()))
@@ -70,10 +80,8 @@ func doctorFixture(t *testing.T) doctorFiles {
 	_, err = s.Prepare(namespaces.WithNamespace(context.Background(), "k8s.io"), "pod", "")
 	require.NoError(t, err)
 
-	require.NoError(t, s.Close()) // closes nativesnap, not ms
+	require.NoError(t, s.Close()) // closes nativesnap, and so ms
 	require.NoError(t, bdb.Close())
-	require.NoError(t, ms.Close())
-	return f
 }
 
 // backend finds the snapshot of the store named key, or whose name
@@ -328,4 +336,34 @@ func TestDoctorRefusesUnreadableRecords(t *testing.T) {
 	r := exe(t, f.args()...)
 	wantFail(t, r, 2, "the store has 1 snapshot(s) that cannot be read; doctor compares only a store it can read whole (see 'snapmeta check' and 'snapmeta salvage')")
 	assert.Empty(t, r.stdout)
+}
+
+// TestDoctorOnEtcd: doctor reads a store on etcd as it reads a bbolt file.
+func TestDoctorOnEtcd(t *testing.T) {
+	c := etcdtest.Start(t)
+	dir := t.TempDir()
+	addr, ms := etcdStore(t, c, "doctor")
+	f := doctorFiles{store: addr, metaDB: filepath.Join(dir, "meta.db"), root: filepath.Join(dir, "native")}
+	writeThroughContainerd(t, f, ms)
+	out := ok(t, f.args()...)
+	assert.Contains(t, out, "(5 snapshots)")
+
+	_, ms = etcdStore(t, c, "doctor") // writeThroughContainerd closed it
+	var containerID string
+	require.NoError(t, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+		return storage.Walk(ctx, func(r storage.Record) error {
+			if r.Name == "default/5/container" {
+				containerID = r.ID
+			}
+			return nil
+		})
+	}))
+	require.NotEmpty(t, containerID)
+	require.NoError(t, os.RemoveAll(filepath.Join(f.snapshotsDir(), containerID)))
+	rep, r := doctorJSON(t, f.args()...)
+	assert.Equal(t, 1, r.code)
+	assert.Equal(t, []finding{{
+		Kind: findMissingDirectory, Snapshot: "default/5/container", ID: containerID, SnapshotKind: "active",
+		Path: filepath.Join(f.snapshotsDir(), containerID),
+	}}, rep.Findings)
 }
