@@ -3,6 +3,8 @@ package storage
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"time"
 
@@ -21,6 +23,15 @@ type Record struct {
 	Created time.Time         `json:"created"`
 	Updated time.Time         `json:"updated"`
 	Usage   snapshots.Usage   `json:"usage"`
+	// Host is the host scope the record belongs to, on a host-scoped root
+	// (see WithHost); empty otherwise. Import takes it into the scope of
+	// its transaction, which must be this one when it is set.
+	Host string `json:"host,omitempty"`
+	// Content is the content key of a committed snapshot that is a binding
+	// of a shared layer (see CommitShared), empty otherwise. Import binds
+	// it to the store's layer of its ID, creating the layer when the store
+	// has none.
+	Content string `json:"content,omitempty"`
 }
 
 // Import stores snapshots with the IDs they already have, in the writable
@@ -39,7 +50,15 @@ type Record struct {
 //     earlier record in recs has (InvalidArgument: the batch contradicts
 //     itself);
 //   - a parent that is neither in the store nor earlier in recs (NotFound),
-//     or that is not committed (InvalidArgument).
+//     or that is not committed (InvalidArgument);
+//   - a Host other than the transaction's scope (InvalidArgument), a
+//     Content on a snapshot that is not committed (InvalidArgument) or in
+//     a store without host scopes (ErrNotScoped), and a binding whose ID
+//     is a shared layer of another content key or parent chain
+//     (InvalidArgument).
+//
+// Bindings of one shared layer share its ID, in the store or in the batch:
+// that is no contradiction. Each counts as a reference of the layer.
 //
 // Once Import returns nil the allocator never hands out an imported ID or any
 // ID below the highest one, as RaiseIDs promises. Every ID up to 2^64-1 is
@@ -60,6 +79,10 @@ func Import(ctx context.Context, recs ...Record) error {
 		if err != nil || len(plan) == 0 {
 			return err
 		}
+		layers, err := planLayers(ctx, tx, plan)
+		if err != nil {
+			return err
+		}
 		// Raising may read (etcd); it goes first so that a failed read
 		// leaves no record written.
 		if err := tx.raiseIDs(ctx, highest); err != nil {
@@ -70,7 +93,7 @@ func Import(ctx context.Context, recs ...Record) error {
 				return err
 			}
 		}
-		return nil
+		return layers.put()
 	})
 }
 
@@ -152,7 +175,7 @@ func planImport(ctx context.Context, tx engineTx, recs []Record) ([]planned, uin
 		if err != nil {
 			return nil, 0, err
 		}
-		if other, dup := byID[r.ID]; dup {
+		if other, dup := byID[r.ID]; dup && (r.Content == "" || byName[other].Content != r.Content) {
 			return nil, 0, fmt.Errorf("snapshot %q: ID %s is also given to %q earlier in the batch: %w", rec.Name, rec.ID, other, errdefs.ErrInvalidArgument)
 		}
 		byName[rec.Name], byID[r.ID] = r, rec.Name
@@ -208,12 +231,86 @@ func planOne(ctx context.Context, tx engineTx, rec Record, earlier map[string]*r
 	if rec.Kind == snapshots.KindCommitted {
 		r.Usage = rec.Usage
 	}
+	if err := planScope(tx, rec); err != nil {
+		return nil, err
+	}
+	r.Content = rec.Content
 	// A planned parent always holds its chain, so the chain is found
 	// without reading records not written yet.
 	if r.ParentIDs, err = newParentChain(ctx, tx, rec.Parent, p); err != nil {
 		return nil, fmt.Errorf("snapshot %q: %w", rec.Name, err)
 	}
 	return r, nil
+}
+
+// planScope checks rec's host and content key against the transaction's
+// scope.
+func planScope(tx engineTx, rec Record) error {
+	if rec.Host == "" && rec.Content == "" {
+		return nil
+	}
+	var host string
+	sx, ok := tx.(scopedTx)
+	if ok {
+		host, ok = sx.scopeHost()
+	}
+	switch {
+	case !ok:
+		return fmt.Errorf("snapshot %q of host %q: %w", rec.Name, rec.Host, ErrNotScoped)
+	case rec.Host != "" && rec.Host != host:
+		return fmt.Errorf("snapshot %q belongs to host %q, not to %q, whose scope the transaction is in: %w", rec.Name, rec.Host, host, errdefs.ErrInvalidArgument)
+	case rec.Content != "" && rec.Kind != snapshots.KindCommitted:
+		return fmt.Errorf("snapshot %q: only a committed snapshot is a shared layer's binding: %w", rec.Name, errdefs.ErrInvalidArgument)
+	case rec.Content != "":
+		return checkContentKey(rec.Content)
+	}
+	return nil
+}
+
+// importedLayers are the shared layers an Import adds references to.
+type importedLayers struct {
+	tx     scopedTx
+	layers map[uint64]*layer
+}
+
+// planLayers reads the layers of the planned bindings, creating those the
+// store lacks, and adds each binding's reference; put writes them.
+func planLayers(ctx context.Context, tx engineTx, plan []planned) (importedLayers, error) {
+	out := importedLayers{layers: map[uint64]*layer{}}
+	for _, p := range plan {
+		if p.r.Content == "" {
+			continue
+		}
+		sx := tx.(scopedTx) // planScope made sure
+		host, _ := sx.scopeHost()
+		out.tx = sx
+		l, ok := out.layers[p.r.ID]
+		if !ok {
+			var err error
+			if l, err = sx.getLayer(ctx, p.r.ID); err != nil {
+				return importedLayers{}, err
+			}
+			if l == nil {
+				l = &layer{Content: p.r.Content, ParentIDs: p.r.ParentIDs, Usage: p.r.Usage}
+			}
+			out.layers[p.r.ID] = l
+		}
+		if l.Content != p.r.Content || !slices.Equal(l.ParentIDs, p.r.ParentIDs) {
+			return importedLayers{}, fmt.Errorf("snapshot %q: ID %d is shared layer %q with parent chain %v, not %q with %v: %w",
+				p.name, p.r.ID, l.Content, l.ParentIDs, p.r.Content, p.r.ParentIDs, errdefs.ErrInvalidArgument)
+		}
+		l.addRef(layerRef{host, p.name})
+	}
+	return out, nil
+}
+
+func (il importedLayers) put() error {
+	for _, id := range slices.Sorted(maps.Keys(il.layers)) {
+		if err := il.tx.putLayer(id, il.layers[id]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // parseID reads an ID spelled exactly as formatID writes it. Another

@@ -45,6 +45,10 @@ func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
 	}
 	var bad []CorruptRecord
 	err = t.use(ctx, false, func(tx engineTx) error {
+		var host string
+		if sx, ok := tx.(scopedTx); ok {
+			host, _ = sx.scopeHost()
+		}
 		return tx.scan(ctx, func(name string, r *record, err error) error {
 			if err == nil {
 				err = unreachableName(name, tx.maxName())
@@ -59,6 +63,7 @@ func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
 			rec := Record{
 				Name: name, ID: formatID(r.ID), Kind: r.Kind, Parent: r.Parent,
 				Labels: r.Labels, Created: r.Created, Updated: r.Updated, Usage: r.Usage,
+				Host: host, Content: r.Content,
 			}
 			if err := fn(rec); err != nil {
 				return err

@@ -1,0 +1,89 @@
+package storage_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/snapmeta/storage"
+)
+
+// exportHost walks one host's scope through an operator's view.
+func exportHost(t *testing.T, root, host string) []storage.Record {
+	t.Helper()
+	view := openEtcd(t, root, storage.WithHostView(host))
+	var recs []storage.Record
+	require.NoError(t, view.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+		return storage.Walk(ctx, func(r storage.Record) error {
+			recs = append(recs, r)
+			return nil
+		})
+	}))
+	return recs
+}
+
+func TestEtcdImportCarriesHostScopesAndSharedLayers(t *testing.T) {
+	src := uniqueRoot(t)
+	a, b := hostStore(t, src, "a"), hostStore(t, src, "b")
+	update(t, a, func(ctx context.Context) error {
+		if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "x1", ""); err != nil {
+			return err
+		}
+		if _, err := storage.CommitShared(ctx, "x1", "a/base", "chain-1", snapshots.Usage{Size: 3}); err != nil {
+			return err
+		}
+		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "a/work", "a/base")
+		return err
+	})
+	update(t, b, func(ctx context.Context) error {
+		_, err := storage.BindLayer(ctx, "b/base", "", "chain-1")
+		return err
+	})
+	recsA, recsB := exportHost(t, src, "a"), exportHost(t, src, "b")
+	require.Len(t, recsA, 2)
+	require.Len(t, recsB, 1)
+	assert.Equal(t, "a", recsA[0].Host)
+	assert.Equal(t, "chain-1", recsA[0].Content)
+	assert.Equal(t, recsA[0].ID, recsB[0].ID, "both bindings carry the layer's ID")
+
+	dst := uniqueRoot(t)
+	// A host-scoped destination: the first store opened WithHost makes it so.
+	_ = hostStore(t, dst, "setup")
+	for host, recs := range map[string][]storage.Record{"a": recsA, "b": recsB} {
+		view := openEtcd(t, dst, storage.WithHostView(host))
+		update(t, view, func(ctx context.Context) error { return storage.Import(ctx, recs...) })
+	}
+	requireClean(t, openEtcd(t, dst, storage.WithHostView("a")))
+	assert.ElementsMatch(t, recsA, exportHost(t, dst, "a"))
+	assert.ElementsMatch(t, recsB, exportHost(t, dst, "b"))
+
+	// The references came along: a's binding is not the last.
+	a2 := openEtcd(t, dst, storage.WithHostView("a"))
+	update(t, a2, func(ctx context.Context) error {
+		if _, _, err := storage.Remove(ctx, "a/work"); err != nil {
+			return err
+		}
+		_, _, last, err := storage.Release(ctx, "a/base")
+		require.NoError(t, err)
+		assert.False(t, last)
+		return nil
+	})
+}
+
+func TestEtcdImportRefusesAnotherHostsRecord(t *testing.T) {
+	root := uniqueRoot(t)
+	a := hostStore(t, root, "a")
+	err := a.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+		return storage.Import(ctx, storage.Record{Name: "x", ID: "7", Kind: snapshots.KindActive, Host: "b"})
+	})
+	assert.True(t, errdefs.IsInvalidArgument(err), "got %v", err)
+	bolt := openBolt(t, t.TempDir())
+	err = bolt.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+		return storage.Import(ctx, storage.Record{Name: "x", ID: "7", Kind: snapshots.KindCommitted, Content: "c"})
+	})
+	assert.ErrorIs(t, err, storage.ErrNotScoped)
+}
