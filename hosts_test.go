@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,17 +27,40 @@ func TestEtcdHostScopedConformance(t *testing.T) {
 // at once, as two hosts of the same roots: each subtest of one run shares
 // its root with the same subtest of the other, and neither sees the other.
 func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
-	for _, host := range []string{"host-a", "host-b"} {
-		t.Run(host, func(t *testing.T) {
-			t.Parallel()
-			testsuite.MetaStoreSuite(t, "suite", func(tb testing.TB, root string) (storage.MetaStore, error) {
-				// The same subtest of the other host's run maps to the same root.
-				shared := "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
-				cfg := etcdServer(tb).ClientConfig()
-				return storage.NewEtcdStore(shared, &cfg, storage.WithHost(host))
+	var mu sync.Mutex
+	hostsOf := map[string]map[string]bool{} // shared root -> hosts that opened it
+	t.Run("group", func(t *testing.T) {
+		for _, host := range []string{"host-a", "host-b"} {
+			t.Run(host, func(t *testing.T) {
+				t.Parallel()
+				var roots sync.Map // root -> the shared root it maps to
+				testsuite.MetaStoreSuite(t, "suite", func(tb testing.TB, root string) (storage.MetaStore, error) {
+					// The same subtest of the other host's run maps to the
+					// same root; a root opened again (in a nested subtest,
+					// say) keeps the root it first mapped to.
+					first := "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
+					mapped, _ := roots.LoadOrStore(root, first)
+					shared := mapped.(string)
+					mu.Lock()
+					if hostsOf[shared] == nil {
+						hostsOf[shared] = map[string]bool{}
+					}
+					hostsOf[shared][host] = true
+					mu.Unlock()
+					cfg := etcdServer(tb).ClientConfig()
+					return storage.NewEtcdStore(shared, &cfg, storage.WithHost(host))
+				})
 			})
-		})
+		}
+	})
+	both := 0
+	for _, hosts := range hostsOf {
+		if len(hosts) == 2 {
+			both++
+		}
 	}
+	// Control: the runs did share their roots.
+	assert.Greater(t, both, len(hostsOf)*9/10, "roots opened by both hosts, of %d", len(hostsOf))
 }
 
 // hostStore opens host's scope of root with a short lease.
