@@ -314,7 +314,7 @@ func runDemo(ctx context.Context, w io.Writer, ms storage.MetaStore, where strin
 }
 
 func demoTree(ctx context.Context, w io.Writer, ms storage.MetaStore) error {
-	recs, err := loadEvery(ctx, ms)
+	recs, err := loadEvery(ctx, ms, nil)
 	if err != nil {
 		return err
 	}

@@ -97,7 +97,7 @@ snapshot with every field, one per line (the export format).`,
 				return usageErrorf("-q writes names only; it does not go with JSON")
 			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st, filters...)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil, filters...)
 				if err != nil {
 					return err
 				}
@@ -379,7 +379,7 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 				return err
 			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
 				if err != nil {
 					return err
 				}
@@ -499,7 +499,7 @@ directories belong to none.`,
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				// Walk rather than IDMap: a damaged record leaves out only
 				// itself.
-				recs, leftOut, err := a.loadReadable(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
 				if err != nil {
 					return err
 				}

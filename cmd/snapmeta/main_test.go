@@ -743,8 +743,8 @@ func TestMigrate(t *testing.T) {
 		t.Fatalf("migrate: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	golden(t, "migrate.golden", mask(strings.ReplaceAll(strings.ReplaceAll(r.stdout, src, "<SRC>"), addr, "<DST>")))
-	if !strings.Contains(r.stderr, "migrate: 7/7 snapshots (100%)\n") {
-		t.Errorf("no line progress on stderr: %q", r.stderr)
+	if r.stderr != "" {
+		t.Errorf("a short migrate shows no progress, yet stderr is %q", r.stderr)
 	}
 	want := ok(t, "export", "--store", src)
 	if got := ok(t, "export", "--store", addr); got != want {
