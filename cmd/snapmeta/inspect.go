@@ -62,13 +62,22 @@ The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
 committed snapshots only, in IEC units (KiB, MiB, ...) or, with -b, in
 bytes; --no-headers leaves out the header line, -q
 writes the names only. --format json (or --json) writes one JSON object per
-snapshot with every field, one per line (the export format).`,
+snapshot with every field, one per line (the export format).
+
+When stdout is a terminal, the table (and a 'table ...' template) is fitted
+to its width ($COLUMNS, else the terminal's): the widest of NAME and PARENT
+(of a template: of any column) is cut, ending in "…", down to 8 characters.
+Written to a pipe or a file, nothing is cut.
+
+` + formatHelp,
 		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta ls etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
   snapmeta ls -s metadata.db -q 'name~=^sha256:'
-  snapmeta ls metadata.db -b 'kind==committed'`,
+  snapmeta ls metadata.db -b 'kind==committed'
+  snapmeta ls metadata.db --format '{{.Name}} {{.ID}}'
+  snapmeta ls metadata.db --format 'table {{.Name}}\t{{.Kind}}\t{{index .Labels "containerd.io/snapshot.ref"}}'`,
 		RunE: func(c *cobra.Command, filters []string) error {
 			if len(filters) > 0 && looksLikeStore(filters[0]) {
 				if err := a.storeFromArg(c, &addr, filters[0]); err != nil {
@@ -86,15 +95,21 @@ snapshot with every field, one per line (the export format).`,
 			if addr == "" && len(filters) > 0 {
 				return usageErrorf("no store given (%q names no file that exists, so it was taken as a filter): name the store first, use --store ADDRESS or set SNAPMETA_STORE", filters[0])
 			}
-			switch format {
-			case "table":
-			case "json":
+			f, err := parseFormat(format)
+			if err != nil {
+				return err
+			}
+			if f.name == "json" {
 				asJSON = true
-			default:
-				return usageErrorf("--format must be table or json, not %q", format)
 			}
 			if quiet && asJSON {
 				return usageErrorf("-q writes names only; it does not go with JSON")
+			}
+			if quiet && f.name == "template" {
+				return usageErrorf("-q writes names only; it does not go with a --format template")
+			}
+			if asJSON && f.name == "template" {
+				return usageErrorf("--json and a --format template do not go together")
 			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				recs, leftOut, err := a.loadReadable(c.Context(), st, nil, filters...)
@@ -106,8 +121,10 @@ snapshot with every field, one per line (the export format).`,
 					err = writeJSONLines(a.stdout, recs)
 				case quiet:
 					err = writeNames(a.stdout, recs)
+				case f.name == "template":
+					err = writeTemplate(a.stdout, f, recs, !noHeaders, terminalWidth(a.stdout))
 				default:
-					err = writeTable(a.stdout, recs, !noHeaders, rawBytes)
+					err = writeTable(a.stdout, recs, !noHeaders, rawBytes, terminalWidth(a.stdout))
 				}
 				return errors.Join(err, leftOut)
 			})
@@ -115,7 +132,7 @@ snapshot with every field, one per line (the export format).`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table (--format json)")
-	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
+	c.Flags().StringVar(&format, "format", "table", "table, json (JSON Lines), or a Go template (see above)")
 	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
 	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "sizes in bytes instead of KiB, MiB, ...")
@@ -144,16 +161,17 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 }
 
 // writeTable writes the ls table; rawBytes writes sizes as byte counts,
-// for scripts and for comparing sizes exactly.
-func writeTable(w io.Writer, recs []Record, header, rawBytes bool) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+// for scripts and for comparing sizes exactly. With a width (a terminal's;
+// 0 for none) the names and parents are cut to fit it.
+func writeTable(w io.Writer, recs []Record, header, rawBytes bool, width int) error {
+	rows := make([][]string, 0, len(recs)+1)
 	if header {
-		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+		rows = append(rows, []string{"KIND", "NAME", "PARENT", "ID", "SIZE", "CREATED"})
 	}
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created))
+		rows = append(rows, []string{r.Kind.String(), r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created)})
 	}
-	return tw.Flush()
+	return writeRows(w, rows, width, []bool{false, true, true, false, false, false})
 }
 
 func dash(s string) string {
