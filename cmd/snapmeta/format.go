@@ -50,8 +50,8 @@ type listFormat struct {
 
 // parseFormat reads --format: table, json, a template, or "table "
 // followed by a template. A template that does not parse or does not run
-// on a record is a usage error.
-func parseFormat(s string) (listFormat, error) {
+// on sample (what it will be given: a Record for ls) is a usage error.
+func parseFormat(s string, sample any) (listFormat, error) {
 	switch s {
 	case "table", "json":
 		return listFormat{name: s}, nil
@@ -73,7 +73,6 @@ func parseFormat(s string) (listFormat, error) {
 	if err != nil {
 		return f, usageErrorf("--format: %v", err)
 	}
-	sample := Record{Name: "n", ID: "1", Labels: map[string]string{}, Created: time.Unix(0, 0), Updated: time.Unix(0, 0)}
 	if err := tmpl.Execute(io.Discard, sample); err != nil {
 		return f, usageErrorf("--format: %v", err)
 	}
@@ -91,6 +90,9 @@ var (
 	fieldRE  = regexp.MustCompile(`(?:^|[\s(|])\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)`)
 )
 
+// sampleRecord is a record to try a template on.
+var sampleRecord = Record{Name: "n", ID: "1", Labels: map[string]string{}, Created: time.Unix(0, 0), Updated: time.Unix(0, 0)}
+
 // columnHeader is the header of one column of a table template: the last
 // part of each field it names, in capitals ({{.Usage.Size}}: SIZE).
 func columnHeader(col string) string {
@@ -104,9 +106,10 @@ func columnHeader(col string) string {
 	return strings.Join(words, " ")
 }
 
-// writeTemplate writes recs through a template format: a line per record,
-// or a table fitted to width (0: no limit).
-func writeTemplate(w io.Writer, f listFormat, recs []Record, header bool, width int) error {
+// writeTemplate writes recs (each a Record, or what the template was tried
+// on) through a template format: a line each, or a table fitted to width
+// (0: no limit).
+func writeTemplate[T any](w io.Writer, f listFormat, recs []T, header bool, width int) error {
 	if !f.table {
 		bw := bufio.NewWriter(w)
 		for _, r := range recs {

@@ -141,3 +141,32 @@ func TestFitColumns(t *testing.T) {
 		})
 	}
 }
+
+// TestInfoFormat: info takes --format json (as --json), table (the usual
+// view) and templates with the parent chain and children too.
+func TestInfoFormat(t *testing.T) {
+	path := boltFixture(t)
+	info := ok(t, "info", "--store", path, "layer-2")
+	asJSON := ok(t, "info", "--store", path, "layer-2", "--json")
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  []string
+		want string
+	}{
+		{"json", []string{"--format", "json"}, nil, asJSON},
+		{"table is the usual view", []string{"--format", "table"}, nil, info},
+		{"template", []string{"--format", `{{.Name}} {{.ID}} {{join .ParentIDs ":"}} {{join .Children ","}}`}, nil, "layer-2 2 1 layer-3\n"},
+		{"table template", []string{"--format", `table {{.Name}}\t{{.Kind}}\t{{.Children}}`}, nil, "NAME     KIND       CHILDREN\nlayer-2  committed  [layer-3]\n"},
+		{"from the environment", nil, []string{"SNAPMETA_FORMAT={{.Parent}}"}, "layer-1\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := snapmeta(t, "", tc.env, append([]string{"info", "--store", path, "layer-2"}, tc.args...)...)
+			require.Equal(t, 0, r.code, r.stderr)
+			assert.Empty(t, r.stderr)
+			assert.Equal(t, tc.want, r.stdout)
+		})
+	}
+	wantFail(t, exe(t, "info", "--store", path, "layer-2", "--format", "{{.Nope}}"), 2, "can't evaluate field Nope")
+	wantFail(t, exe(t, "info", "--store", path, "layer-2", "--format", "{{.Name}}", "--json"), 2, "--json and a --format template do not go together")
+}

@@ -95,7 +95,7 @@ Written to a pipe or a file, nothing is cut.
 			if addr == "" && len(filters) > 0 {
 				return usageErrorf("no store given (%q names no file that exists, so it was taken as a filter): name the store first, use --store ADDRESS or set SNAPMETA_STORE", filters[0])
 			}
-			f, err := parseFormat(format)
+			f, err := parseFormat(format, sampleRecord)
 			if err != nil {
 				return err
 			}
@@ -254,7 +254,7 @@ func nonNil(s []string) []string {
 }
 
 func (a *app) infoCommand() *cobra.Command {
-	var addr string
+	var addr, format string
 	var asJSON, rawBytes bool
 	c := &cobra.Command{
 		Use:   "info NAME",
@@ -263,22 +263,44 @@ func (a *app) infoCommand() *cobra.Command {
 chain (immediate parent first: the directories an overlay driver stacks
 under it), timestamps, usage, labels and children. The size is in IEC units
 with the byte count, or with -b the byte count alone; --json always writes
-bytes.`,
+bytes.
+
+--format json is --json, --format table the view above; --format also takes
+a Go template (text/template), as ls does (see 'snapmeta ls --help'), with
+the fields of ls's templates and .ParentIDs and .Children (lists: {{join
+.Children ","}}); a 'table ...' template writes a header and one row.`,
 		Example: `  snapmeta info --store metadata.db my-container
-  snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
+  snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json
+  snapmeta info --store metadata.db my-container --format '{{.ID}} {{join .ParentIDs ":"}}'`,
 		Args: exactArgs(1, "one snapshot NAME"),
 		RunE: func(c *cobra.Command, args []string) error {
+			var f listFormat
+			if format != "" {
+				var err error
+				if f, err = parseFormat(format, infoJSON{Record: sampleRecord}); err != nil {
+					return err
+				}
+				switch {
+				case f.name == "json":
+					asJSON = true
+				case asJSON:
+					return usageErrorf("--json and a --format template do not go together")
+				}
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				info, problem, err := loadInfo(c.Context(), st, args[0])
 				if err != nil {
 					return err
 				}
-				if asJSON {
+				switch {
+				case f.tmpl != nil:
+					err = writeTemplate(a.stdout, f, []infoJSON{info}, true, terminalWidth(a.stdout))
+				case asJSON:
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
 					err = enc.Encode(info)
-				} else {
+				default:
 					err = writeInfo(a.stdout, info, rawBytes)
 				}
 				if problem != nil {
@@ -290,6 +312,7 @@ bytes.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
+	c.Flags().StringVar(&format, "format", "", "table (the view above), json, or a Go template (see above)")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "the size in bytes only, not in KiB, MiB, ...")
 	return c
 }
