@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/spf13/pflag"
 	"golang.org/x/term"
@@ -63,6 +64,7 @@ type progress struct {
 	w     io.Writer
 	tty   bool
 	every time.Duration // not a terminal: the least time between lines
+	width int           // a terminal's width (0: unknown): lines stay narrower
 	now   func() time.Time
 	label string // what the phase does, e.g. "export: reading"
 	unit  string // what is counted, plural
@@ -91,6 +93,7 @@ func (a *app) startProgress(label string, total int) *progress {
 	}
 	tty := isTerminal(a.stderr)
 	p := newProgress(a.stderr, tty, a.progress.interval, time.Now, label, "snapshots", total)
+	p.width = terminalWidth(a.stderr)
 	period := ttyRedraw
 	if !tty {
 		period = min(max(a.progress.interval, 10*time.Millisecond), time.Second)
@@ -181,7 +184,7 @@ func (p *progress) drawIfDue() {
 		if elapsed < ttyDelay || (p.shown && now.Sub(p.last) < ttyRedraw) {
 			return
 		}
-		fmt.Fprintf(p.w, "\r%s\x1b[K", p.line(elapsed))
+		fmt.Fprintf(p.w, "\r%s\x1b[K", p.fitted(elapsed))
 	} else {
 		since := elapsed
 		if p.shown {
@@ -190,18 +193,34 @@ func (p *progress) drawIfDue() {
 		if since < p.every {
 			return
 		}
-		fmt.Fprintln(p.w, p.line(elapsed))
+		fmt.Fprintln(p.w, p.line(elapsed, false))
 	}
 	p.shown, p.last = true, now
 }
 
-// line is the progress line after elapsed, without line ending.
-func (p *progress) line(elapsed time.Duration) string {
+// fitted is the terminal's line after elapsed, narrower than its width
+// (a line that wraps cannot be redrawn in place): without the bar when
+// that is too wide, cut when that is too.
+func (p *progress) fitted(elapsed time.Duration) string {
+	s := p.line(elapsed, true)
+	if p.width <= 0 || utf8.RuneCountInString(s) < p.width {
+		return s
+	}
+	s = p.line(elapsed, false)
+	if r := []rune(s); len(r) >= p.width {
+		s = string(r[:max(p.width-1, 0)])
+	}
+	return s
+}
+
+// line is the progress line after elapsed, without line ending; bar draws
+// the bar (on a terminal, when the total is known).
+func (p *progress) line(elapsed time.Duration, bar bool) string {
 	var b strings.Builder
 	b.WriteString(p.label)
 	if p.tty {
 		b.WriteString(" ")
-		if p.total > 0 {
+		if p.total > 0 && bar {
 			fill := min(p.done*barWidth/p.total, barWidth)
 			b.WriteString("[" + strings.Repeat("=", fill) + strings.Repeat(" ", barWidth-fill) + "] ")
 		}

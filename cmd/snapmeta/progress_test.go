@@ -174,3 +174,27 @@ func TestProgressOnATerminal(t *testing.T) {
 	assert.Equal(t, ok(t, "export", "--store", path), stdout.String())
 	assert.Regexp(t, `^\rexport: reading 1 snapshots, 0\.0s\x1b\[K\rexport: reading: done, 7 snapshots in 0\.0s\x1b\[K\n$`, stderr.String())
 }
+
+// TestProgressFitsTheTerminal: a line that would wrap cannot be redrawn in
+// place, so on a narrow terminal the bar goes first, then the end.
+func TestProgressFitsTheTerminal(t *testing.T) {
+	for _, tc := range []struct {
+		width int
+		want  string
+	}{
+		{0, "migrate: verifying the target [==========          ] 500/1000 snapshots (50%), 250 snapshots/s, 2.0s"},
+		{80, "migrate: verifying the target 500/1000 snapshots (50%), 250 snapshots/s, 2.0s"},
+		{40, "migrate: verifying the target 500/1000 "},
+	} {
+		clk := newFakeClock()
+		var out bytes.Buffer
+		p := newProgress(&out, true, time.Second, clk.now, "migrate: verifying the target", "snapshots", 1000)
+		p.width = tc.width
+		clk.advance(2 * time.Second)
+		p.add(500)
+		assert.Equal(t, "\r"+tc.want+"\x1b[K", out.String(), "width %d", tc.width)
+		if tc.width > 0 {
+			assert.Less(t, len([]rune(tc.want)), tc.width)
+		}
+	}
+}
