@@ -157,12 +157,12 @@ Every flag may be set from the environment instead: SNAPMETA_ and the flag's
 name in capitals, with _ for - (SNAPMETA_STORE, SNAPMETA_DIAL_TIMEOUT,
 SNAPMETA_CACERT, ...); the command line wins.
 
-Long commands (check, export, import, migrate) show their progress on
-stderr, never on stdout: on a terminal a line redrawn in place (count,
-rate, percent and a bar where the total is known), elsewhere a line at most
-every --progress-interval (default 5s) and a summary at the end. A phase
-that ends before its first line is due shows nothing. --no-progress (or
-SNAPMETA_NO_PROGRESS=1) turns it off.
+Long commands (check, export, import, migrate, salvage) show their
+progress on stderr, never on stdout: on a terminal a line redrawn in place
+(count, rate, percent and a bar where the total is known), elsewhere a line
+at most every --progress-interval (default 5s) and a summary at the end. A
+phase that ends before its first line is due shows nothing. --no-progress
+(or SNAPMETA_NO_PROGRESS=1) turns it off.
 
 Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 (check: the store could not be read), 128+n when signal n stops it (130 for
@@ -182,6 +182,9 @@ an interrupt).`,
 			a.fromEnv = fromEnv
 			if a.etcd.DialTimeout <= 0 {
 				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.DialTimeout, c.CommandPath())
+			}
+			if a.progress.interval <= 0 {
+				return usageErrorf("--progress-interval must be positive, not %v (see '%s --help')", a.progress.interval, c.CommandPath())
 			}
 			a.started = true
 			return nil

@@ -123,6 +123,7 @@ func TestProgressOnStderrOnly(t *testing.T) {
 		{"migrate", []string{"migrate", "--from", path, "--to", target}, "", "", []string{
 			"migrate: reading the source",
 			"migrate: copying", "migrate: verifying the source", "migrate: verifying the target"}},
+		{"salvage", []string{"salvage", "--from", path, "--to", t.TempDir() + "/salvaged.db"}, "", "", []string{"salvage: copying"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := snapmeta(t, tc.stdin, nil, append(tc.args, "--progress-interval", "1ns")...)
@@ -141,6 +142,7 @@ func TestProgressOnStderrOnly(t *testing.T) {
 			}
 		})
 	}
+	wantFail(t, exe(t, "export", "--store", path, "--progress-interval", "0s"), 2, "--progress-interval must be positive, not 0s")
 	for _, silent := range []struct {
 		args []string
 		env  []string
