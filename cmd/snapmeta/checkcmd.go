@@ -47,12 +47,18 @@ is too damaged to count. The exit codes do not change; an unreadable store
 			var count int
 			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				var err error
-				if problems, err = storage.Check(c.Context(), st); err != nil {
+				prog := a.startProgress("check: checking invariants", 0)
+				problems, err = storage.Check(c.Context(), st)
+				prog.finish(err == nil)
+				if err != nil {
 					return err
 				}
 				// The count is for the summary only; a store too damaged
 				// to list is still checked.
-				if recs, bad, err := loadAll(c.Context(), st); err == nil {
+				prog = a.startProgress("check: counting", 0)
+				recs, bad, err := loadAll(c.Context(), st, prog)
+				prog.finish(err == nil)
+				if err == nil {
 					count = len(recs) + len(bad)
 				} else {
 					count = -1

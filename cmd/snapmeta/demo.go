@@ -9,9 +9,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
 	"github.com/snapmeta/storage/internal/storeaddr"
@@ -31,7 +33,19 @@ container, remove what is no longer needed, and check the result.
 Without ADDRESS the demo uses a new bbolt file in a temporary directory
 (removed afterwards unless --keep); with --etcd it starts an etcd server
 inside this process instead. With ADDRESS it uses that store, which must
-hold no snapshots.`,
+hold no snapshots.
+
+On etcd (--etcd, or an etcd ADDRESS) a last step shows what etcd is for:
+two clients, as two hosts would, open the same root; they race for one
+name (the first to commit wins, the other's commit fails with a conflict
+and its retry finds the name taken), and both increment one label, the
+slower one's transaction conflicting and being run again by WithTransaction,
+so that no increment is lost.
+
+--keep keeps the temporary bbolt file. With --etcd it is refused: the
+embedded etcd lives inside this process, and its data goes with it; to keep
+an etcd demo, run it on an etcd of your own (snapmeta demo
+etcd://127.0.0.1:2379/demo).`,
 		Example: `  snapmeta demo
   snapmeta demo --etcd
   snapmeta demo --keep            # then inspect the file it names
@@ -39,7 +53,10 @@ hold no snapshots.`,
 		Args: maxArgs(1, "one ADDRESS"),
 		RunE: func(c *cobra.Command, args []string) error {
 			ctx := c.Context()
-			var ms storage.MetaStore
+			if keep && useEtcd {
+				return usageErrorf("--keep keeps the demo's bbolt file; the embedded etcd of --etcd ends with the demo, data and all (to keep an etcd demo, run it on your own etcd: snapmeta demo etcd://HOST:2379/ROOT)")
+			}
+			var ms, hostB storage.MetaStore
 			var where string
 			switch {
 			case len(args) == 1:
@@ -51,6 +68,15 @@ hold no snapshots.`,
 					return err
 				}
 				ms, where = st, st.addr.String()
+				if st.addr.Engine == storeaddr.Etcd {
+					b, err := a.open(ctx, args[0], storeaddr.ReadWrite)
+					if err != nil {
+						st.Close()
+						return err
+					}
+					defer b.Close()
+					hostB = b
+				}
 			case useEtcd:
 				fmt.Fprintln(a.stdout, "Starting an etcd server inside this process ...")
 				cl, err := etcdtest.New()
@@ -63,6 +89,15 @@ hold no snapshots.`,
 				if err != nil {
 					return err
 				}
+				// A second client on the same root, as another host opens it.
+				cfgB := cl.ClientConfig()
+				bms, err := storage.NewEtcdStore("snapmeta-demo", &cfgB)
+				if err != nil {
+					ems.Close()
+					return err
+				}
+				defer bms.Close()
+				hostB = bms
 				ms, where = ems, "etcd://"+strings.Join(trimScheme(cfg.Endpoints), ",")+"/snapmeta-demo (embedded, gone when the demo ends)"
 			default:
 				dir, err := os.MkdirTemp("", "snapmeta-demo-")
@@ -82,7 +117,7 @@ hold no snapshots.`,
 					where += " (temporary)"
 				}
 			}
-			err := runDemo(ctx, a.stdout, ms, where)
+			err := runDemo(ctx, a.stdout, ms, hostB, where)
 			if cerr := ms.Close(); err == nil {
 				err = cerr
 			}
@@ -137,8 +172,10 @@ var demoLayers = []demoLayer{
 	{"nginx configuration", 12_288, 9},
 }
 
-// runDemo runs the guided session on ms, which must be empty.
-func runDemo(ctx context.Context, w io.Writer, ms storage.MetaStore, where string) error {
+// runDemo runs the guided session on ms, which must be empty. hostB, when
+// not nil, is a second client of the same etcd store: the demo then ends
+// with the two racing.
+func runDemo(ctx context.Context, w io.Writer, ms, hostB storage.MetaStore, where string) error {
 	var existing int
 	if err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		existing = 0
@@ -307,6 +344,17 @@ func runDemo(ctx context.Context, w io.Writer, ms storage.MetaStore, where strin
 		return fmt.Errorf("demo: check found %d problem(s)", len(problems))
 	}
 	p("  no problems")
+
+	if hostB != nil {
+		title("Two hosts, one store: what etcd is for.",
+			"Every host opens the same etcd root with its own client; here a second",
+			"client (host B) has opened it beside the first (host A). Transactions",
+			"are optimistic: a commit fails with a conflict when another commit",
+			"changed what the transaction read, and the transaction is run again.")
+		if err := demoRace(ctx, p, ms, hostB, top); err != nil {
+			return err
+		}
+	}
 	p("")
 	p("Done. The same commands work on a real store: snapmeta ls, info, tree, ids,")
 	p("check --store <address>; see snapmeta --help.")
@@ -314,7 +362,7 @@ func runDemo(ctx context.Context, w io.Writer, ms storage.MetaStore, where strin
 }
 
 func demoTree(ctx context.Context, w io.Writer, ms storage.MetaStore) error {
-	recs, err := loadEvery(ctx, ms)
+	recs, err := loadEvery(ctx, ms, nil)
 	if err != nil {
 		return err
 	}
@@ -324,5 +372,113 @@ func demoTree(ctx context.Context, w io.Writer, ms storage.MetaStore) error {
 	for _, line := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
 		fmt.Fprintf(w, "  %s\n", line)
 	}
+	return nil
+}
+
+// demoRace shows two clients of one etcd store racing: for one name, then
+// over one label read, changed and written back by both. The order is
+// forced, so that the outcome is the same on every run.
+func demoRace(ctx context.Context, p func(string, ...any), hostA, hostB storage.MetaStore, image string) error {
+	const name, label = "build-cache", "demo/hits"
+	prepare := func(ctx context.Context) (storage.Snapshot, error) {
+		return storage.CreateSnapshot(ctx, snapshots.KindActive, name, image)
+	}
+
+	// The same name: A prepares it in a transaction still open, B prepares
+	// it and commits first.
+	actx, atx, err := hostA.TransactionContext(ctx, true)
+	if err != nil {
+		return err
+	}
+	defer atx.Rollback()
+	if _, err := prepare(actx); err != nil {
+		return err
+	}
+	p("  host A prepares %q on the image, and has not committed yet", name)
+	var sb storage.Snapshot
+	if err := hostB.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		sb, err = prepare(ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+	p("  host B prepares %q too, and commits first -> id %s (each client hands out", name, sb.ID)
+	p("  IDs from a block of its own)")
+	err = atx.Commit()
+	if !errdefs.IsConflict(err) {
+		return fmt.Errorf("demo: host A's commit after host B's: want a conflict, got %v", err)
+	}
+	p("  host A commits -> %v (errdefs.IsConflict)", sayClassOnce(err.Error()))
+	err = hostA.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := prepare(ctx)
+		return err
+	})
+	if !errdefs.IsAlreadyExists(err) {
+		return fmt.Errorf("demo: host A's second try: want already exists, got %v", err)
+	}
+	p("  host A tries again -> refused: %v", sayClassOnce(err.Error()))
+	p("  one name, one snapshot: host B's, id %s", sb.ID)
+
+	// One label, read and written back by both: B's increment lands
+	// between A's read and A's commit.
+	increment := func(ctx context.Context) (from int, err error) {
+		_, info, _, err := storage.GetInfo(ctx, name)
+		if err != nil {
+			return 0, err
+		}
+		from, _ = strconv.Atoi(info.Labels[label])
+		_, err = storage.UpdateInfo(ctx, snapshots.Info{Name: name, Labels: map[string]string{label: strconv.Itoa(from + 1)}}, "labels."+label)
+		return from, err
+	}
+	p("  both hosts add 1 to the label %s of %q, reading it and writing it back:", label, name)
+	attempts := 0
+	err = hostA.WithTransaction(ctx, true, func(actx context.Context) error {
+		attempts++
+		from, err := increment(actx)
+		if err != nil {
+			return err
+		}
+		p("    host A, attempt %d: reads %d, writes %d", attempts, from, from+1)
+		if attempts > 1 {
+			return nil
+		}
+		var bFrom int
+		if err := hostB.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+			bFrom, err = increment(ctx)
+			return err
+		}); err != nil {
+			return err
+		}
+		p("    host B meanwhile: reads %d, writes %d, commits", bFrom, bFrom+1)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if attempts != 2 {
+		return fmt.Errorf("demo: host A's transaction ran %d time(s), want 2", attempts)
+	}
+	p("  host A's first attempt conflicted with host B's commit, and WithTransaction")
+	p("  ran it again: it read B's value this time")
+	var final string
+	if err := hostB.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err := storage.GetInfo(ctx, name)
+		final = info.Labels[label]
+		return err
+	}); err != nil {
+		return err
+	}
+	p("  %s is now %s, as host B reads it: no increment lost", label, final)
+	if final != "2" {
+		return fmt.Errorf("demo: %s is %s, want 2", label, final)
+	}
+	problems, err := storage.Check(ctx, hostA)
+	if err != nil {
+		return err
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("demo: check after the race found %d problem(s), the first: %s", len(problems), problems[0])
+	}
+	p("  check after the race: no problems")
 	return nil
 }

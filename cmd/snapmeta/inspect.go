@@ -62,13 +62,22 @@ The table shows KIND NAME PARENT ID SIZE CREATED; SIZE is known for
 committed snapshots only, in IEC units (KiB, MiB, ...) or, with -b, in
 bytes; --no-headers leaves out the header line, -q
 writes the names only. --format json (or --json) writes one JSON object per
-snapshot with every field, one per line (the export format).`,
+snapshot with every field, one per line (the export format).
+
+When stdout is a terminal, the table (and a 'table ...' template) is fitted
+to its width ($COLUMNS, else the terminal's): the widest of NAME and PARENT
+(of a template: of any column) is cut, ending in "…", down to 8 characters.
+Written to a pipe or a file, nothing is cut.
+
+` + formatHelp,
 		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta ls etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls --store etcd://127.0.0.1:2379/snapshots 'kind==active'
   snapmeta ls -s metadata.db 'labels."containerd.io/snapshot.ref"' --json
   snapmeta ls -s metadata.db -q 'name~=^sha256:'
-  snapmeta ls metadata.db -b 'kind==committed'`,
+  snapmeta ls metadata.db -b 'kind==committed'
+  snapmeta ls metadata.db --format '{{.Name}} {{.ID}}'
+  snapmeta ls metadata.db --format 'table {{.Name}}\t{{.Kind}}\t{{index .Labels "containerd.io/snapshot.ref"}}'`,
 		RunE: func(c *cobra.Command, filters []string) error {
 			if len(filters) > 0 && looksLikeStore(filters[0]) {
 				if err := a.storeFromArg(c, &addr, filters[0]); err != nil {
@@ -86,18 +95,24 @@ snapshot with every field, one per line (the export format).`,
 			if addr == "" && len(filters) > 0 {
 				return usageErrorf("no store given (%q names no file that exists, so it was taken as a filter): name the store first, use --store ADDRESS or set SNAPMETA_STORE", filters[0])
 			}
-			switch format {
-			case "table":
-			case "json":
+			f, err := parseFormat(format, sampleRecord)
+			if err != nil {
+				return err
+			}
+			if f.name == "json" {
 				asJSON = true
-			default:
-				return usageErrorf("--format must be table or json, not %q", format)
 			}
 			if quiet && asJSON {
 				return usageErrorf("-q writes names only; it does not go with JSON")
 			}
+			if quiet && f.name == "template" {
+				return usageErrorf("-q writes names only; it does not go with a --format template")
+			}
+			if asJSON && f.name == "template" {
+				return usageErrorf("--json and a --format template do not go together")
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st, filters...)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil, filters...)
 				if err != nil {
 					return err
 				}
@@ -106,8 +121,10 @@ snapshot with every field, one per line (the export format).`,
 					err = writeJSONLines(a.stdout, recs)
 				case quiet:
 					err = writeNames(a.stdout, recs)
+				case f.name == "template":
+					err = writeTemplate(a.stdout, f, recs, !noHeaders, terminalWidth(a.stdout))
 				default:
-					err = writeTable(a.stdout, recs, !noHeaders, rawBytes)
+					err = writeTable(a.stdout, recs, !noHeaders, rawBytes, terminalWidth(a.stdout))
 				}
 				return errors.Join(err, leftOut)
 			})
@@ -115,7 +132,7 @@ snapshot with every field, one per line (the export format).`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON Lines instead of a table (--format json)")
-	c.Flags().StringVar(&format, "format", "table", "table or json (JSON Lines)")
+	c.Flags().StringVar(&format, "format", "table", "table, json (JSON Lines), or a Go template (see above)")
 	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
 	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "sizes in bytes instead of KiB, MiB, ...")
@@ -144,16 +161,17 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 }
 
 // writeTable writes the ls table; rawBytes writes sizes as byte counts,
-// for scripts and for comparing sizes exactly.
-func writeTable(w io.Writer, recs []Record, header, rawBytes bool) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+// for scripts and for comparing sizes exactly. With a width (a terminal's;
+// 0 for none) the names and parents are cut to fit it.
+func writeTable(w io.Writer, recs []Record, header, rawBytes bool, width int) error {
+	rows := make([][]string, 0, len(recs)+1)
 	if header {
-		fmt.Fprintln(tw, "KIND\tNAME\tPARENT\tID\tSIZE\tCREATED")
+		rows = append(rows, []string{"KIND", "NAME", "PARENT", "ID", "SIZE", "CREATED"})
 	}
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Kind, r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created))
+		rows = append(rows, []string{r.Kind.String(), r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created)})
 	}
-	return tw.Flush()
+	return writeRows(w, rows, width, []bool{false, true, true, false, false, false})
 }
 
 func dash(s string) string {
@@ -236,7 +254,7 @@ func nonNil(s []string) []string {
 }
 
 func (a *app) infoCommand() *cobra.Command {
-	var addr string
+	var addr, format string
 	var asJSON, rawBytes bool
 	c := &cobra.Command{
 		Use:   "info NAME",
@@ -245,22 +263,44 @@ func (a *app) infoCommand() *cobra.Command {
 chain (immediate parent first: the directories an overlay driver stacks
 under it), timestamps, usage, labels and children. The size is in IEC units
 with the byte count, or with -b the byte count alone; --json always writes
-bytes.`,
+bytes.
+
+--format json is --json, --format table the view above; --format also takes
+a Go template (text/template), as ls does (see 'snapmeta ls --help'), with
+the fields of ls's templates and .ParentIDs and .Children (lists: {{join
+.Children ","}}); a 'table ...' template writes a header and one row.`,
 		Example: `  snapmeta info --store metadata.db my-container
-  snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json`,
+  snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json
+  snapmeta info --store metadata.db my-container --format '{{.ID}} {{join .ParentIDs ":"}}'`,
 		Args: exactArgs(1, "one snapshot NAME"),
 		RunE: func(c *cobra.Command, args []string) error {
+			var f listFormat
+			if format != "" {
+				var err error
+				if f, err = parseFormat(format, infoJSON{Record: sampleRecord}); err != nil {
+					return err
+				}
+				switch {
+				case f.name == "json":
+					asJSON = true
+				case asJSON:
+					return usageErrorf("--json and a --format template do not go together")
+				}
+			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				info, problem, err := loadInfo(c.Context(), st, args[0])
 				if err != nil {
 					return err
 				}
-				if asJSON {
+				switch {
+				case f.tmpl != nil:
+					err = writeTemplate(a.stdout, f, []infoJSON{info}, true, terminalWidth(a.stdout))
+				case asJSON:
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
 					err = enc.Encode(info)
-				} else {
+				default:
 					err = writeInfo(a.stdout, info, rawBytes)
 				}
 				if problem != nil {
@@ -272,6 +312,7 @@ bytes.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
+	c.Flags().StringVar(&format, "format", "", "table (the view above), json, or a Go template (see above)")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "the size in bytes only, not in KiB, MiB, ...")
 	return c
 }
@@ -379,7 +420,7 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 				return err
 			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
 				if err != nil {
 					return err
 				}
@@ -499,7 +540,7 @@ directories belong to none.`,
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
 				// Walk rather than IDMap: a damaged record leaves out only
 				// itself.
-				recs, leftOut, err := a.loadReadable(c.Context(), st)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
 				if err != nil {
 					return err
 				}

@@ -48,6 +48,7 @@ type app struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	etcd           storeaddr.EtcdFlags
+	progress       progressFlags
 	// started is set once a command's own code runs: an error before that
 	// came from parsing the command line.
 	started bool
@@ -156,6 +157,13 @@ Every flag may be set from the environment instead: SNAPMETA_ and the flag's
 name in capitals, with _ for - (SNAPMETA_STORE, SNAPMETA_DIAL_TIMEOUT,
 SNAPMETA_CACERT, ...); the command line wins.
 
+Long commands (check, export, import, migrate, salvage) show their
+progress on stderr, never on stdout: on a terminal a line redrawn in place
+(count, rate, percent and a bar where the total is known), elsewhere a line
+at most every --progress-interval (default 5s) and a summary at the end. A
+phase that ends before its first line is due shows nothing. --no-progress
+(or SNAPMETA_NO_PROGRESS=1) turns it off.
+
 Exit codes: 0 success, 1 failure (check: problems found), 2 usage error
 (check: the store could not be read), 128+n when signal n stops it (130 for
 an interrupt).`,
@@ -175,6 +183,9 @@ an interrupt).`,
 			if a.etcd.DialTimeout <= 0 {
 				return usageErrorf("--dial-timeout must be positive, not %v (see '%s --help')", a.etcd.DialTimeout, c.CommandPath())
 			}
+			if a.progress.interval <= 0 {
+				return usageErrorf("--progress-interval must be positive, not %v (see '%s --help')", a.progress.interval, c.CommandPath())
+			}
 			a.started = true
 			return nil
 		},
@@ -184,6 +195,7 @@ an interrupt).`,
 		return usageErrorf("%v (see '%s --help')", err, c.CommandPath())
 	})
 	a.etcd.AddFlags(root.PersistentFlags())
+	a.progress.addFlags(root.PersistentFlags())
 
 	root.AddCommand(
 		a.demoCommand(),

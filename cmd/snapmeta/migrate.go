@@ -3,15 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
-	"os"
-	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 )
 
 func (a *app) migrateCommand() *cobra.Command {
@@ -43,8 +38,10 @@ replace --cert and --key as a pair. The password of --from-user NAME comes
 from $SNAPMETA_FROM_PASSWORD, else $SNAPMETA_PASSWORD (--to-user: from
 $SNAPMETA_TO_PASSWORD first).
 
-A progress bar is drawn on a terminal; otherwise a line is written at every
-tenth of the way.`,
+Each phase (checking and reading the source, reading the target, copying,
+verifying, checking the target) shows its progress on stderr: a bar on a
+terminal, otherwise a line at most every --progress-interval (see
+'snapmeta --help'); --no-progress turns it off.`,
 		Example: `  snapmeta migrate --from /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db \
       --to etcd://10.0.0.5:2379,10.0.0.6:2379/snapshots --cacert ca.pem --cert me.pem --key me-key.pem
   snapmeta migrate --from etcd://127.0.0.1:2379/snapshots --to bolt:///backup/metadata.db
@@ -147,14 +144,18 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	defer srcMS.Close()
 	// The source must be sound: a copy of a damaged store would be refused
 	// half way.
+	prog := a.startProgress("migrate: checking the source", 0)
 	problems, err := storage.Check(ctx, srcMS)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("source has %d problem(s), the first: %s (see 'snapmeta check --store %s')", len(problems), problems[0], srcAddr)
 	}
-	srcRecs, err := loadEvery(ctx, srcMS)
+	prog = a.startProgress("migrate: reading the source", 0)
+	srcRecs, err := loadEvery(ctx, srcMS, prog)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
@@ -167,7 +168,9 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	defer dstMS.Close()
 
 	// Refuse any real difference before writing anything.
-	dstRecs, err := loadEvery(ctx, dstMS)
+	prog = a.startProgress("migrate: reading the target", 0)
+	dstRecs, err := loadEvery(ctx, dstMS, prog)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
 	}
@@ -182,7 +185,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	}
 	fmt.Fprintln(a.stdout)
 
-	prog := newProgress(a.stderr, len(ordered))
+	prog = a.startProgress("migrate: copying", len(ordered))
 	stats, err := writeRecords(ctx, dstMS, ordered, writeOptions{
 		batch:        batch,
 		skipExisting: true,
@@ -198,11 +201,15 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	}
 
 	// Verify: both stores read afresh, every record compared.
-	srcRecs, err = loadEvery(ctx, srcMS)
+	prog = a.startProgress("migrate: verifying the source", len(ordered))
+	srcRecs, err = loadEvery(ctx, srcMS, prog)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("verify: source: %w", err)
 	}
-	dstRecs, err = loadEvery(ctx, dstMS)
+	prog = a.startProgress("migrate: verifying the target", len(ordered))
+	dstRecs, err = loadEvery(ctx, dstMS, prog)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("verify: target: %w", err)
 	}
@@ -213,7 +220,9 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 		return fmt.Errorf("verify: the stores differ in %d place(s)", len(diffs))
 	}
 	fmt.Fprintf(a.stdout, "verified: %d snapshots in each store, every record identical\n", len(srcRecs))
+	prog = a.startProgress("migrate: checking the target", 0)
 	problems, err = storage.Check(ctx, dstMS)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("check target: %w", err)
 	}
@@ -309,56 +318,4 @@ func compareStores(src, dst []Record) []string {
 		out = append(out, fmt.Sprintf("... and %d more", more))
 	}
 	return out
-}
-
-// progress shows how far a copy is: a bar on a terminal, a line at every
-// tenth otherwise.
-type progress struct {
-	w       io.Writer
-	total   int
-	done    int
-	tenths  int
-	bar     *progressbar.ProgressBar
-	started time.Time
-}
-
-func newProgress(w io.Writer, total int) *progress {
-	p := &progress{w: w, total: total, started: time.Now()}
-	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) && total > 0 {
-		p.bar = progressbar.NewOptions(total,
-			progressbar.OptionSetWriter(w),
-			progressbar.OptionSetDescription("migrating"),
-			progressbar.OptionShowCount(),
-			progressbar.OptionSetItsString("snapshots"),
-			progressbar.OptionShowIts(),
-			progressbar.OptionSetPredictTime(true),
-			progressbar.OptionSetWidth(30),
-			progressbar.OptionThrottle(100*time.Millisecond),
-			progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }),
-		)
-	}
-	return p
-}
-
-func (p *progress) add(n int) {
-	p.done += n
-	if p.bar != nil {
-		_ = p.bar.Add(n)
-		return
-	}
-	if t := p.done * 10 / p.total; t > p.tenths {
-		p.tenths = t
-		fmt.Fprintf(p.w, "migrate: %d/%d snapshots (%d%%)\n", p.done, p.total, p.done*100/p.total)
-	}
-}
-
-func (p *progress) finish(ok bool) {
-	if p.bar != nil {
-		if ok {
-			_ = p.bar.Finish()
-		} else {
-			_ = p.bar.Exit()
-			fmt.Fprintln(p.w)
-		}
-	}
 }

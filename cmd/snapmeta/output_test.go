@@ -47,7 +47,7 @@ func TestLsOutputs(t *testing.T) {
 		env  []string
 		want string
 	}{
-		{[]string{"--format", "yaml"}, nil, `--format must be table or json, not "yaml"`},
+		{[]string{"--format", "yaml"}, nil, `--format must be table, json or a Go template ({{.Name}} ...), not "yaml"`},
 		{[]string{"-q", "--json"}, nil, "-q writes names only; it does not go with JSON"},
 		{nil, []string{"SNAPMETA_DIAL_TIMEOUT=soon"}, `$SNAPMETA_DIAL_TIMEOUT: invalid argument "soon" for "--dial-timeout" flag`},
 		{nil, []string{"SNAPMETA_DIAL_TIMEOUT=0s"}, "--dial-timeout must be positive, not 0s"},

@@ -176,12 +176,14 @@ func fmtTimeNano(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 // loadAll reads every snapshot matching filters (all without filters) in one
 // read-only transaction, in name order, with storage.Walk: on etcd one round
 // trip per page of records, on bbolt one cursor pass. Records that cannot be
-// read do not stop it: they are returned in bad, the others in recs.
-func loadAll(ctx context.Context, ms storage.MetaStore, filters ...string) (recs []Record, bad []storage.CorruptRecord, err error) {
+// read do not stop it: they are returned in bad, the others in recs. prog
+// (nil for none) counts the records read.
+func loadAll(ctx context.Context, ms storage.MetaStore, prog *progress, filters ...string) (recs []Record, bad []storage.CorruptRecord, err error) {
 	err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		recs, bad = recs[:0], nil
 		err := storage.Walk(ctx, func(r storage.Record) error {
 			recs = append(recs, fromStorage(r))
+			prog.add(1)
 			return nil
 		}, filters...)
 		var ce *storage.CorruptRecordsError
@@ -200,9 +202,10 @@ func loadAll(ctx context.Context, ms storage.MetaStore, filters ...string) (recs
 // loadReadable is loadAll for the listing commands: it reports each record
 // that cannot be read on stderr, and returns, with the readable records,
 // leftOut: the error the command ends with once it has written them (exit
-// code 1; nil when every record was read).
-func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, filters ...string) (recs []Record, leftOut, err error) {
-	recs, bad, err := loadAll(ctx, ms, filters...)
+// code 1; nil when every record was read). prog (nil for none) counts the
+// records read.
+func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
+	recs, bad, err := loadAll(ctx, ms, prog, filters...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -216,9 +219,10 @@ func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, filters ..
 }
 
 // loadEvery is loadAll for commands that need every record (migrate, demo):
-// a record that cannot be read is an error.
-func loadEvery(ctx context.Context, ms storage.MetaStore) ([]Record, error) {
-	recs, bad, err := loadAll(ctx, ms)
+// a record that cannot be read is an error. prog (nil for none) counts the
+// records read.
+func loadEvery(ctx context.Context, ms storage.MetaStore, prog *progress) ([]Record, error) {
+	recs, bad, err := loadAll(ctx, ms, prog)
 	if err == nil && len(bad) > 0 {
 		err = &storage.CorruptRecordsError{Records: bad}
 	}

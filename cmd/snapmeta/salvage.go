@@ -81,7 +81,9 @@ type salvaged struct {
 }
 
 func (a *app) salvage(ctx context.Context, from, to string) error {
+	prog := a.startProgress("salvage: reading the damaged file", 0)
 	s, err := readDamaged(from)
+	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("nothing could be read from %s: %w", from, err)
 	}
@@ -92,6 +94,7 @@ func (a *app) salvage(ctx context.Context, from, to string) error {
 		return err
 	}
 	var kept int
+	prog = a.startProgress("salvage: copying", len(recs))
 	err = ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		// One record per Import: a refused Import writes nothing and the
 		// transaction goes on, so a record Import refuses (a name or
@@ -105,12 +108,15 @@ func (a *app) salvage(ctx context.Context, from, to string) error {
 					return err
 				}
 				s.lost = append(s.lost, fmt.Sprintf("%q: not imported: %v", r.Name, err))
+				prog.add(1)
 				continue
 			}
 			kept++
+			prog.add(1)
 		}
 		return storage.RaiseIDs(ctx, s.highest)
 	})
+	prog.finish(err == nil)
 	if cerr := ms.Close(); err == nil {
 		err = cerr
 	}

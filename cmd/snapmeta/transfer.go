@@ -66,7 +66,9 @@ reported on stderr; import will refuse it.`,
 				return err
 			}
 			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st)
+				prog := a.startProgress("export: reading", 0)
+				recs, leftOut, err := a.loadReadable(c.Context(), st, prog)
+				prog.finish(err == nil)
 				if err != nil {
 					return err
 				}
@@ -183,10 +185,13 @@ refused. The whole file is read and checked before anything is written.`,
 			}
 			var created int
 			err = a.withStore(c.Context(), addr, storeaddr.ReadWrite, func(st storeHandle) error {
+				prog := a.startProgress("import: writing", len(recs))
 				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
 					batch:        batch,
 					skipExisting: skipExisting,
+					progress:     prog.add,
 				})
+				prog.finish(err == nil)
 				created = stats.created
 				if err != nil {
 					return fmt.Errorf("%w (%d imported before this)", err, stats.created)
