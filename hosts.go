@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -280,6 +281,9 @@ func (e *etcdEngine) takeLease(ctx context.Context) (_ *etcdHost, err error) {
 	alive, err := h.lessor.KeepAlive(keepCtx, h.lease)
 	if err != nil {
 		stop()
+		revokeCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, _ = h.lessor.Revoke(revokeCtx, h.lease)
+		cancel()
 		return nil, mapEtcdErr(err)
 	}
 	h.stop = stop
@@ -312,7 +316,7 @@ func (h *etcdHost) release() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err := h.lessor.Revoke(ctx, h.lease)
-	if err != nil && !h.expired.Load() {
+	if err != nil && !h.expired.Load() && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		err = fmt.Errorf("failed to release the lease of host %q: %w", h.name, mapEtcdErr(err))
 	} else {
 		err = nil
