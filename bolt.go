@@ -324,6 +324,9 @@ func (b *boltTx) read(name string, full bool) (*record, error) {
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q: %w", name, err)
 	}
+	if err := b.wholeChain(name, r); err != nil {
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -345,7 +348,9 @@ func (b *boltTx) put(name string, r *record) (err error) {
 			return snapshotErr(name, boltErr(err))
 		}
 	}
-	if err := encodeBolt(sb, r, fresh); err != nil {
+	stored := *r
+	stored.ParentIDs, stored.ChainFrom = b.piece(r)
+	if err := encodeBolt(sb, &stored, fresh); err != nil {
 		return snapshotErr(name, boltErr(err))
 	}
 	return nil
@@ -570,12 +575,12 @@ var errBoltNotValue = errors.New("a bucket, not a value")
 // way round, included), or a missing ID or kind, is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 	var r record
-	var haveID, haveKind bool
+	var haveID, haveKind, whole, inPieces bool
 	c := sb.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		var err error
 		key := string(k)
-		if !full && key != KeyID && key != KeyKind && key != KeyParent && key != KeyParentIDs {
+		if !full && key != KeyID && key != KeyKind && key != KeyParent && key != KeyParentIDs && key != KeyChainPiece {
 			continue
 		}
 		switch key {
@@ -602,18 +607,11 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 		case KeySize:
 			err = decodeBoltVarint(v, &r.Usage.Size)
 		case KeyParentIDs:
-			if v == nil {
-				err = errBoltNotValue // would read as no chain
-			}
-			for len(v) > 0 {
-				id, n := binary.Uvarint(v)
-				if n <= 0 {
-					err = ErrCorrupt
-					break
-				}
-				r.ParentIDs = append(r.ParentIDs, id)
-				v = v[n:]
-			}
+			whole = true
+			r.ParentIDs, err = decodeUvarints(v)
+		case KeyChainPiece:
+			inPieces = true
+			r.ChainFrom, r.ParentIDs, err = decodeChainPiece(v)
 		case KeyLabels:
 			if v != nil {
 				err = errors.New("a plain key, not a bucket") // would read as no labels
@@ -627,6 +625,9 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 	}
 	if !haveID {
 		return nil, fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
+	}
+	if whole && inPieces {
+		return nil, fmt.Errorf("bad parent chain: both %q and %q: %w", KeyParentIDs, KeyChainPiece, ErrCorrupt)
 	}
 	if !haveKind {
 		return nil, fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
@@ -679,7 +680,7 @@ func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
 	}
 	// bbolt keeps the value slices until the transaction ends, so each is
 	// cut, capacity-capped, from one buffer: one allocation for them all.
-	buf := make([]byte, 0, binary.MaxVarintLen64*(3+len(r.ParentIDs))+2*16+1+len(r.Parent))
+	buf := make([]byte, 0, binary.MaxVarintLen64*(3+len(r.ParentIDs))+2*16+1+len(r.Parent)+binary.MaxVarintLen64+len(r.ChainFrom))
 	var from int
 	mark := func() { from = len(buf) }
 	cut := func() []byte { return buf[from:len(buf):len(buf)] }
@@ -701,7 +702,7 @@ func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
 		return err
 	}
 	updated := cut()
-	var parent, inodes, size, chain []byte
+	var parent, inodes, size, chain, piece []byte
 	if r.Parent != "" {
 		mark()
 		buf = append(buf, r.Parent...)
@@ -715,11 +716,14 @@ func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
 		buf = binary.AppendVarint(buf, r.Usage.Size)
 		size = cut()
 	}
-	if len(r.ParentIDs) > 0 {
+	switch {
+	case r.ChainFrom != "":
 		mark()
-		for _, pid := range r.ParentIDs {
-			buf = binary.AppendUvarint(buf, pid)
-		}
+		buf = encodeChainPiece(buf, r.ChainFrom, r.ParentIDs)
+		piece = cut()
+	case len(r.ParentIDs) > 0:
+		mark()
+		buf = appendUvarints(buf, r.ParentIDs)
 		chain = cut()
 	}
 	for _, kv := range []struct {
@@ -734,6 +738,7 @@ func encodeBolt(sb *bolt.Bucket, r *record, fresh bool) error {
 		{bKeyInodes, inodes},
 		{bKeySize, size},
 		{bKeyParentIDs, chain},
+		{bKeyChainPiece, piece},
 	} {
 		if err := put(kv.key, kv.v); err != nil {
 			return fmt.Errorf("failed to write %q: %w", kv.key, err)

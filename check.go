@@ -141,6 +141,7 @@ type checker struct {
 	byID    map[uint64][]string
 	links   []link
 	found   []Problem
+	reach   map[string]int // followable's verdicts
 }
 
 type link struct{ parent, child ref }
@@ -213,7 +214,7 @@ func (c *checker) bindingsOfOneLayer(names []string) bool {
 
 func (c *checker) checkParent(name string, r *record) {
 	if r.Parent == "" {
-		if len(r.ParentIDs) > 0 {
+		if len(r.ParentIDs) > 0 || r.ChainFrom != "" {
 			c.report(name, "has no parent but stores parent chain %v", r.ParentIDs)
 		}
 		return
@@ -226,14 +227,110 @@ func (c *checker) checkParent(name string, r *record) {
 	if p.Kind != snapshots.KindCommitted {
 		c.report(name, "parent %q is %s, not committed", r.Parent, kindName(p.Kind))
 	}
-	followed, ok := c.follow(r)
-	switch {
-	case !ok:
+	if !c.followable(name) {
 		c.report(name, "parent chain cannot be followed (a parent is missing or the chain loops)")
-	case len(r.ParentIDs) > 0 && !slices.Equal(followed, r.ParentIDs):
-		// No stored chain is fine: containerd's records have none.
-		c.report(name, "stored parent chain %v differs from the followed chain %v", r.ParentIDs, followed)
+		return
 	}
+	if problem := c.chainProblem(r, p); problem != "" {
+		c.report(name, "%s", problem)
+	}
+}
+
+// Whether the parents of a record can be followed to a base, found once
+// per record.
+const (
+	reachUnknown = iota
+	reachVisiting
+	reachOK
+	reachBad
+)
+
+// followable reports whether the parents of name lead to a base, without
+// a missing parent or a loop; every record on the way is judged too, so
+// the whole store costs one pass.
+func (c *checker) followable(name string) bool {
+	if c.reach == nil {
+		c.reach = map[string]int{}
+	}
+	var path []string
+	settle := func(state int) bool {
+		for _, n := range path {
+			c.reach[n] = state
+		}
+		return state == reachOK
+	}
+	for cur := name; ; {
+		switch c.reach[cur] {
+		case reachOK:
+			return settle(reachOK)
+		case reachVisiting, reachBad:
+			return settle(reachBad)
+		}
+		r, ok := c.records[cur]
+		if !ok {
+			return settle(reachBad)
+		}
+		c.reach[cur] = reachVisiting
+		path = append(path, cur)
+		if r.Parent == "" {
+			return settle(reachOK)
+		}
+		cur = r.Parent
+	}
+}
+
+// chainProblem judges the stored chain of r against its parent p, whose
+// own chain is judged with p: a whole chain must be p's ID then p's chain;
+// a piece must be p's ID then p's piece, going on from the same ancestor,
+// or p's ID alone, going on from p. A record without a stored chain
+// (containerd's) is followed, which followable has judged.
+func (c *checker) chainProblem(r, p *record) string {
+	switch {
+	case r.ChainFrom != "":
+		switch {
+		case len(r.ParentIDs) == 0 || len(r.ParentIDs) > boltChainPiece:
+			return fmt.Sprintf("stores a chain piece of %d IDs, not 1 to %d", len(r.ParentIDs), boltChainPiece)
+		case r.ParentIDs[0] != p.ID:
+			return fmt.Sprintf("stored parent chain begins with %d, not its parent's ID %d", r.ParentIDs[0], p.ID)
+		case r.ChainFrom == r.Parent:
+			if len(r.ParentIDs) != 1 {
+				return fmt.Sprintf("stored chain piece %v goes on from its parent, so holds only the parent's ID", r.ParentIDs)
+			}
+		case p.ChainFrom != r.ChainFrom || !slices.Equal(r.ParentIDs[1:], p.ParentIDs):
+			return fmt.Sprintf("stored chain piece %v (going on from %q) is not its parent's ID and piece %v (going on from %q)", r.ParentIDs, r.ChainFrom, p.ParentIDs, p.ChainFrom)
+		}
+	case len(r.ParentIDs) > 0:
+		want := append([]uint64{p.ID}, c.chainOf(p)...)
+		if !slices.Equal(r.ParentIDs, want) {
+			// No stored chain is fine: containerd's records have none.
+			return fmt.Sprintf("stored parent chain %v differs from the followed chain %v", r.ParentIDs, want)
+		}
+	}
+	return ""
+}
+
+// chainOf returns the whole chain of a followable record: stored whole,
+// put together from its pieces, or followed.
+func (c *checker) chainOf(r *record) []uint64 {
+	if r.ChainFrom == "" && (len(r.ParentIDs) > 0 || r.Parent == "") {
+		return r.ParentIDs
+	}
+	if r.ChainFrom != "" {
+		chain := slices.Clone(r.ParentIDs)
+		seen := map[string]bool{}
+		for from := r.ChainFrom; from != "" && !seen[from]; {
+			seen[from] = true
+			a, ok := c.records[from]
+			if !ok {
+				return nil
+			}
+			chain = append(chain, a.ParentIDs...)
+			from = a.ChainFrom
+		}
+		return chain
+	}
+	chain, _ := c.follow(r)
+	return chain
 }
 
 // follow walks the parents of r by name.

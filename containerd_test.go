@@ -1140,7 +1140,8 @@ func ctrdSnapshotKey(e ctrdEntry) (name, key string, ok bool) {
 
 // ctrdComparable drops what may differ between two files written by the
 // same operations: timestamp values (checked to decode to UTC times) and
-// our parentids key (checked to hold the chain the parent links give).
+// our parentids and chainpiece keys (checked to hold the chain the parent
+// links give).
 func ctrdComparable(t *testing.T, dump []ctrdEntry, by string) []ctrdEntry {
 	t.Helper()
 	ids := map[string]uint64{}
@@ -1177,6 +1178,31 @@ func ctrdComparable(t *testing.T, dump []ctrdEntry, by string) []ctrdEntry {
 				want = append(want, ids[p])
 			}
 			assert.Equal(t, want, chain, "%s: parentids of %q against the parent links", by, name)
+			continue
+		case ok && key == storage.KeyChainPiece:
+			// A chain deeper than 128 in pieces of up to 32: the ancestor
+			// it goes on from, and the head of the chain up to it.
+			var want []string
+			for p := parents[name]; p != ""; p = parents[p] {
+				want = append(want, p)
+			}
+			n := (len(want)-129)%32 + 1
+			v := e.Value
+			l, k := binary.Uvarint(v)
+			require.Positive(t, k, "%s: %s", by, e)
+			from, v := string(v[k:k+int(l)]), v[k+int(l):]
+			assert.Equal(t, want[n-1], from, "%s: the ancestor the chain of %q goes on from", by, name)
+			var piece []uint64
+			for len(v) > 0 {
+				id, k := binary.Uvarint(v)
+				require.Positive(t, k, "%s: %s", by, e)
+				piece, v = append(piece, id), v[k:]
+			}
+			wantIDs := make([]uint64, n)
+			for i := range wantIDs {
+				wantIDs[i] = ids[want[i]]
+			}
+			assert.Equal(t, wantIDs, piece, "%s: chainpiece of %q against the parent links", by, name)
 			continue
 		}
 		out = append(out, e)

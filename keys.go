@@ -17,7 +17,13 @@ package storage
 //	      size       varint, committed snapshots only
 //	      parentids  uvarint chain of parent IDs, immediate parent first
 //	                 (our addition: containerd ignores it; when absent the
-//	                 chain is followed through the parents)
+//	                 chain is followed through the parents), for chains of
+//	                 up to 128 IDs
+//	      chainpiece deeper chains: the name of the ancestor whose
+//	                 chainpiece or parentids goes on where this one stops
+//	                 (uvarint length, bytes), then the first IDs of the
+//	                 chain, at most 32 (see bolt_chain.go; containerd
+//	                 ignores it)
 //	  parents/                           bucket KeyParents
 //	    <uvarint parent ID> 0x00 <uvarint child ID> -> child name
 //
@@ -39,6 +45,9 @@ const (
 	KeyInodes    = "inodes"
 	KeySize      = "size"
 	KeyParentIDs = "parentids"
+	// KeyChainPiece holds a parent chain deeper than 128 in pieces
+	// (bolt_chain.go).
+	KeyChainPiece = "chainpiece"
 )
 
 // Layout of the etcd engine, under the key prefix <root>/storage.v1/ (a root

@@ -39,6 +39,11 @@ type record struct {
 	Updated time.Time
 	// Usage is only kept for committed snapshots.
 	Usage snapshots.Usage
+	// ChainFrom, when set, says ParentIDs holds only the head of the
+	// chain, which goes on with the chain of the snapshot of that name
+	// (bbolt stores long chains in pieces: bolt_chain.go). Only scan hands
+	// out such records; get and getMany return whole chains.
+	ChainFrom string
 	// Content is the content key of a committed snapshot that is a binding
 	// of a shared layer (see share.go), empty otherwise. It is identity:
 	// it never changes while the record lives. Only etcd stores it.
