@@ -26,9 +26,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"runtime"
 	"runtime/metrics"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -40,6 +42,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/snapmeta/storage"
+	"github.com/snapmeta/storage/etcdtest"
 )
 
 // ---------------------------------------------------------------------------
@@ -624,7 +627,7 @@ func etcdRound() string { return fmt.Sprintf("r%d", etcdRounds.Add(1)) }
 
 func newEtcdClient(b *testing.B) *clientv3.Client {
 	b.Helper()
-	cli, err := clientv3.New(etcdServer(b).ClientConfig())
+	cli, err := clientv3.New(benchEtcdServer(b).ClientConfig())
 	require.NoError(b, err)
 	b.Cleanup(func() { _ = cli.Close() })
 	return cli
@@ -632,6 +635,30 @@ func newEtcdClient(b *testing.B) *clientv3.Client {
 
 func countingWrapper(n *atomic.Int64) storage.EtcdOpt {
 	return storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: n} })
+}
+
+// The etcd the benchmarks run against: fsyncing, as every deployment does,
+// with SNAPMETA_BENCH_ETCD_MEMBERS members (1 unless set; scripts/bench.sh
+// runs 1 and 3), started once per process.
+var (
+	benchEtcdOnce sync.Once
+	benchEtcd     *etcdtest.Cluster
+	benchEtcdErr  error
+)
+
+func benchEtcdServer(b *testing.B) *etcdtest.Cluster {
+	b.Helper()
+	benchEtcdOnce.Do(func() {
+		members := 1
+		if v := os.Getenv("SNAPMETA_BENCH_ETCD_MEMBERS"); v != "" {
+			if members, benchEtcdErr = strconv.Atoi(v); benchEtcdErr != nil {
+				return
+			}
+		}
+		benchEtcd, benchEtcdErr = etcdtest.NewCluster(members, etcdtest.WithFsync())
+	})
+	require.NoError(b, benchEtcdErr)
+	return benchEtcd
 }
 
 // openEtcdBench returns clients on the process's etcd fixture, building it
@@ -731,7 +758,7 @@ func buildEtcdFixture(cli *clientv3.Client) (*etcdFixture, error) {
 
 // buildEtcdWalk creates n views under root, from several stores at once.
 func buildEtcdWalk(b *testing.B, root string, n int) error {
-	cfg := etcdServer(b).ClientConfig()
+	cfg := benchEtcdServer(b).ClientConfig()
 	const workers, perTx = 8, 40
 	var (
 		next atomic.Int64
@@ -1278,13 +1305,13 @@ func BenchmarkEtcdWalk(b *testing.B) {
 // root): several hosts sharing the store. ns/op is wall time per layer.
 func BenchmarkEtcdClients(b *testing.B) {
 	e := openEtcdBench(b)
-	const maxClients = 32
+	const maxClients = 128
 	clis := make([]*clientv3.Client, maxClients)
 	for i := range clis {
 		clis[i] = newEtcdClient(b)
 	}
 	ctx := context.Background()
-	for _, clients := range []int{1, 8, 32} {
+	for _, clients := range []int{1, 8, 32, 128} {
 		b.Run(fmt.Sprintf("clients=%d", clients), func(b *testing.B) {
 			b.Run("impl=raw", func(b *testing.B) {
 				b.ReportAllocs()

@@ -12,12 +12,16 @@ import (
 	"github.com/snapmeta/storage/etcdtest"
 )
 
-// TestMain stops the shared embedded etcd after the tests and fails the run
+// TestMain stops the shared embedded etcd (and the benchmarks') after the
+// tests and fails the run
 // if any goroutine outlives them: every store and client must be closed.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if sharedEtcd != nil {
 		sharedEtcd.Close()
+	}
+	if benchEtcd != nil {
+		benchEtcd.Close()
 	}
 	if code == 0 {
 		if err := goleak.Find(etcdtest.GoleakIgnores...); err != nil {

@@ -20,8 +20,9 @@
 //   - Data lives in a private temporary directory, one sub-directory per
 //     member, removed by Close. Stop keeps a member's directory so that
 //     Restart continues from the same state. Writes are not fsynced
-//     (etcd's --unsafe-no-fsync): durability across a machine crash is
-//     irrelevant for tests, and fsync makes them slow.
+//     (etcd's --unsafe-no-fsync) unless WithFsync is given: durability
+//     across a machine crash is irrelevant for most tests, and fsync makes
+//     them slow; benchmarks fsync, as deployments do.
 //   - The servers log nothing unless WithLogger is given. gRPC's process-wide
 //     logger is set to discard everything when this package is initialised,
 //     unless one of the environment variables GRPC_GO_LOG_SEVERITY_LEVEL,
@@ -269,7 +270,7 @@ func (c *Cluster) config(i int) *embed.Config {
 		cfg.AutoCompactionMode = s.compactionMode
 		cfg.AutoCompactionRetention = s.compactionKeep
 	}
-	cfg.UnsafeNoFsync = true
+	cfg.UnsafeNoFsync = !s.fsync
 	// The HTTP/JSON gateway dials the member's own gRPC port; tests use the
 	// Go client, so spare the connection and its goroutines.
 	cfg.EnableGRPCGateway = false

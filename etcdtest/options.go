@@ -40,6 +40,7 @@ type settings struct {
 	compactionKeep  string
 	logger          *zap.Logger
 	configure       []func(member int, cfg *embed.Config)
+	fsync           bool
 	security        security // WithTLS, WithAuth; see tls.go
 }
 
@@ -50,6 +51,14 @@ func defaultSettings() settings {
 		startTimeout: DefaultStartTimeout,
 		logger:       zap.NewNop(),
 	}
+}
+
+// WithFsync makes every member fsync its WAL and backend, as every
+// deployment does (etcd's default). Without it the members skip fsync
+// (etcd's --unsafe-no-fsync), which makes tests fast and loses nothing a
+// test needs, but makes write figures meaningless: benchmarks use it.
+func WithFsync() Option {
+	return func(s *settings) { s.fsync = true }
 }
 
 // WithMaxTxnOps sets the maximum number of operations in one transaction
