@@ -27,6 +27,11 @@ type Record struct {
 	Created time.Time         `json:"created"`
 	Updated time.Time         `json:"updated"`
 	Usage   Usage             `json:"usage"`
+	// Host is the host scope of the snapshot on a host-scoped etcd root
+	// (left out elsewhere); Content is the content key of a binding of a
+	// shared layer (left out for every other snapshot).
+	Host    string `json:"host,omitempty"`
+	Content string `json:"content,omitempty"`
 }
 
 // Usage is the disk usage of a committed snapshot (zero for others).
@@ -145,6 +150,12 @@ func diff(want, got Record) string {
 	if !want.Updated.Equal(got.Updated) {
 		add("updated", fmtTimeNano(want.Updated), fmtTimeNano(got.Updated))
 	}
+	if want.Host != got.Host {
+		add("host", strconv.Quote(want.Host), strconv.Quote(got.Host))
+	}
+	if want.Content != got.Content {
+		add("content", strconv.Quote(want.Content), strconv.Quote(got.Content))
+	}
 	if want.Usage != got.Usage {
 		add("usage", fmt.Sprintf("%d bytes/%d inodes", want.Usage.Size, want.Usage.Inodes), fmt.Sprintf("%d bytes/%d inodes", got.Usage.Size, got.Usage.Inodes))
 	}
@@ -240,6 +251,8 @@ func fromStorage(r storage.Record) Record {
 		Created: r.Created,
 		Updated: r.Updated,
 		Usage:   Usage{Size: r.Usage.Size, Inodes: r.Usage.Inodes},
+		Host:    r.Host,
+		Content: r.Content,
 	}
 }
 

@@ -47,7 +47,7 @@ func checkBatch(batch int, target string) error {
 }
 
 func (a *app) exportCommand() *cobra.Command {
-	var addr, output string
+	var addr, output, host string
 	c := &cobra.Command{
 		Use:   "export [STORE]",
 		Short: "Write every snapshot as JSON Lines",
@@ -57,7 +57,12 @@ created, updated, usage {size, inodes}), parents before their children, so
 that import can replay the file in order.
 
 A snapshot whose parent is missing (a damaged store) is still written, and
-reported on stderr; import will refuse it.`,
+reported on stderr; import will refuse it.
+
+On a host-scoped etcd root every host's snapshots are written (only --host's
+with --host), host by host, each with its "host", and each binding of a
+shared layer with its "content" key (the bindings of one layer share its
+ID); import and migrate put them back into their hosts' scopes.`,
 		Example: `  snapmeta export --store metadata.db > snapshots.jsonl
   snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
 		Args: storeArgs,
@@ -65,14 +70,14 @@ reported on stderr; import will refuse it.`,
 			if err := a.positionalStore(c, &addr, args); err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
 				prog := a.startProgress("export: reading", 0)
-				recs, leftOut, err := a.loadReadable(c.Context(), st, prog)
+				recs, leftOut, err := a.loadRoot(c.Context(), v, prog)
 				prog.finish(err == nil)
 				if err != nil {
 					return err
 				}
-				ordered, orphans, loops := parentFirst(recs)
+				ordered, orphans, loops := parentFirstByHost(recs)
 				for _, n := range orphans {
 					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q has a missing parent; import will refuse it\n", n)
 				}
@@ -88,6 +93,7 @@ reported on stderr; import will refuse it.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().StringVarP(&output, "output", "o", "-", "write to this file instead of stdout")
+	hostFlag(c, &host, "on a host-scoped etcd root: export this host's snapshots only")
 	return c
 }
 
@@ -316,7 +322,11 @@ func writeBatch(ctx context.Context, ms storage.MetaStore, batch []Record, opts 
 			if err != nil {
 				return err
 			}
-			if d := diff(r, newRecord(id, info, usage)); d != "" {
+			got := newRecord(id, info, usage)
+			// GetInfo tells neither: the scope is the transaction's, and
+			// a content key is checked by the final comparison.
+			got.Host, got.Content = r.Host, r.Content
+			if d := diff(r, got); d != "" {
 				return fmt.Errorf("snapshot %q exists with a different record (given vs stored: %s): %w", r.Name, d, errdefs.ErrAlreadyExists)
 			}
 			if !opts.skipExisting {
