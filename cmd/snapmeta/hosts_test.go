@@ -201,3 +201,92 @@ func TestHostsCommand(t *testing.T) {
 
 	assert.Equal(t, "b false 1\n", ok(t, "hosts", addr, "--host", "b", "--format", "{{.Name}} {{.Alive}} {{.Committed}}"))
 }
+
+func TestScopedRootCheck(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, _ := scopedFixture(t, c, "scoped-check")
+	assert.Equal(t, "ok: 6 snapshots, no problems\n", ok(t, "check", addr))
+	assert.Equal(t, "ok: 3 snapshots, no problems\n", ok(t, "check", addr, "--host", "b"))
+
+	// A record of b's scope that does not decode.
+	cli, err := clientv3.New(c.ClientConfig())
+	require.NoError(t, err)
+	defer cli.Close()
+	_, err = cli.Put(context.Background(), "scoped-check/storage.v1/scopes/b/snapshots/junk", "\xff\xff")
+	require.NoError(t, err)
+	r := exe(t, "check", addr)
+	assert.Equal(t, 1, r.code, r.stderr)
+	assert.Contains(t, r.stdout, `host "b": `)
+	assert.Contains(t, r.stdout, "junk")
+	r = exe(t, "check", addr, "--json")
+	assert.Equal(t, 1, r.code, r.stderr)
+	var out checkJSON
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &out))
+	require.NotEmpty(t, out.Problems)
+	assert.Equal(t, "b", out.Problems[0].Host)
+	assert.Equal(t, "junk", out.Problems[0].Snapshot)
+	// --host a leaves b's problem out.
+	assert.Equal(t, "ok: 3 snapshots, no problems\n", ok(t, "check", addr, "--host", "a"))
+}
+
+func TestTakeoverCommand(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, b := scopedFixture(t, c, "scoped-takeover")
+	idOf := func(host, name string) string {
+		t.Helper()
+		return strings.TrimSpace(ok(t, "info", "-s", addr, "--host", host, name, "--format", "{{.ID}}"))
+	}
+	workID := idOf("b", "b/work")
+
+	// b is alive: refused, nothing moved.
+	r := exe(t, "takeover", "-s", addr, "--from-host", "b", "--to-host", "a", "b/work", "a/rescued", "--parent", "a/base")
+	wantFail(t, r, 1, `host "b" is alive`)
+	assert.Contains(t, r.stderr, "--force")
+	assert.Equal(t, workID, idOf("b", "b/work"))
+
+	require.NoError(t, b.Close())
+	out := ok(t, "takeover", "-s", addr, "--from-host", "b", "--to-host", "a", "b/work", "a/rescued", "--parent", "a/base")
+	assert.Equal(t, "took over b:b/work as a:a/rescued (active, ID "+workID+")\n", out)
+	assert.Equal(t, workID, idOf("a", "a/rescued"))
+	assert.Contains(t, ok(t, "info", "-s", addr, "a/rescued"), storage.KeyUpperdir+" = /data/snapshots/x/fs")
+	wantFail(t, exe(t, "info", "-s", addr, "--host", "b", "b/work"), 1, "does not exist")
+
+	// --force takes over from a live host.
+	viewID := idOf("a", "common")
+	out = ok(t, "takeover", "-s", addr, "--from-host", "a", "--to-host", "b", "common", "b/common", "--parent", "b/base", "--force")
+	assert.Contains(t, out, "(view, ID "+viewID+")")
+
+	// Usage errors.
+	wantFail(t, exe(t, "takeover", "-s", addr, "--to-host", "a", "k", "n"), 2, "takeover needs --from-host A and --to-host B")
+	wantFail(t, exe(t, "takeover", "-s", addr, "--from-host", "zz", "--to-host", "a", "k", "n"), 2, "--from-host zz: no such host")
+	wantFail(t, exe(t, "takeover", "-s", addr, "--from-host", "a", "--to-host", "zz", "k", "n"), 2, "--to-host zz: no such host")
+	plainAddr, plain := etcdStore(t, c, "plain")
+	fixture(t, plain)
+	wantFail(t, exe(t, "takeover", "-s", plainAddr, "--from-host", "a", "--to-host", "b", "k", "n"), 2, "is not host-scoped")
+}
+
+func TestReleaseHostCommand(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, b := scopedFixture(t, c, "scoped-release")
+	work := strings.TrimSpace(ok(t, "info", "-s", addr, "b/work", "--format", "{{.ID}}"))
+	common := strings.TrimSpace(ok(t, "info", "-s", addr, "--host", "b", "common", "--format", "{{.ID}}"))
+	base := strings.TrimSpace(ok(t, "info", "-s", addr, "b/base", "--format", "{{.ID}}"))
+
+	wantFail(t, exe(t, "release-host", "-s", addr, "b"), 1, `host "b" is alive`)
+	require.NoError(t, b.Close())
+	out := ok(t, "release-host", "-s", addr, "b")
+	assert.Contains(t, out, "released host b: 2 ID(s) freed\n")
+	assert.Contains(t, out, "freed IDs (their data may be deleted): ")
+	assert.Contains(t, out, work)
+	assert.Contains(t, out, common)
+	assert.NotContains(t, strings.Fields(strings.SplitN(out, ": ", 3)[2]), base, "a still binds the shared layer")
+	assert.Contains(t, out, "snapmeta removes no data")
+	assert.Equal(t, "a\n", ok(t, "hosts", addr, "--format", "{{.Name}}"))
+	assert.Equal(t, "ok: 3 snapshots, no problems\n", ok(t, "check", addr))
+
+	wantFail(t, exe(t, "release-host", "-s", addr, "b"), 2, "HOST b: no such host")
+	// --force releases a live host.
+	out = ok(t, "release-host", "-s", addr, "a", "--force")
+	assert.Contains(t, out, "released host a: 3 ID(s) freed\n")
+	assert.Equal(t, "ok: 0 snapshots, no problems\n", ok(t, "check", addr))
+}
