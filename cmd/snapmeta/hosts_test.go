@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -289,4 +290,91 @@ func TestReleaseHostCommand(t *testing.T) {
 	out = ok(t, "release-host", "-s", addr, "a", "--force")
 	assert.Contains(t, out, "released host a: 3 ID(s) freed\n")
 	assert.Equal(t, "ok: 0 snapshots, no problems\n", ok(t, "check", addr))
+}
+
+// lsJSON is ls --json of a store, with the times left out (an import keeps
+// them; a comparison of lines is simpler without).
+func lsJSON(t *testing.T, addr string) []Record {
+	t.Helper()
+	var recs []Record
+	for _, l := range strings.Split(strings.TrimSpace(ok(t, "ls", addr, "--json")), "\n") {
+		var rec Record
+		require.NoError(t, json.Unmarshal([]byte(l), &rec))
+		recs = append(recs, rec)
+	}
+	return recs
+}
+
+func TestScopedExportImport(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, _ := scopedFixture(t, c, "scoped-export")
+	dump := ok(t, "export", addr)
+
+	dst, dstMS := etcdStore(t, c, "scoped-import")
+	require.NoError(t, dstMS.Close())
+	r := snapmeta(t, dump, nil, "import", "-s", dst)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "imported 6 snapshots, skipped 0 identical\n", r.stdout)
+	assert.Equal(t, lsJSON(t, addr), lsJSON(t, dst), "hosts, names, IDs and content keys carried")
+	assert.Equal(t, "a\nb\n", ok(t, "hosts", dst, "--format", "{{.Name}}"))
+	assert.Equal(t, "ok: 6 snapshots, no problems\n", ok(t, "check", dst))
+	// Imported again with --skip-existing: nothing to do.
+	r = snapmeta(t, dump, nil, "import", "-s", dst, "--skip-existing")
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, "imported 0 snapshots, skipped 6 identical\n", r.stdout)
+	// The shared layer is one layer with two references: a releases its
+	// binding, b's stays.
+	require.Equal(t, 0, exe(t, "release-host", "-s", dst, "a").code)
+	assert.Equal(t, "ok: 3 snapshots, no problems\n", ok(t, "check", dst))
+
+	// A running host's scope is not written.
+	busy := "scoped-busy"
+	_ = hostStore(t, c, busy, "b")
+	busyAddr := strings.Replace(dst, "/scoped-import", "/"+busy, 1)
+	wantFail(t, snapmeta(t, dump, nil, "import", "-s", busyAddr), 1, `host "b" of etcd root "scoped-busy" is running`)
+
+	// Nowhere to put host scopes.
+	wantFail(t, snapmeta(t, dump, nil, "import", "-s", filepath.Join(t.TempDir(), "m.db")), 2, "is a bbolt file, which has none")
+	plainAddr, plain := etcdStore(t, c, "plain")
+	fixture(t, plain)
+	wantFail(t, snapmeta(t, dump, nil, "import", "-s", plainAddr), 2, `etcd root "plain" holds 7 snapshot(s) without host scopes`)
+	mixed := dump + `{"name":"x","id":"900","kind":"active","parent":"","labels":{},"created":"2024-01-01T00:00:00Z","updated":"2024-01-01T00:00:00Z","usage":{"size":0,"inodes":0}}` + "\n"
+	wantFail(t, snapmeta(t, mixed, nil, "import", "-s", dst), 2, "mixes snapshots with a host and without one")
+}
+
+func TestScopedMigrate(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, _ := scopedFixture(t, c, "scoped-from")
+	dst, dstMS := etcdStore(t, c, "scoped-to")
+	require.NoError(t, dstMS.Close())
+
+	out := ok(t, "migrate", "--from", addr, "--to", dst)
+	assert.Contains(t, out, "migrating 6 snapshots from "+addr+" to "+dst+" (2 host scope(s))\n")
+	assert.Contains(t, out, "copied 6 snapshots, 0 were already there\n")
+	assert.Contains(t, out, "verified: 6 snapshots in each store, every record identical\n")
+	assert.Contains(t, out, "check: target has no problems\n")
+	assert.Equal(t, lsJSON(t, addr), lsJSON(t, dst))
+	// Resumable: run again, all there.
+	assert.Contains(t, ok(t, "migrate", "--from", addr, "--to", dst), "(6 already there, resuming)")
+
+	// The ID floor is the source root's: a new host's first ID is above
+	// every ID the source's allocator handed out (blocks of 128: a's and
+	// b's).
+	c3 := hostStore(t, c, "scoped-to", "c")
+	var id string
+	write(t, c3, func(ctx context.Context) error {
+		s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "new", "")
+		id = s.ID
+		return err
+	})
+	assert.Equal(t, "257", id)
+	require.NoError(t, c3.Close())
+
+	// A running host of the target is refused; nowhere to put scopes.
+	busy, busyMS := etcdStore(t, c, "scoped-busy")
+	require.NoError(t, busyMS.Close())
+	_ = hostStore(t, c, "scoped-busy", "a")
+	r := exe(t, "migrate", "--from", addr, "--to", busy)
+	wantFail(t, r, 1, `host "a" of etcd root "scoped-busy" is running`)
+	wantFail(t, exe(t, "migrate", "--from", addr, "--to", filepath.Join(t.TempDir(), "m.db")), 2, "is a bbolt file, which has none")
 }

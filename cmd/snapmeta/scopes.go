@@ -102,6 +102,12 @@ func (a *app) openRoot(ctx context.Context, addr string, mode storeaddr.Mode, ho
 	if err != nil {
 		return nil, err
 	}
+	return viewRoot(ctx, st, host)
+}
+
+// viewRoot is openRoot on a store already open (which it owns from then
+// on: closing the view closes it).
+func viewRoot(ctx context.Context, st storeHandle, host string) (*rootView, error) {
 	v := &rootView{storeHandle: st, cli: storeaddr.EtcdClient(st.MetaStore)}
 	fail := func(err error) (*rootView, error) {
 		_ = v.Close()
@@ -255,3 +261,80 @@ func findScope(ctx context.Context, v *rootView, name string) (hostScope, error)
 	}
 	return hostScope{}, usageErrorf("snapshot %q is in the scopes of several hosts (%s): give --host", name, hostList(names))
 }
+
+// loadEveryRoot is loadEvery over every scope the view covers, each record
+// with its host.
+func loadEveryRoot(ctx context.Context, v *rootView, prog *progress) ([]Record, error) {
+	var recs []Record
+	for _, s := range v.scopes {
+		rs, err := loadEvery(ctx, s.ms, prog)
+		if err != nil {
+			if s.host != "" {
+				err = fmt.Errorf("host %q: %w", s.host, err)
+			}
+			return nil, err
+		}
+		for i := range rs {
+			rs[i].Host = s.host
+		}
+		recs = append(recs, rs...)
+	}
+	return recs, nil
+}
+
+// scopedTargets opens, for import and migrate, the scope of each of hosts
+// on the etcd root st is open on, WithHost: that makes an empty root
+// host-scoped, and holds each host's lease until closed, so that the host
+// cannot start meanwhile. A root holding snapshots without host scopes, or
+// a bbolt file, is refused with a usage error; a host that is running with
+// ErrHostAlive.
+func scopedTargets(ctx context.Context, st storeHandle, hosts []string) (targets []hostScope, err error) {
+	cli := storeaddr.EtcdClient(st.MetaStore)
+	if cli == nil {
+		return nil, usageErrorf("the snapshots belong to host scopes (they have a host); %s is a bbolt file, which has none: copy them into an etcd root", st.addr)
+	}
+	_, ok, err := storage.ListHosts(ctx, cli, st.addr.Root)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		recs, bad, err := loadAll(ctx, st.MetaStore, nil)
+		if err != nil {
+			return nil, err
+		}
+		if n := len(recs) + len(bad); n > 0 {
+			return nil, usageErrorf("the snapshots belong to host scopes (they have a host); etcd root %q holds %d snapshot(s) without host scopes: copy them into an empty or host-scoped root", st.addr.Root, n)
+		}
+	}
+	defer func() {
+		if err != nil {
+			for _, t := range targets {
+				_ = t.ms.Close()
+			}
+			targets = nil
+		}
+	}()
+	for _, h := range hosts {
+		ms, err := storage.NewEtcdStoreFromClient(cli, st.addr.Root, storage.WithHost(h))
+		if errors.Is(err, storage.ErrHostAlive) {
+			return targets, fmt.Errorf("host %q of etcd root %q is running (a store of it holds its lease): stop it before copying snapshots into its scope: %w", h, st.addr.Root, err)
+		}
+		if err != nil {
+			return targets, fmt.Errorf("host %q: %w", h, err)
+		}
+		targets = append(targets, hostScope{host: h, ms: ms})
+	}
+	return targets, nil
+}
+
+// closeScopes closes the stores of targets.
+func closeScopes(targets []hostScope) error {
+	var errs []error
+	for _, t := range targets {
+		errs = append(errs, t.ms.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// recordKey is what names a snapshot in a root: its host and its name.
+func recordKey(r Record) string { return r.Host + "\x00" + r.Name }
