@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/snapmeta/storage/etcdtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	bolt "go.etcd.io/bbolt"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -377,4 +379,56 @@ func TestScopedMigrate(t *testing.T) {
 	r := exe(t, "migrate", "--from", addr, "--to", busy)
 	wantFail(t, r, 1, `host "a" of etcd root "scoped-busy" is running`)
 	wantFail(t, exe(t, "migrate", "--from", addr, "--to", filepath.Join(t.TempDir(), "m.db")), 2, "is a bbolt file, which has none")
+}
+
+func TestScopedDoctor(t *testing.T) {
+	c := etcdtest.Start(t)
+	addr, _, _ := scopedFixture(t, c, "scoped-doctor")
+	idOf := func(host, name string) string {
+		t.Helper()
+		return strings.TrimSpace(ok(t, "info", "-s", addr, "--host", host, name, "--format", "{{.ID}}"))
+	}
+	base, aWork, bWork := idOf("a", "a/base"), idOf("a", "a/work"), idOf("b", "b/work")
+	root := t.TempDir()
+	for _, id := range []string{base, aWork, bWork, "999"} {
+		require.NoError(t, os.MkdirAll(filepath.Join(root, "snapshots", id, "fs"), 0o755))
+	}
+	snapDir := filepath.Join(root, "snapshots")
+
+	// The directories are every host's: only 999 is in no scope.
+	rep, r := doctorJSON(t, "doctor", addr, "--root", root)
+	assert.Equal(t, 1, r.code, r.stderr)
+	assert.Equal(t, 6, rep.Snapshots)
+	assert.Equal(t, []finding{{Kind: findOrphanDirectory, ID: "999", Path: filepath.Join(snapDir, "999")}}, rep.Findings)
+
+	require.NoError(t, os.RemoveAll(filepath.Join(snapDir, bWork)))
+	rep, _ = doctorJSON(t, "doctor", addr, "--root", root)
+	assert.Contains(t, rep.Findings, finding{Kind: findMissingDirectory, Host: "b", Snapshot: "b/work", ID: bWork, SnapshotKind: "active", Path: filepath.Join(snapDir, bWork)})
+	out := exe(t, "doctor", addr, "--root", root).stdout
+	assert.Contains(t, out, "b:b/work")
+	// --host a judges a's snapshots, against every host's IDs.
+	rep, _ = doctorJSON(t, "doctor", addr, "--root", root, "--host", "a")
+	assert.Equal(t, 3, rep.Snapshots)
+	assert.Equal(t, []finding{{Kind: findOrphanDirectory, ID: "999", Path: filepath.Join(snapDir, "999")}}, rep.Findings)
+
+	// containerd's database is one host's.
+	metaDB := filepath.Join(t.TempDir(), "meta.db")
+	db, err := bolt.Open(metaDB, 0o600, nil)
+	require.NoError(t, err)
+	require.NoError(t, db.Update(func(tx *bolt.Tx) error {
+		v1, err := tx.CreateBucket([]byte("v1"))
+		if err != nil {
+			return err
+		}
+		return v1.Put([]byte("version"), []byte{3})
+	}))
+	require.NoError(t, db.Close())
+	wantFail(t, exe(t, "doctor", addr, "--containerd-db", metaDB, "--snapshotter", "s"), 2, "--containerd-db on a host-scoped etcd root needs --host: containerd's database is one host's (hosts: a, b)")
+	rep, r = doctorJSON(t, "doctor", addr, "--containerd-db", metaDB, "--snapshotter", "s", "--host", "b")
+	assert.Equal(t, 1, r.code, r.stderr)
+	require.Len(t, rep.Findings, 3, "b's snapshots, none referenced")
+	for _, f := range rep.Findings {
+		assert.Equal(t, findUnreferenced, f.Kind)
+		assert.Equal(t, "b", f.Host)
+	}
 }
