@@ -432,3 +432,26 @@ func TestScopedDoctor(t *testing.T) {
 		assert.Equal(t, "b", f.Host)
 	}
 }
+
+// TestDemoEtcdHostScopes: the embedded etcd demo ends with two hosts in
+// their own scopes sharing a layer; on an etcd ADDRESS it does not (it
+// would write a second root there).
+func TestDemoEtcdHostScopes(t *testing.T) {
+	out := ok(t, "demo", "--etcd")
+	i := strings.Index(out, "\n\nStep 11. Two hosts, each in its own scope.")
+	require.GreaterOrEqual(t, i, 0, out)
+	step := out[i:strings.Index(out, "\n\nDone.")]
+	for _, want := range []string{
+		`node-a unpacks a layer, commits it as "base" with CommitShared (content key`,
+		`node-b needs the same layer: BindLayer binds it as its own "base" -> id 1,`,
+		"node-a sees base, web; node-b sees base\n",
+		`node-b releases its "base" -> last reference: false: node-a still uses id 1, keep its data`,
+		`node-a removes "web", then releases "base" -> last reference: true: the data of id 1 may go`,
+	} {
+		assert.Contains(t, step, want)
+	}
+	c := etcdtest.Start(t)
+	addr, ms := etcdStore(t, c, "demo-addr")
+	require.NoError(t, ms.Close())
+	assert.NotContains(t, ok(t, "demo", addr), "Step 11.")
+}
