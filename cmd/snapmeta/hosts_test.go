@@ -228,6 +228,11 @@ func TestScopedRootCheck(t *testing.T) {
 	require.NotEmpty(t, out.Problems)
 	assert.Equal(t, "b", out.Problems[0].Host)
 	assert.Equal(t, "junk", out.Problems[0].Snapshot)
+	// A listing shows the rest, names the record with its host, exits 1.
+	r = exe(t, "ls", addr, "-q")
+	assert.Equal(t, 1, r.code)
+	assert.Contains(t, r.stderr, `snapmeta: snapshot "b:junk" cannot be read: `)
+	assert.Equal(t, 6, strings.Count(r.stdout, "\n"))
 	// --host a leaves b's problem out.
 	assert.Equal(t, "ok: 3 snapshots, no problems\n", ok(t, "check", addr, "--host", "a"))
 }

@@ -216,6 +216,12 @@ func loadAll(ctx context.Context, ms storage.MetaStore, prog *progress, filters 
 // code 1; nil when every record was read). prog (nil for none) counts the
 // records read.
 func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
+	return a.loadReadableIn(ctx, ms, "", prog, filters...)
+}
+
+// loadReadableIn is loadReadable of host's scope (names on stderr are
+// qualified by the host; "" for a store without host scopes).
+func (a *app) loadReadableIn(ctx context.Context, ms storage.MetaStore, host string, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
 	recs, bad, err := loadAll(ctx, ms, prog, filters...)
 	if err != nil {
 		return nil, nil, err
@@ -224,7 +230,7 @@ func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *prog
 		return recs, nil, nil
 	}
 	for _, b := range bad {
-		fmt.Fprintf(a.stderr, "snapmeta: snapshot %q cannot be read: %s\n", b.Name, sayClassOnce(oneLine(b.Err.Error())))
+		fmt.Fprintf(a.stderr, "snapmeta: snapshot %q cannot be read: %s\n", qualify(host, b.Name), sayClassOnce(oneLine(b.Err.Error())))
 	}
 	return recs, &exitError{code: 1, err: fmt.Errorf("%d snapshot(s) cannot be read and are left out (see 'snapmeta check')", len(bad))}, nil
 }

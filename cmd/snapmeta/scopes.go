@@ -166,7 +166,7 @@ func (a *app) withRoot(ctx context.Context, addr string, mode storeaddr.Mode, ho
 func (a *app) loadRoot(ctx context.Context, v *rootView, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
 	var left []error
 	for _, s := range v.scopes {
-		rs, lo, err := a.loadReadable(ctx, s.ms, prog, filters...)
+		rs, lo, err := a.loadReadableIn(ctx, s.ms, s.host, prog, filters...)
 		if err != nil {
 			if s.host != "" {
 				err = fmt.Errorf("host %q: %w", s.host, err)
