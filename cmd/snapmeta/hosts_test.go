@@ -123,6 +123,9 @@ func TestScopedRootListing(t *testing.T) {
 	out = ok(t, "export", addr)
 	assert.Equal(t, 6, strings.Count(out, `"host":`))
 	assert.Equal(t, 2, strings.Count(out, `"content":"chain-1"`))
+	out = ok(t, "export", addr, "--host", "b")
+	assert.Equal(t, 3, strings.Count(out, `"host":"b"`))
+	assert.Equal(t, 3, strings.Count(out, "\n"))
 }
 
 func TestScopedRootInfo(t *testing.T) {
@@ -156,6 +159,10 @@ func TestHostFlagMisuse(t *testing.T) {
 	wantFail(t, exe(t, "ls", boltFixture(t), "--host", "a"), 2, "is a bbolt file; host scopes exist only on etcd roots")
 	wantFail(t, exe(t, "ls", addr, "--host", "zz"), 2, `--host zz: no such host on etcd root "scoped-misuse" (its hosts: a, b;`)
 	wantFail(t, exe(t, "hosts", plainAddr), 1, `etcd root "plain" is not host-scoped`)
+	boltPath := boltFixture(t)
+	wantFail(t, exe(t, "hosts", boltPath), 2, "is a bbolt file: host scopes exist only on etcd roots")
+	wantFail(t, exe(t, "release-host", "-s", boltPath, "a"), 2, "is a bbolt file: host scopes exist only on etcd roots")
+	wantFail(t, exe(t, "release-host", "-s", plainAddr, "a"), 2, `etcd root "plain" is not host-scoped`)
 	// Unscoped output is unchanged: no HOST column.
 	assert.True(t, strings.HasPrefix(ok(t, "ls", plainAddr), "KIND "))
 }
