@@ -11,7 +11,7 @@ import (
 )
 
 func (a *app) checkCommand() *cobra.Command {
-	var addr string
+	var addr, host string
 	var asJSON bool
 	c := &cobra.Command{
 		Use:   "check [STORE]",
@@ -34,7 +34,13 @@ cannot be opened: the message names 'snapmeta salvage').
 "page_damage": BOOL}, ...]}, page damage first; "snapshot" is "" for a
 problem of the store as a whole, and "snapshots" is left out when the store
 is too damaged to count. The exit codes do not change; an unreadable store
-(2) writes nothing on stdout, its reason on stderr.`,
+(2) writes nothing on stdout, its reason on stderr.
+
+On a host-scoped etcd root the whole root is checked: every host's scope,
+and the shared layers, their references and their content index. A problem
+in a host's scope begins with 'host "H": ' (JSON: "host": H, left out for
+problems of the root as a whole). --host H reports only H's problems and
+those of the root as a whole; the count is then of H's snapshots.`,
 		Example: `  snapmeta check --store /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
   snapmeta check --store etcd://127.0.0.1:2379/snapshots || echo "store damaged"
   snapmeta check --store metadata.db --json | jq -r '.problems[].detail'`,
@@ -45,24 +51,40 @@ is too damaged to count. The exit codes do not change; an unreadable store
 			}
 			var problems []storage.Problem
 			var count int
-			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				var err error
+			err := a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
+				ms, closeMS, err := v.anyScope()
+				if err != nil {
+					return err
+				}
+				defer closeMS()
 				prog := a.startProgress("check: checking invariants", 0)
-				problems, err = storage.Check(c.Context(), st)
+				problems, err = storage.Check(c.Context(), ms)
 				prog.finish(err == nil)
 				if err != nil {
 					return err
 				}
+				if host != "" {
+					kept := problems[:0]
+					for _, p := range problems {
+						if p.Host == host || p.Host == "" {
+							kept = append(kept, p)
+						}
+					}
+					problems = kept
+				}
 				// The count is for the summary only; a store too damaged
 				// to list is still checked.
 				prog = a.startProgress("check: counting", 0)
-				recs, bad, err := loadAll(c.Context(), st, prog)
-				prog.finish(err == nil)
-				if err == nil {
-					count = len(recs) + len(bad)
-				} else {
-					count = -1
+				count = 0
+				for _, s := range v.scopes {
+					recs, bad, err := loadAll(c.Context(), s.ms, prog)
+					if err != nil {
+						count = -1
+						break
+					}
+					count += len(recs) + len(bad)
 				}
+				prog.finish(count >= 0)
 				return nil
 			})
 			if err != nil {
@@ -109,6 +131,7 @@ is too damaged to count. The exit codes do not change; an unreadable store
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write the result as one JSON object")
+	hostFlag(c, &host, "on a host-scoped etcd root: report this host's problems only")
 	return c
 }
 
@@ -121,6 +144,7 @@ type checkJSON struct {
 }
 
 type problemJSON struct {
+	Host       string `json:"host,omitempty"`
 	Snapshot   string `json:"snapshot"`
 	Detail     string `json:"detail"`
 	PageDamage bool   `json:"page_damage"`
@@ -134,7 +158,7 @@ func writeCheckJSON(w io.Writer, problems []storage.Problem, count int) error {
 		out.Snapshots = &count
 	}
 	for _, p := range problems {
-		out.Problems = append(out.Problems, problemJSON{Snapshot: p.Snapshot, Detail: p.Detail, PageDamage: p.Page})
+		out.Problems = append(out.Problems, problemJSON{Host: p.Host, Snapshot: p.Snapshot, Detail: p.Detail, PageDamage: p.Page})
 	}
 	enc := json.NewEncoder(w)
 	enc.SetEscapeHTML(false)

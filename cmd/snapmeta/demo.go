@@ -40,7 +40,12 @@ two clients, as two hosts would, open the same root; they race for one
 name (the first to commit wins, the other's commit fails with a conflict
 and its retry finds the name taken), and both increment one label, the
 slower one's transaction conflicting and being run again by WithTransaction,
-so that no increment is lost.
+so that no increment is lost. With --etcd a step more shows host scopes,
+on a second root of the embedded etcd: two hosts each open the root as
+themselves (storage.WithHost) and see only their own snapshots; a layer
+one host commits with storage.CommitShared the other binds with
+storage.BindLayer (the same ID: one directory, unpacked once), and
+storage.Release says when its data may go (with the last binding).
 
 --keep keeps the temporary bbolt file. With --etcd it is refused: the
 embedded etcd lives inside this process, and its data goes with it; to keep
@@ -58,6 +63,9 @@ etcd://127.0.0.1:2379/demo).`,
 			}
 			var ms, hostB storage.MetaStore
 			var where string
+			// openHost opens a host's scope of a second root (embedded
+			// etcd only: it writes a root of its own).
+			var openHost func(host string) (storage.MetaStore, error)
 			switch {
 			case len(args) == 1:
 				if useEtcd {
@@ -98,6 +106,10 @@ etcd://127.0.0.1:2379/demo).`,
 				}
 				defer bms.Close()
 				hostB = bms
+				openHost = func(host string) (storage.MetaStore, error) {
+					cfg := cl.ClientConfig()
+					return storage.NewEtcdStore("snapmeta-demo-hosts", &cfg, storage.WithHost(host))
+				}
 				ms, where = ems, "etcd://"+strings.Join(trimScheme(cfg.Endpoints), ",")+"/snapmeta-demo (embedded, gone when the demo ends)"
 			default:
 				dir, err := os.MkdirTemp("", "snapmeta-demo-")
@@ -117,7 +129,7 @@ etcd://127.0.0.1:2379/demo).`,
 					where += " (temporary)"
 				}
 			}
-			err := runDemo(ctx, a.stdout, ms, hostB, where)
+			err := runDemo(ctx, a.stdout, ms, hostB, openHost, where)
 			if cerr := ms.Close(); err == nil {
 				err = cerr
 			}
@@ -174,8 +186,9 @@ var demoLayers = []demoLayer{
 
 // runDemo runs the guided session on ms, which must be empty. hostB, when
 // not nil, is a second client of the same etcd store: the demo then ends
-// with the two racing.
-func runDemo(ctx context.Context, w io.Writer, ms, hostB storage.MetaStore, where string) error {
+// with the two racing. openHost, when not nil, opens host scopes of
+// another root, for a last step on host scopes.
+func runDemo(ctx context.Context, w io.Writer, ms, hostB storage.MetaStore, openHost func(string) (storage.MetaStore, error), where string) error {
 	var existing int
 	if err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		existing = 0
@@ -355,6 +368,16 @@ func runDemo(ctx context.Context, w io.Writer, ms, hostB storage.MetaStore, wher
 			return err
 		}
 	}
+	if openHost != nil {
+		title("Two hosts, each in its own scope.",
+			"Containerd owns every snapshot its snapshotter holds, so hosts that share",
+			"one etcd root each open it as themselves (storage.WithHost): each sees",
+			"only its own snapshots, and IDs stay unique across the root, so drivers",
+			"can share one data directory. A committed layer can be shared.")
+		if err := demoHostScopes(ctx, p, openHost); err != nil {
+			return err
+		}
+	}
 	p("")
 	p("Done. The same commands work on a real store: snapmeta ls, info, tree, ids,")
 	p("check --store <address>; see snapmeta --help.")
@@ -480,5 +503,94 @@ func demoRace(ctx context.Context, p func(string, ...any), hostA, hostB storage.
 		return fmt.Errorf("demo: check after the race found %d problem(s), the first: %s", len(problems), problems[0])
 	}
 	p("  check after the race: no problems")
+	return nil
+}
+
+// demoHostScopes shows two hosts on one host-scoped root: separate scopes,
+// a shared layer committed by one and bound by the other, and Release.
+func demoHostScopes(ctx context.Context, p func(string, ...any), openHost func(string) (storage.MetaStore, error)) (err error) {
+	hostA, err := openHost("node-a")
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, hostA.Close()) }()
+	hostB, err := openHost("node-b")
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, hostB.Close()) }()
+	chain := digest("demo shared layer")
+	var layerID string
+	if err := hostA.WithTransaction(ctx, true, func(ctx context.Context) error {
+		if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "extract", ""); err != nil {
+			return err
+		}
+		var err error
+		layerID, err = storage.CommitShared(ctx, "extract", "base", chain, snapshots.Usage{Size: 4096, Inodes: 4})
+		if err != nil {
+			return err
+		}
+		_, err = storage.CreateSnapshot(ctx, snapshots.KindActive, "web", "base")
+		return err
+	}); err != nil {
+		return err
+	}
+	p("  node-a unpacks a layer, commits it as %q with CommitShared (content key", "base")
+	p("  %s) -> id %s, and starts %q on it", short(chain), layerID, "web")
+	var boundID string
+	if err := hostB.WithTransaction(ctx, true, func(ctx context.Context) error {
+		if _, err := storage.BindLayer(ctx, "base", "", chain); err != nil {
+			return err
+		}
+		id, _, _, err := storage.GetInfo(ctx, "base")
+		boundID = id
+		return err
+	}); err != nil {
+		return err
+	}
+	p("  node-b needs the same layer: BindLayer binds it as its own %q -> id %s,", "base", boundID)
+	p("  the same directory, nothing unpacked again")
+	if boundID != layerID {
+		return fmt.Errorf("demo: the binding has id %s, the layer %s", boundID, layerID)
+	}
+	names := func(ms storage.MetaStore) (out []string, err error) {
+		err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+			out = out[:0]
+			return storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
+				out = append(out, i.Name)
+				return nil
+			})
+		})
+		return out, err
+	}
+	na, err := names(hostA)
+	if err != nil {
+		return err
+	}
+	nb, err := names(hostB)
+	if err != nil {
+		return err
+	}
+	p("  node-a sees %s; node-b sees %s", strings.Join(na, ", "), strings.Join(nb, ", "))
+	release := func(ms storage.MetaStore, key string) (last bool, err error) {
+		err = ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+			_, _, last, err = storage.Release(ctx, key)
+			return err
+		})
+		return last, err
+	}
+	last, err := release(hostB, "base")
+	if err != nil {
+		return err
+	}
+	p("  node-b releases its %q -> last reference: %v: node-a still uses id %s, keep its data", "base", last, layerID)
+	if _, err := release(hostA, "web"); err != nil {
+		return err
+	}
+	last, err = release(hostA, "base")
+	if err != nil {
+		return err
+	}
+	p("  node-a removes %q, then releases %q -> last reference: %v: the data of id %s may go", "web", "base", last, layerID)
 	return nil
 }

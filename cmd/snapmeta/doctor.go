@@ -54,6 +54,8 @@ var findingKinds = []struct{ kind, title string }{
 // finding is one disagreement. Which fields are set depends on the kind.
 type finding struct {
 	Kind string `json:"kind"`
+	// Host is the host scope of Snapshot on a host-scoped root.
+	Host string `json:"host,omitempty"`
 	// Snapshot is the snapshot's name in the store (containerd's backend
 	// name, namespace/N/key for snapshots containerd made).
 	Snapshot     string `json:"snapshot,omitempty"`
@@ -85,8 +87,8 @@ type doctorReport struct {
 
 // storeSnapshot is what doctor needs of a snapshot of the store.
 type storeSnapshot struct {
-	name, id, parent string
-	kind             snapshots.Kind
+	host, name, id, parent string
+	kind                   snapshots.Kind
 }
 
 // containerdRef is one snapshot entry of containerd's database.
@@ -95,7 +97,7 @@ type containerdRef struct {
 }
 
 func (a *app) doctorCommand() *cobra.Command {
-	var addr, dbPath, snapshotter, root string
+	var addr, dbPath, snapshotter, root, host string
 	var lockTimeout time.Duration
 	var asJSON bool
 	c := &cobra.Command{
@@ -144,7 +146,14 @@ or a store, database or directory that cannot be read. --json writes one
 JSON object, for 0 and 1 alike: {"ok", "store", "snapshots",
 "containerd_db", "snapshotter", "references", "root", "findings": [{"kind",
 "snapshot", "id", "snapshot_kind", "namespace", "key", "path", "detail"}]},
-fields that do not apply left out.`,
+fields that do not apply left out.
+
+On a host-scoped etcd root (many hosts on one root) the data directory is
+shared by every host: a directory is orphaned only if its ID is in no
+host's scope, and missing directories are reported for every host's
+snapshots (--host H: for H's only), each finding with its "host".
+containerd's database is one host's: with --containerd-db, --host names
+that host, and unreferenced and missing_from_store judge its scope alone.`,
 		Example: `  snapmeta doctor /var/lib/snapmeta/metadata.db \
       --containerd-db /var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db \
       --snapshotter snapmeta --root /var/lib/snapmeta
@@ -168,11 +177,41 @@ fields that do not apply left out.`,
 				n := len(refs)
 				report.References = &n
 			}
-			var snaps []storeSnapshot
-			err := a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				var err error
-				snaps, err = readStoreSnapshots(c.Context(), st)
-				return err
+			// snaps are the snapshots judged (--host's scope, or all);
+			// all those of every scope, which the directories are shared by.
+			var snaps, all []storeSnapshot
+			err := a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
+				if v.scoped && dbPath != "" && host == "" {
+					return usageErrorf("--containerd-db on a host-scoped etcd root needs --host: containerd's database is one host's (hosts: %s)", hostList(v.hostNames()))
+				}
+				for _, s := range v.scopes {
+					ss, err := readStoreSnapshots(c.Context(), s.ms, s.host)
+					if err != nil {
+						return err
+					}
+					snaps = append(snaps, ss...)
+				}
+				all = snaps
+				if !v.scoped || host == "" {
+					return nil
+				}
+				all = slices.Clone(snaps)
+				for _, h := range v.hostNames() {
+					if h == host {
+						continue
+					}
+					ms, err := storage.NewEtcdStoreFromClient(v.cli, v.addr.Root, storage.WithHostView(h))
+					if err != nil {
+						return err
+					}
+					ss, err := readStoreSnapshots(c.Context(), ms, h)
+					ms.Close()
+					if err != nil {
+						return err
+					}
+					all = append(all, ss...)
+				}
+				return nil
 			})
 			if err != nil {
 				if _, ok := err.(*usageError); ok {
@@ -185,7 +224,7 @@ fields that do not apply left out.`,
 				report.Findings = append(report.Findings, reconcileRefs(snaps, refs)...)
 			}
 			if root != "" {
-				found, err := reconcileDirs(snaps, root)
+				found, err := reconcileDirs(snaps, all, root)
 				if err != nil {
 					return &exitError{code: 2, err: err}
 				}
@@ -213,6 +252,7 @@ fields that do not apply left out.`,
 	c.Flags().StringVar(&root, "root", "", "the driver's root: the directory that holds snapshots/")
 	c.Flags().DurationVar(&lockTimeout, "lock-timeout", storeaddr.BoltLockTimeout, "how long to wait for containerd's lock on --containerd-db")
 	c.Flags().BoolVar(&asJSON, "json", false, "write the report as one JSON object")
+	hostFlag(c, &host, "on a host-scoped etcd root: the host whose snapshots are judged (needed with --containerd-db)")
 	return c
 }
 
@@ -274,12 +314,13 @@ func pathErr(err error) error {
 // transaction. A record that cannot be read makes the comparison
 // unreliable (its ID is unknown, so its directory would look orphaned), so
 // it is an error.
-func readStoreSnapshots(ctx context.Context, ms storage.MetaStore) ([]storeSnapshot, error) {
+// host is the scope's host ("" without host scopes).
+func readStoreSnapshots(ctx context.Context, ms storage.MetaStore, host string) ([]storeSnapshot, error) {
 	var snaps []storeSnapshot
 	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		snaps = snaps[:0]
 		return storage.Walk(ctx, func(r storage.Record) error {
-			snaps = append(snaps, storeSnapshot{name: r.Name, id: r.ID, parent: r.Parent, kind: r.Kind})
+			snaps = append(snaps, storeSnapshot{host: host, name: r.Name, id: r.ID, parent: r.Parent, kind: r.Kind})
 			return nil
 		})
 	})
@@ -400,7 +441,7 @@ func reconcileRefs(snaps []storeSnapshot, refs []containerdRef) []finding {
 		if referenced[s.name] {
 			continue
 		}
-		f := finding{Kind: findUnreferenced, Snapshot: s.name, ID: s.id, SnapshotKind: Kind(s.kind).String()}
+		f := finding{Kind: findUnreferenced, Host: s.host, Snapshot: s.name, ID: s.id, SnapshotKind: Kind(s.kind).String()}
 		if k := keptBy(s.name); k != "" {
 			f.Detail = fmt.Sprintf("the garbage collector will fail to remove it: %q, which containerd refers to, descends from it", k)
 		}
@@ -421,14 +462,17 @@ func reconcileRefs(snaps []storeSnapshot, refs []containerdRef) []finding {
 
 // reconcileDirs compares the store's IDs with the entries of
 // <root>/snapshots.
-func reconcileDirs(snaps []storeSnapshot, root string) ([]finding, error) {
+// A directory is orphaned when no snapshot of all has its ID; a missing
+// directory is reported for snaps (on a host-scoped root all is every
+// host's snapshots, snaps those judged).
+func reconcileDirs(snaps, all []storeSnapshot, root string) ([]finding, error) {
 	dir := filepath.Join(root, "snapshots")
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("reading %s: %w", dir, err)
 	}
 	ids := map[string]bool{}
-	for _, s := range snaps {
+	for _, s := range all {
 		ids[s.id] = true
 	}
 	present := map[string]bool{}
@@ -449,7 +493,7 @@ func reconcileDirs(snaps []storeSnapshot, root string) ([]finding, error) {
 		if present[s.id] || (s.kind == snapshots.KindView && s.parent != "") {
 			continue
 		}
-		missing = append(missing, finding{Kind: findMissingDirectory, Snapshot: s.name, ID: s.id, SnapshotKind: Kind(s.kind).String(), Path: filepath.Join(dir, s.id)})
+		missing = append(missing, finding{Kind: findMissingDirectory, Host: s.host, Snapshot: s.name, ID: s.id, SnapshotKind: Kind(s.kind).String(), Path: filepath.Join(dir, s.id)})
 	}
 	byID := func(x, y finding) int {
 		a, _ := strconv.ParseUint(x.ID, 10, 64)
@@ -509,7 +553,7 @@ func writeDoctorText(w io.Writer, r doctorReport) error {
 		case findUnreferenced:
 			fmt.Fprintln(tw, "  SNAPSHOT\tID\tKIND\tNOTE")
 			for _, f := range group {
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", f.Snapshot, f.ID, f.SnapshotKind, dash(f.Detail))
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", qualify(f.Host, f.Snapshot), f.ID, f.SnapshotKind, dash(f.Detail))
 			}
 		case findMissingFromStore:
 			fmt.Fprintln(tw, "  NAMESPACE\tKEY\tSNAPSHOT")
@@ -519,7 +563,7 @@ func writeDoctorText(w io.Writer, r doctorReport) error {
 		case findMissingDirectory:
 			fmt.Fprintln(tw, "  SNAPSHOT\tID\tKIND\tDIRECTORY")
 			for _, f := range group {
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", f.Snapshot, f.ID, f.SnapshotKind, f.Path)
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", qualify(f.Host, f.Snapshot), f.ID, f.SnapshotKind, f.Path)
 			}
 		default:
 			for _, f := range group {

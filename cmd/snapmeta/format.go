@@ -26,7 +26,9 @@ in the template stand for a tab and a newline. The fields are those of the
 JSON output: .Name, .ID, .Kind (active, view or committed), .Parent (""
 for none), .Labels (a map: {{index .Labels "key"}}), .Created and .Updated
 (time.Time), .Usage.Size and .Usage.Inodes (bytes and inodes; 0 unless
-committed). Functions: json (the value as JSON), join (join LIST SEP), size
+committed), .Host (the host scope on a host-scoped etcd root, "" elsewhere)
+and .Content (the content key of a binding of a shared layer, "" for any
+other snapshot). Functions: json (the value as JSON), join (join LIST SEP), size
 (bytes in KiB, MiB, ...). A template that does not parse, or names a field
 that does not exist, is a usage error.`
 

@@ -29,6 +29,8 @@ func importSnapshots(ctx context.Context, recs []Record) error {
 			Created: r.Created,
 			Updated: r.Updated,
 			Usage:   snapshots.Usage{Size: r.Usage.Size, Inodes: r.Usage.Inodes},
+			Host:    r.Host,
+			Content: r.Content,
 		}
 	}
 	return storage.Import(ctx, out...)

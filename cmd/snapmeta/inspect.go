@@ -41,7 +41,7 @@ func (a *app) withStore(ctx context.Context, addr string, mode storeaddr.Mode, f
 }
 
 func (a *app) lsCommand() *cobra.Command {
-	var addr, format string
+	var addr, format, host string
 	var asJSON, quiet, noHeaders, rawBytes bool
 	c := &cobra.Command{
 		Use:   "ls [STORE] [FILTER...]",
@@ -68,6 +68,13 @@ When stdout is a terminal, the table (and a 'table ...' template) is fitted
 to its width ($COLUMNS, else the terminal's): the widest of NAME and PARENT
 (of a template: of any column) is cut, ending in "…", down to 8 characters.
 Written to a pipe or a file, nothing is cut.
+
+On a host-scoped etcd root (many hosts on one root: see 'snapmeta hosts')
+ls lists every host's snapshots, host by host, or with --host H only H's;
+the table then begins with a HOST column and has a SHARED column: "yes"
+for a binding of a shared layer (storage.CommitShared, BindLayer: several
+hosts' names for one ID), "-" otherwise. JSON has "host" and, for a
+binding, "content" (the layer's content key); both are left out elsewhere.
 
 ` + formatHelp,
 		Example: `  snapmeta ls /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/metadata.db
@@ -111,8 +118,8 @@ Written to a pipe or a file, nothing is cut.
 			if asJSON && f.name == "template" {
 				return usageErrorf("--json and a --format template do not go together")
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st, nil, filters...)
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
+				recs, leftOut, err := a.loadRoot(c.Context(), v, nil, filters...)
 				if err != nil {
 					return err
 				}
@@ -124,7 +131,7 @@ Written to a pipe or a file, nothing is cut.
 				case f.name == "template":
 					err = writeTemplate(a.stdout, f, recs, !noHeaders, terminalWidth(a.stdout))
 				default:
-					err = writeTable(a.stdout, recs, !noHeaders, rawBytes, terminalWidth(a.stdout))
+					err = writeTable(a.stdout, recs, !noHeaders, rawBytes, v.scoped, terminalWidth(a.stdout))
 				}
 				return errors.Join(err, leftOut)
 			})
@@ -136,6 +143,7 @@ Written to a pipe or a file, nothing is cut.
 	c.Flags().BoolVarP(&quiet, "quiet", "q", false, "write the names only, one per line")
 	c.Flags().BoolVar(&noHeaders, "no-headers", false, "leave out the table's header line")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "sizes in bytes instead of KiB, MiB, ...")
+	hostFlag(c, &host, "on a host-scoped etcd root: list this host's snapshots only")
 	return c
 }
 
@@ -163,15 +171,34 @@ func writeJSONLines(w io.Writer, recs []Record) error {
 // writeTable writes the ls table; rawBytes writes sizes as byte counts,
 // for scripts and for comparing sizes exactly. With a width (a terminal's;
 // 0 for none) the names and parents are cut to fit it.
-func writeTable(w io.Writer, recs []Record, header, rawBytes bool, width int) error {
+// On a host-scoped root (scoped) the table has HOST and SHARED columns.
+func writeTable(w io.Writer, recs []Record, header, rawBytes, scoped bool, width int) error {
 	rows := make([][]string, 0, len(recs)+1)
+	if !scoped {
+		if header {
+			rows = append(rows, []string{"KIND", "NAME", "PARENT", "ID", "SIZE", "CREATED"})
+		}
+		for _, r := range recs {
+			rows = append(rows, []string{r.Kind.String(), r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created)})
+		}
+		return writeRows(w, rows, width, []bool{false, true, true, false, false, false})
+	}
 	if header {
-		rows = append(rows, []string{"KIND", "NAME", "PARENT", "ID", "SIZE", "CREATED"})
+		rows = append(rows, []string{"HOST", "KIND", "NAME", "PARENT", "ID", "SIZE", "SHARED", "CREATED"})
 	}
 	for _, r := range recs {
-		rows = append(rows, []string{r.Kind.String(), r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), fmtTime(r.Created)})
+		rows = append(rows, []string{r.Host, r.Kind.String(), r.Name, dash(r.Parent), r.ID, sizeOf(r, rawBytes), sharedMark(r), fmtTime(r.Created)})
 	}
-	return writeRows(w, rows, width, []bool{false, true, true, false, false, false})
+	return writeRows(w, rows, width, []bool{false, false, true, true, false, false, false, false})
+}
+
+// sharedMark is the SHARED column: whether the snapshot is a binding of a
+// shared layer.
+func sharedMark(r Record) string {
+	if r.Content != "" {
+		return "yes"
+	}
+	return "-"
 }
 
 func dash(s string) string {
@@ -243,7 +270,9 @@ func (i infoJSON) MarshalJSON() ([]byte, error) {
 		Updated   time.Time         `json:"updated"`
 		Usage     Usage             `json:"usage"`
 		Children  []string          `json:"children"`
-	}{i.Name, i.ID, i.Kind, i.Parent, nonNil(i.ParentIDs), labels, i.Created.UTC(), i.Updated.UTC(), i.Usage, nonNil(i.Children)})
+		Host      string            `json:"host,omitempty"`
+		Content   string            `json:"content,omitempty"`
+	}{i.Name, i.ID, i.Kind, i.Parent, nonNil(i.ParentIDs), labels, i.Created.UTC(), i.Updated.UTC(), i.Usage, nonNil(i.Children), i.Host, i.Content})
 }
 
 func nonNil(s []string) []string {
@@ -254,7 +283,7 @@ func nonNil(s []string) []string {
 }
 
 func (a *app) infoCommand() *cobra.Command {
-	var addr, format string
+	var addr, format, host string
 	var asJSON, rawBytes bool
 	c := &cobra.Command{
 		Use:   "info NAME",
@@ -268,7 +297,13 @@ bytes.
 --format json is --json, --format table the view above; --format also takes
 a Go template (text/template), as ls does (see 'snapmeta ls --help'), with
 the fields of ls's templates and .ParentIDs and .Children (lists: {{join
-.Children ","}}); a 'table ...' template writes a header and one row.`,
+.Children ","}}); a 'table ...' template writes a header and one row.
+
+On a host-scoped etcd root a name belongs to a host's scope: --host H looks
+in H's; without it the name is looked up in every host's, and must be in
+exactly one (a name several hosts have is refused, naming them). The view
+then shows the Host, and for a binding of a shared layer its Content key
+(JSON: "host", "content").`,
 		Example: `  snapmeta info --store metadata.db my-container
   snapmeta info --store etcd://127.0.0.1:2379/snapshots my-container --json
   snapmeta info --store metadata.db my-container --format '{{.ID}} {{join .ParentIDs ":"}}'`,
@@ -287,11 +322,16 @@ the fields of ls's templates and .ParentIDs and .Children (lists: {{join
 					return usageErrorf("--json and a --format template do not go together")
 				}
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				info, problem, err := loadInfo(c.Context(), st, args[0])
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
+				s, err := findScope(c.Context(), v, args[0])
 				if err != nil {
 					return err
 				}
+				info, problem, err := loadInfo(c.Context(), s.ms, args[0], v.scoped)
+				if err != nil {
+					return err
+				}
+				info.Host = s.host
 				switch {
 				case f.tmpl != nil:
 					err = writeTemplate(a.stdout, f, []infoJSON{info}, true, terminalWidth(a.stdout))
@@ -314,13 +354,16 @@ the fields of ls's templates and .ParentIDs and .Children (lists: {{join
 	c.Flags().BoolVar(&asJSON, "json", false, "write JSON")
 	c.Flags().StringVar(&format, "format", "", "table (the view above), json, or a Go template (see above)")
 	c.Flags().BoolVarP(&rawBytes, "bytes", "b", false, "the size in bytes only, not in KiB, MiB, ...")
+	hostFlag(c, &host, "on a host-scoped etcd root: the host whose snapshot NAME is")
 	return c
 }
 
 // loadInfo reads one snapshot, its parent chain and its children in one
 // read-only transaction. problem is set when the chain reaches a missing
 // parent: out then holds the chain up to it.
-func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJSON, problem, err error) {
+// On a host-scoped root (scoped) it finds out whether the snapshot is a
+// binding of a shared layer (out.Content), which costs a walk.
+func loadInfo(ctx context.Context, ms storage.MetaStore, name string, scoped bool) (out infoJSON, problem, err error) {
 	err = ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		problem = nil
 		id, info, usage, err := storage.GetInfo(ctx, name)
@@ -346,6 +389,16 @@ func loadInfo(ctx context.Context, ms storage.MetaStore, name string) (out infoJ
 			out.ParentIDs = append(out.ParentIDs, pid)
 			child, p = p, pinfo.Parent
 		}
+		// GetInfo does not say whether it is a shared layer's binding.
+		if scoped && info.Kind == snapshots.KindCommitted {
+			err = storage.Walk(ctx, func(r storage.Record) error {
+				out.Content = r.Content
+				return nil
+			}, "name=="+strconv.Quote(name))
+			if err != nil {
+				return err
+			}
+		}
 		return storage.WalkInfo(ctx, func(_ context.Context, ci snapshots.Info) error {
 			out.Children = append(out.Children, ci.Name)
 			return nil
@@ -359,7 +412,13 @@ func writeInfo(w io.Writer, i infoJSON, rawBytes bool) error {
 	tw := tabwriter.NewWriter(&buf, 0, 4, 1, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
 	row("Name", i.Name)
+	if i.Host != "" {
+		row("Host", i.Host)
+	}
 	row("Kind", i.Kind.String())
+	if i.Content != "" {
+		row("Content", i.Content+" (a binding of a shared layer)")
+	}
 	row("ID", i.ID)
 	row("Parent", dash(i.Parent))
 	row("Parent IDs", dash(strings.Join(i.ParentIDs, " ")))
@@ -405,13 +464,18 @@ func writeInfo(w io.Writer, i infoJSON, rawBytes bool) error {
 }
 
 func (a *app) treeCommand() *cobra.Command {
-	var addr string
+	var addr, host string
 	var asJSON bool
 	c := &cobra.Command{
 		Use:   "tree [STORE]",
 		Short: "Show snapshots as a parent tree",
 		Long: `Show every snapshot under its parent, base layers at the left. A snapshot
-whose parent is missing (a damaged store) is shown at the left, marked.`,
+whose parent is missing (a damaged store) is shown at the left, marked.
+
+On a host-scoped etcd root each host's scope is a forest of its own, under
+a line "host NAME:" (only --host's with --host); a binding of a shared
+layer is marked ", shared CONTENT-KEY". --json then gives each snapshot
+"host" and, for a binding, "content".`,
 		Example: `  snapmeta tree --store metadata.db
   snapmeta tree --store etcd://127.0.0.1:2379/snapshots --json`,
 		Args: storeArgs,
@@ -419,25 +483,52 @@ whose parent is missing (a damaged store) is shown at the left, marked.`,
 			if err := a.positionalStore(c, &addr, args); err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
-				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
+				recs, leftOut, err := a.loadRoot(c.Context(), v, nil)
 				if err != nil {
 					return err
 				}
-				roots, loops := forest(recs)
+				if !v.scoped {
+					roots, loops := forest(recs)
+					if asJSON {
+						enc := json.NewEncoder(a.stdout)
+						enc.SetEscapeHTML(false)
+						enc.SetIndent("", "  ")
+						return errors.Join(enc.Encode(treeJSON(roots, loops)), leftOut)
+					}
+					writeTree(a.stdout, roots, loops)
+					return leftOut
+				}
+				_, groups := byHost(recs)
+				all := []*treeNode{}
+				for i, s := range v.scopes {
+					roots, loops := forest(groups[s.host])
+					if asJSON {
+						all = append(all, treeJSON(roots, loops)...)
+						continue
+					}
+					if i > 0 {
+						fmt.Fprintln(a.stdout)
+					}
+					fmt.Fprintf(a.stdout, "host %s:\n", s.host)
+					writeTree(a.stdout, roots, loops)
+				}
 				if asJSON {
 					enc := json.NewEncoder(a.stdout)
 					enc.SetEscapeHTML(false)
 					enc.SetIndent("", "  ")
-					return errors.Join(enc.Encode(treeJSON(roots, loops)), leftOut)
+					return errors.Join(enc.Encode(all), leftOut)
 				}
-				writeTree(a.stdout, roots, loops)
+				if len(v.scopes) == 0 {
+					fmt.Fprintln(a.stdout, "(no hosts)")
+				}
 				return leftOut
 			})
 		},
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write the forest as nested JSON")
+	hostFlag(c, &host, "on a host-scoped etcd root: this host's snapshots only")
 	return c
 }
 
@@ -446,6 +537,9 @@ func nodeLabel(n *node) string {
 	s := fmt.Sprintf("%s (%s, id %s", n.Name, n.Kind, n.ID)
 	if snapshots.Kind(n.Kind) == snapshots.KindCommitted {
 		s += ", " + humanBytes(n.Usage.Size)
+	}
+	if n.Content != "" {
+		s += ", shared " + n.Content
 	}
 	s += ")"
 	if n.orphan {
@@ -489,13 +583,15 @@ type treeNode struct {
 	Size          *int64      `json:"size,omitempty"`
 	MissingParent string      `json:"missing_parent,omitempty"`
 	InParentLoop  bool        `json:"in_parent_loop,omitempty"`
+	Host          string      `json:"host,omitempty"`
+	Content       string      `json:"content,omitempty"`
 	Children      []*treeNode `json:"children"`
 }
 
 func treeJSON(roots []*node, loops []Record) []*treeNode {
 	var conv func(n *node) *treeNode
 	conv = func(n *node) *treeNode {
-		t := &treeNode{Name: n.Name, ID: n.ID, Kind: n.Kind, Children: []*treeNode{}}
+		t := &treeNode{Name: n.Name, ID: n.ID, Kind: n.Kind, Host: n.Host, Content: n.Content, Children: []*treeNode{}}
 		if snapshots.Kind(n.Kind) == snapshots.KindCommitted {
 			size := n.Usage.Size
 			t.Size = &size
@@ -521,7 +617,7 @@ func treeJSON(roots []*node, loops []Record) []*treeNode {
 }
 
 func (a *app) idsCommand() *cobra.Command {
-	var addr string
+	var addr, host string
 	var asJSON bool
 	c := &cobra.Command{
 		Use:   "ids [STORE]",
@@ -529,7 +625,12 @@ func (a *app) idsCommand() *cobra.Command {
 		Long: `Print every snapshot ID with the snapshot's name, in ID order. A driver names
 a snapshot's directory by its ID (e.g. .../snapshots/<ID>/fs), so this is
 how to tell which directory belongs to which snapshot, and which
-directories belong to none.`,
+directories belong to none.
+
+On a host-scoped etcd root the IDs of every host's scope are listed (only
+--host's with --host), with a HOST column; an ID several hosts have bound
+(a shared layer) has a line per binding. --json then maps each ID to a list
+of {"host": H, "name": N}.`,
 		Example: `  snapmeta ids --store metadata.db
   snapmeta ids --store etcd://127.0.0.1:2379/snapshots --json`,
 		Args: storeArgs,
@@ -537,12 +638,15 @@ directories belong to none.`,
 			if err := a.positionalStore(c, &addr, args); err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
 				// Walk rather than IDMap: a damaged record leaves out only
 				// itself.
-				recs, leftOut, err := a.loadReadable(c.Context(), st, nil)
+				recs, leftOut, err := a.loadRoot(c.Context(), v, nil)
 				if err != nil {
 					return err
+				}
+				if v.scoped {
+					return errors.Join(writeScopedIDs(a.stdout, recs, asJSON), leftOut)
 				}
 				m := make(map[string]string, len(recs))
 				for _, r := range recs {
@@ -554,20 +658,7 @@ directories belong to none.`,
 					enc.SetIndent("", "  ")
 					return errors.Join(enc.Encode(m), leftOut)
 				}
-				ids := slices.SortedFunc(maps.Keys(m), func(x, y string) int {
-					nx, errX := strconv.ParseUint(x, 10, 64)
-					ny, errY := strconv.ParseUint(y, 10, 64)
-					if errX == nil && errY == nil {
-						switch {
-						case nx < ny:
-							return -1
-						case nx > ny:
-							return 1
-						}
-						return 0
-					}
-					return strings.Compare(x, y)
-				})
+				ids := slices.SortedFunc(maps.Keys(m), compareIDs)
 				tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tNAME")
 				for _, id := range ids {
@@ -579,5 +670,51 @@ directories belong to none.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().BoolVar(&asJSON, "json", false, "write a JSON object of ID -> name")
+	hostFlag(c, &host, "on a host-scoped etcd root: this host's IDs only")
 	return c
+}
+
+// compareIDs orders IDs as numbers (IDs that are not come after, as text).
+func compareIDs(x, y string) int {
+	nx, errX := strconv.ParseUint(x, 10, 64)
+	ny, errY := strconv.ParseUint(y, 10, 64)
+	if errX == nil && errY == nil {
+		switch {
+		case nx < ny:
+			return -1
+		case nx > ny:
+			return 1
+		}
+		return 0
+	}
+	return strings.Compare(x, y)
+}
+
+// idHolder is one snapshot holding an ID on a host-scoped root.
+type idHolder struct {
+	Host string `json:"host"`
+	Name string `json:"name"`
+}
+
+// writeScopedIDs writes the IDs of a host-scoped root: a line per binding
+// (ID HOST NAME), or with asJSON an object of ID -> [{host, name}].
+func writeScopedIDs(w io.Writer, recs []Record, asJSON bool) error {
+	m := map[string][]idHolder{}
+	for _, r := range recs {
+		m[r.ID] = append(m[r.ID], idHolder{Host: r.Host, Name: r.Name})
+	}
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetEscapeHTML(false)
+		enc.SetIndent("", "  ")
+		return enc.Encode(m)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tHOST\tNAME")
+	for _, id := range slices.SortedFunc(maps.Keys(m), compareIDs) {
+		for _, h := range m[id] {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", id, h.Host, h.Name)
+		}
+	}
+	return tw.Flush()
 }

@@ -153,6 +153,14 @@ the same store as --store when both are given.
 Read commands (ls, info, tree, ids, check, export) open a bbolt file
 read-only; while a running daemon holds the file they report it as locked.
 
+On an etcd root shared by many hosts, each in its own scope (host-scoped:
+see 'snapmeta hosts'), ls, tree, ids, export, check and doctor cover every
+host, or with --host H ($SNAPMETA_HOST) H's only, and show each snapshot's
+host; info finds a name in the one host that has it (--host when several
+do); takeover and release-host act on a host gone; import and migrate carry
+the scopes. --host elsewhere (bbolt, a root without host scopes) is a usage
+error.
+
 Every flag may be set from the environment instead: SNAPMETA_ and the flag's
 name in capitals, with _ for - (SNAPMETA_STORE, SNAPMETA_DIAL_TIMEOUT,
 SNAPMETA_CACERT, ...); the command line wins.
@@ -209,6 +217,9 @@ an interrupt).`,
 		a.importCommand(),
 		a.migrateCommand(),
 		a.salvageCommand(),
+		a.hostsCommand(),
+		a.takeoverCommand(),
+		a.releaseHostCommand(),
 		a.versionCommand(),
 		a.completionCommand(),
 	)

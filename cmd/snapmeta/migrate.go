@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/snapmeta/storage"
@@ -28,6 +29,15 @@ is already there; any real difference is refused before anything is
 written. At the end both stores are compared (counts and every record) and
 the target is checked (see 'snapmeta check'); a mismatch or a problem fails
 the command.
+
+A host-scoped etcd SOURCE (many hosts on one root) is copied host by host
+into the same hosts' scopes of an etcd TARGET that is empty or host-scoped,
+IDs kept and shared layers bound again with their references; each target
+scope is opened as its host (holding its lease, so the host cannot start
+meanwhile), which is refused (exit 1) while that host runs. The ID
+allocator (root-wide) is carried over too; verification compares host by
+host. Such a source cannot go into a bbolt file or an etcd root holding
+snapshots without host scopes (exit 2).
 
 The etcd flags (--cacert, --cert, --key, --user) apply to both stores.
 --from-cacert, --from-cert, --from-key and --from-user (and --to-...) set
@@ -141,11 +151,20 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
-	defer srcMS.Close()
+	src, err := viewRoot(ctx, storeHandle{MetaStore: srcMS, addr: srcAddr}, "")
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	defer src.Close()
+	srcAny, closeSrcAny, err := src.anyScope()
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	defer closeSrcAny()
 	// The source must be sound: a copy of a damaged store would be refused
-	// half way.
+	// half way. On a host-scoped root any host's view checks the root.
 	prog := a.startProgress("migrate: checking the source", 0)
-	problems, err := storage.Check(ctx, srcMS)
+	problems, err := storage.Check(ctx, srcAny)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
@@ -154,22 +173,57 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 		return fmt.Errorf("source has %d problem(s), the first: %s (see 'snapmeta check --store %s')", len(problems), problems[0], srcAddr)
 	}
 	prog = a.startProgress("migrate: reading the source", 0)
-	srcRecs, err := loadEvery(ctx, srcMS, prog)
+	srcRecs, err := loadEveryRoot(ctx, src, prog)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
-	ordered, _, _ := parentFirst(srcRecs)
+	ordered, _, _ := parentFirstByHost(srcRecs)
+	_, groups := byHost(ordered)
 
 	dstMS, err := storeaddr.Open(ctx, dstAddr, storeaddr.ReadWrite, dstEtcd)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
 	}
 	defer dstMS.Close()
+	// A host-scoped source goes into the same hosts' scopes of the target,
+	// each opened as its host (holding its lease) for the whole migration.
+	targets := []hostScope{{ms: dstMS}}
+	if src.scoped {
+		targets, err = scopedTargets(ctx, storeHandle{MetaStore: dstMS, addr: dstAddr}, src.hostNames())
+		if err != nil {
+			var ue *usageError
+			if errors.As(err, &ue) {
+				return err
+			}
+			return fmt.Errorf("target: %w", err)
+		}
+		defer closeScopes(targets)
+	}
+	// The allocator and Check are the root's, whichever scope reaches them
+	// (a host-scoped source without hosts has none: the root's store).
+	anyTarget := dstMS
+	if len(targets) > 0 {
+		anyTarget = targets[0].ms
+	}
+	loadTargets := func(prog *progress) ([]Record, error) {
+		var recs []Record
+		for _, t := range targets {
+			rs, err := loadEvery(ctx, t.ms, prog)
+			if err != nil {
+				return nil, err
+			}
+			for i := range rs {
+				rs[i].Host = t.host
+			}
+			recs = append(recs, rs...)
+		}
+		return recs, nil
+	}
 
 	// Refuse any real difference before writing anything.
 	prog = a.startProgress("migrate: reading the target", 0)
-	dstRecs, err := loadEvery(ctx, dstMS, prog)
+	dstRecs, err := loadTargets(prog)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("target: %w", err)
@@ -180,35 +234,48 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	}
 
 	fmt.Fprintf(a.stdout, "migrating %d snapshots from %s to %s", len(ordered), srcAddr, dstAddr)
+	if src.scoped {
+		fmt.Fprintf(a.stdout, " (%d host scope(s))", len(targets))
+	}
 	if present > 0 {
 		fmt.Fprintf(a.stdout, " (%d already there, resuming)", present)
 	}
 	fmt.Fprintln(a.stdout)
 
 	prog = a.startProgress("migrate: copying", len(ordered))
-	stats, err := writeRecords(ctx, dstMS, ordered, writeOptions{
-		batch:        batch,
-		skipExisting: true,
-		progress:     prog.add,
-	})
-	prog.finish(err == nil)
-	if err != nil {
-		return fmt.Errorf("%w (copied %d before this; run the same command again to resume)", err, stats.created)
+	var stats writeStats
+	for _, t := range targets {
+		s, err := writeRecords(ctx, t.ms, groups[t.host], writeOptions{
+			batch:        batch,
+			skipExisting: true,
+			progress:     prog.add,
+		})
+		stats.created += s.created
+		stats.skipped += s.skipped
+		if err != nil {
+			prog.finish(false)
+			if t.host != "" {
+				err = fmt.Errorf("host %q: %w", t.host, err)
+			}
+			return fmt.Errorf("%w (copied %d before this; run the same command again to resume)", err, stats.created)
+		}
 	}
+	prog.finish(true)
 	fmt.Fprintf(a.stdout, "copied %d snapshots, %d were already there\n", stats.created, stats.skipped)
-	if err := carryIDLimit(ctx, srcMS, dstMS); err != nil {
+	if err := carryIDLimit(ctx, srcAny, anyTarget); err != nil {
 		return err
 	}
 
-	// Verify: both stores read afresh, every record compared.
+	// Verify: both stores read afresh, every record compared (host by
+	// host on host-scoped roots).
 	prog = a.startProgress("migrate: verifying the source", len(ordered))
-	srcRecs, err = loadEvery(ctx, srcMS, prog)
+	srcRecs, err = loadEveryRoot(ctx, src, prog)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("verify: source: %w", err)
 	}
 	prog = a.startProgress("migrate: verifying the target", len(ordered))
-	dstRecs, err = loadEvery(ctx, dstMS, prog)
+	dstRecs, err = loadTargets(prog)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("verify: target: %w", err)
@@ -221,7 +288,7 @@ func (a *app) migrate(ctx context.Context, srcAddr, dstAddr storeaddr.Address, s
 	}
 	fmt.Fprintf(a.stdout, "verified: %d snapshots in each store, every record identical\n", len(srcRecs))
 	prog = a.startProgress("migrate: checking the target", 0)
-	problems, err = storage.Check(ctx, dstMS)
+	problems, err = storage.Check(ctx, anyTarget)
 	prog.finish(err == nil)
 	if err != nil {
 		return fmt.Errorf("check target: %w", err)
@@ -262,16 +329,16 @@ func carryIDLimit(ctx context.Context, src, dst storage.MetaStore) error {
 func compareTarget(src, dst []Record) (int, error) {
 	bySrc := make(map[string]Record, len(src))
 	for _, r := range src {
-		bySrc[r.Name] = r
+		bySrc[recordKey(r)] = r
 	}
 	present := 0
 	for _, t := range dst {
-		s, ok := bySrc[t.Name]
+		s, ok := bySrc[recordKey(t)]
 		if !ok {
-			return 0, fmt.Errorf("target has snapshot %q, which the source lacks: migrate into an empty store (or the target of an interrupted migration)", t.Name)
+			return 0, fmt.Errorf("target has snapshot %q, which the source lacks: migrate into an empty store (or the target of an interrupted migration)", qualify(t.Host, t.Name))
 		}
 		if d := diff(s, t); d != "" {
-			return 0, fmt.Errorf("target has snapshot %q with a different record (source vs target: %s)", t.Name, d)
+			return 0, fmt.Errorf("target has snapshot %q with a different record (source vs target: %s)", qualify(t.Host, t.Name), d)
 		}
 		present++
 	}
@@ -288,7 +355,7 @@ func compareStores(src, dst []Record) []string {
 	}
 	byDst := make(map[string]Record, len(dst))
 	for _, r := range dst {
-		byDst[r.Name] = r
+		byDst[recordKey(r)] = r
 	}
 	more := 0
 	note := func(s string) {
@@ -299,19 +366,19 @@ func compareStores(src, dst []Record) []string {
 		}
 	}
 	for _, s := range src {
-		t, ok := byDst[s.Name]
+		t, ok := byDst[recordKey(s)]
 		if !ok {
-			note(fmt.Sprintf("snapshot %q is missing from the target", s.Name))
+			note(fmt.Sprintf("snapshot %q is missing from the target", qualify(s.Host, s.Name)))
 			continue
 		}
-		delete(byDst, s.Name)
+		delete(byDst, recordKey(s))
 		if d := diff(s, t); d != "" {
-			note(fmt.Sprintf("snapshot %q differs (source vs target: %s)", s.Name, d))
+			note(fmt.Sprintf("snapshot %q differs (source vs target: %s)", qualify(s.Host, s.Name), d))
 		}
 	}
 	for _, t := range dst {
-		if _, ok := byDst[t.Name]; ok {
-			note(fmt.Sprintf("snapshot %q is only in the target", t.Name))
+		if _, ok := byDst[recordKey(t)]; ok {
+			note(fmt.Sprintf("snapshot %q is only in the target", qualify(t.Host, t.Name)))
 		}
 	}
 	if more > 0 {

@@ -27,6 +27,11 @@ type Record struct {
 	Created time.Time         `json:"created"`
 	Updated time.Time         `json:"updated"`
 	Usage   Usage             `json:"usage"`
+	// Host is the host scope of the snapshot on a host-scoped etcd root
+	// (left out elsewhere); Content is the content key of a binding of a
+	// shared layer (left out for every other snapshot).
+	Host    string `json:"host,omitempty"`
+	Content string `json:"content,omitempty"`
 }
 
 // Usage is the disk usage of a committed snapshot (zero for others).
@@ -145,6 +150,12 @@ func diff(want, got Record) string {
 	if !want.Updated.Equal(got.Updated) {
 		add("updated", fmtTimeNano(want.Updated), fmtTimeNano(got.Updated))
 	}
+	if want.Host != got.Host {
+		add("host", strconv.Quote(want.Host), strconv.Quote(got.Host))
+	}
+	if want.Content != got.Content {
+		add("content", strconv.Quote(want.Content), strconv.Quote(got.Content))
+	}
 	if want.Usage != got.Usage {
 		add("usage", fmt.Sprintf("%d bytes/%d inodes", want.Usage.Size, want.Usage.Inodes), fmt.Sprintf("%d bytes/%d inodes", got.Usage.Size, got.Usage.Inodes))
 	}
@@ -205,6 +216,12 @@ func loadAll(ctx context.Context, ms storage.MetaStore, prog *progress, filters 
 // code 1; nil when every record was read). prog (nil for none) counts the
 // records read.
 func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
+	return a.loadReadableIn(ctx, ms, "", prog, filters...)
+}
+
+// loadReadableIn is loadReadable of host's scope (names on stderr are
+// qualified by the host; "" for a store without host scopes).
+func (a *app) loadReadableIn(ctx context.Context, ms storage.MetaStore, host string, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
 	recs, bad, err := loadAll(ctx, ms, prog, filters...)
 	if err != nil {
 		return nil, nil, err
@@ -213,7 +230,7 @@ func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *prog
 		return recs, nil, nil
 	}
 	for _, b := range bad {
-		fmt.Fprintf(a.stderr, "snapmeta: snapshot %q cannot be read: %s\n", b.Name, sayClassOnce(oneLine(b.Err.Error())))
+		fmt.Fprintf(a.stderr, "snapmeta: snapshot %q cannot be read: %s\n", qualify(host, b.Name), sayClassOnce(oneLine(b.Err.Error())))
 	}
 	return recs, &exitError{code: 1, err: fmt.Errorf("%d snapshot(s) cannot be read and are left out (see 'snapmeta check')", len(bad))}, nil
 }
@@ -240,6 +257,8 @@ func fromStorage(r storage.Record) Record {
 		Created: r.Created,
 		Updated: r.Updated,
 		Usage:   Usage{Size: r.Usage.Size, Inodes: r.Usage.Inodes},
+		Host:    r.Host,
+		Content: r.Content,
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -47,7 +48,7 @@ func checkBatch(batch int, target string) error {
 }
 
 func (a *app) exportCommand() *cobra.Command {
-	var addr, output string
+	var addr, output, host string
 	c := &cobra.Command{
 		Use:   "export [STORE]",
 		Short: "Write every snapshot as JSON Lines",
@@ -57,7 +58,12 @@ created, updated, usage {size, inodes}), parents before their children, so
 that import can replay the file in order.
 
 A snapshot whose parent is missing (a damaged store) is still written, and
-reported on stderr; import will refuse it.`,
+reported on stderr; import will refuse it.
+
+On a host-scoped etcd root every host's snapshots are written (only --host's
+with --host), host by host, each with its "host", and each binding of a
+shared layer with its "content" key (the bindings of one layer share its
+ID); import and migrate put them back into their hosts' scopes.`,
 		Example: `  snapmeta export --store metadata.db > snapshots.jsonl
   snapmeta export --store etcd://127.0.0.1:2379/snapshots -o snapshots.jsonl`,
 		Args: storeArgs,
@@ -65,14 +71,14 @@ reported on stderr; import will refuse it.`,
 			if err := a.positionalStore(c, &addr, args); err != nil {
 				return err
 			}
-			return a.withStore(c.Context(), addr, storeaddr.ReadOnly, func(st storeHandle) error {
+			return a.withRoot(c.Context(), addr, storeaddr.ReadOnly, host, func(v *rootView) error {
 				prog := a.startProgress("export: reading", 0)
-				recs, leftOut, err := a.loadReadable(c.Context(), st, prog)
+				recs, leftOut, err := a.loadRoot(c.Context(), v, prog)
 				prog.finish(err == nil)
 				if err != nil {
 					return err
 				}
-				ordered, orphans, loops := parentFirst(recs)
+				ordered, orphans, loops := parentFirstByHost(recs)
 				for _, n := range orphans {
 					fmt.Fprintf(a.stderr, "snapmeta: warning: snapshot %q has a missing parent; import will refuse it\n", n)
 				}
@@ -88,6 +94,7 @@ reported on stderr; import will refuse it.`,
 	}
 	storeFlag(c, &addr)
 	c.Flags().StringVarP(&output, "output", "o", "-", "write to this file instead of stdout")
+	hostFlag(c, &host, "on a host-scoped etcd root: export this host's snapshots only")
 	return c
 }
 
@@ -154,7 +161,17 @@ large is split in halves, each its own transaction, so such a batch is not
 all or nothing. A snapshot whose name exists in the store is refused; with
 --skip-existing one whose stored record is identical to the line is skipped
 (so an interrupted import can be run again), and one that differs is still
-refused. The whole file is read and checked before anything is written.`,
+refused. The whole file is read and checked before anything is written.
+
+Records with a "host" (an export of a host-scoped root) go into their
+host's scope of an etcd root: the root must be empty (the import makes it
+host-scoped) or host-scoped already; each host's scope is opened as that
+host (storage.WithHost), which holds the host's lease while its records
+are written, so the host cannot start meanwhile, and is refused (exit 1)
+while the host is running. IDs are kept; the bindings of a shared layer
+("content") are bound again, with their references. Such records cannot
+go into a bbolt file or a root without host scopes (exit 2), and a file
+may not mix records with and without a host.`,
 		Example: `  snapmeta export --store old.db | snapmeta import --store new.db
   snapmeta import --store etcd://127.0.0.1:2379/snapshots snapshots.jsonl --skip-existing`,
 		Args: maxArgs(1, "one FILE"),
@@ -183,14 +200,40 @@ refused. The whole file is read and checked before anything is written.`,
 					newFile = ad.Path
 				}
 			}
+			hosts, groups := byHost(recs)
+			scoped := len(hosts) > 1 || len(hosts) == 1 && hosts[0] != ""
+			if scoped && slices.Contains(hosts, "") {
+				return usageErrorf("%s mixes snapshots with a host and without one: a root is host-scoped or not", name)
+			}
 			var created int
 			err = a.withStore(c.Context(), addr, storeaddr.ReadWrite, func(st storeHandle) error {
+				targets := []hostScope{{ms: st.MetaStore}}
+				if scoped {
+					var err error
+					if targets, err = scopedTargets(c.Context(), st, hosts); err != nil {
+						return err
+					}
+					defer closeScopes(targets)
+				}
 				prog := a.startProgress("import: writing", len(recs))
-				stats, err := writeRecords(c.Context(), st, recs, writeOptions{
-					batch:        batch,
-					skipExisting: skipExisting,
-					progress:     prog.add,
-				})
+				var stats writeStats
+				var err error
+				for _, t := range targets {
+					var s writeStats
+					s, err = writeRecords(c.Context(), t.ms, groups[t.host], writeOptions{
+						batch:        batch,
+						skipExisting: skipExisting,
+						progress:     prog.add,
+					})
+					stats.created += s.created
+					stats.skipped += s.skipped
+					if err != nil {
+						if t.host != "" {
+							err = fmt.Errorf("host %q: %w", t.host, err)
+						}
+						break
+					}
+				}
 				prog.finish(err == nil)
 				created = stats.created
 				if err != nil {
@@ -217,7 +260,8 @@ func readJSONLines(r io.Reader, name string) ([]Record, error) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
 	var recs []Record
-	seen := map[string]int{}   // name -> line
+	var lines []int            // the line of each record
+	seen := map[string]int{}   // host and name -> line
 	seenID := map[string]int{} // ID -> line
 	for line := 1; sc.Scan(); line++ {
 		text := strings.TrimSpace(sc.Text())
@@ -236,21 +280,26 @@ func readJSONLines(r io.Reader, name string) ([]Record, error) {
 		if err := rec.validate(); err != nil {
 			return nil, fmt.Errorf("%s:%d: %v", name, line, err)
 		}
-		if prev, dup := seen[rec.Name]; dup {
-			return nil, fmt.Errorf("%s:%d: snapshot %q is already on line %d", name, line, rec.Name, prev)
+		if prev, dup := seen[recordKey(rec)]; dup {
+			return nil, fmt.Errorf("%s:%d: snapshot %q is already on line %d", name, line, qualify(rec.Host, rec.Name), prev)
 		}
 		if prev, dup := seenID[rec.ID]; dup {
-			return nil, fmt.Errorf("%s:%d: snapshot %q has the ID %s of line %d", name, line, rec.Name, rec.ID, prev)
+			// The bindings of one shared layer, in several hosts' scopes,
+			// share its ID.
+			if p := recs[slices.Index(lines, prev)]; rec.Content == "" || p.Content != rec.Content || p.Host == rec.Host {
+				return nil, fmt.Errorf("%s:%d: snapshot %q has the ID %s of line %d", name, line, qualify(rec.Host, rec.Name), rec.ID, prev)
+			}
 		}
-		seen[rec.Name], seenID[rec.ID] = line, line
+		seen[recordKey(rec)], seenID[rec.ID] = line, line
 		recs = append(recs, rec)
+		lines = append(lines, line)
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	for _, rec := range recs {
-		if pl, ok := seen[rec.Parent]; ok && pl > seen[rec.Name] {
-			return nil, fmt.Errorf("%s:%d: snapshot %q comes before its parent %q (line %d); parents must come first", name, seen[rec.Name], rec.Name, rec.Parent, pl)
+		if pl, ok := seen[recordKey(Record{Host: rec.Host, Name: rec.Parent})]; ok && pl > seen[recordKey(rec)] {
+			return nil, fmt.Errorf("%s:%d: snapshot %q comes before its parent %q (line %d); parents must come first", name, seen[recordKey(rec)], qualify(rec.Host, rec.Name), rec.Parent, pl)
 		}
 	}
 	return recs, nil
@@ -316,7 +365,11 @@ func writeBatch(ctx context.Context, ms storage.MetaStore, batch []Record, opts 
 			if err != nil {
 				return err
 			}
-			if d := diff(r, newRecord(id, info, usage)); d != "" {
+			got := newRecord(id, info, usage)
+			// GetInfo tells neither: the scope is the transaction's, and
+			// a content key is checked by the final comparison.
+			got.Host, got.Content = r.Host, r.Content
+			if d := diff(r, got); d != "" {
 				return fmt.Errorf("snapshot %q exists with a different record (given vs stored: %s): %w", r.Name, d, errdefs.ErrAlreadyExists)
 			}
 			if !opts.skipExisting {

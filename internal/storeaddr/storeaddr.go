@@ -395,3 +395,14 @@ type ownedClientStore struct {
 func (s *ownedClientStore) Close() error {
 	return errors.Join(s.MetaStore.Close(), s.cli.Close())
 }
+
+// EtcdClient returns the etcd client of a store Open opened on etcd (the
+// store owns it: it stays open until the store is closed), and nil for
+// any other store. Commands use it to open more stores on the same root
+// (a host scope's view, storage.ListHosts) without another connection.
+func EtcdClient(ms storage.MetaStore) *clientv3.Client {
+	if s, ok := ms.(*ownedClientStore); ok {
+		return s.cli
+	}
+	return nil
+}
