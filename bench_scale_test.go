@@ -1,0 +1,206 @@
+package storage_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/stretchr/testify/require"
+
+	"github.com/snapmeta/storage"
+)
+
+// BenchmarkScale measures how costs grow with the store (issue 16, item 6):
+// for each size (SNAPMETA_BENCH_SCALE, a comma-separated list; 10000 and
+// 100000 unless set, add 1000000 for the full curve) and each engine, it
+// builds a store of that many snapshots (committed layers in chains of 10,
+// and an active on every tenth) and reports, per snapshot, the time of
+// creating them, of a whole-store Walk, of Check, of an export (Walk
+// encoding JSON Lines) and of a migrate (Walk into Import on a new store),
+// and the time of one GetSnapshot on a random active; plus the peak heap
+// of the walk. Flat ns/snapshot across sizes means cost that grows with the
+// work; a bounded peak heap means memory bounded by a page, not the store.
+func BenchmarkScale(b *testing.B) {
+	sizes := []int{10_000, 100_000}
+	if v := os.Getenv("SNAPMETA_BENCH_SCALE"); v != "" {
+		sizes = sizes[:0]
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			require.NoError(b, err, "SNAPMETA_BENCH_SCALE")
+			sizes = append(sizes, n)
+		}
+	}
+	engines := []struct {
+		name string
+		open func(b *testing.B, tag string) storage.MetaStore
+	}{
+		{"bolt", func(b *testing.B, _ string) storage.MetaStore {
+			ms, err := storage.NewBoltMetaStore(filepath.Join(b.TempDir(), "metadata.db"))
+			require.NoError(b, err)
+			b.Cleanup(func() { _ = ms.Close() })
+			return ms
+		}},
+		{"etcd", func(b *testing.B, tag string) storage.MetaStore {
+			cfg := benchEtcdServer(b).ClientConfig()
+			ms, err := storage.NewEtcdStore(fmt.Sprintf("bench/scale/%s/%d", tag, time.Now().UnixNano()), &cfg)
+			require.NoError(b, err)
+			b.Cleanup(func() { _ = ms.Close() })
+			return ms
+		}},
+	}
+	for _, n := range sizes {
+		for _, eng := range engines {
+			b.Run(fmt.Sprintf("n=%d/engine=%s", n, eng.name), func(b *testing.B) {
+				ms := eng.open(b, "src")
+				perSnapshot := func(b *testing.B, d time.Duration) {
+					b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/snapshot")
+				}
+				// Built once, timed: a sub-benchmark reports it, since
+				// building again on each of its rounds would need as many
+				// stores.
+				start := time.Now()
+				actives := scaleBuild(b, ms, n)
+				built := time.Since(start)
+				b.Run("create", func(b *testing.B) {
+					for b.Loop() {
+					}
+					perSnapshot(b, built)
+				})
+				b.Run("GetSnapshot", func(b *testing.B) {
+					for b.Loop() {
+						key := actives[rand.IntN(len(actives))]
+						require.NoError(b, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+							_, err := storage.GetSnapshot(ctx, key)
+							return err
+						}))
+					}
+				})
+				b.Run("walk", func(b *testing.B) {
+					h := startHeapPeak()
+					for b.Loop() {
+						start := time.Now()
+						count := 0
+						require.NoError(b, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+							return storage.Walk(ctx, func(storage.Record) error { count++; return nil })
+						}))
+						require.Equal(b, n, count)
+						perSnapshot(b, time.Since(start))
+					}
+					h.report(b)
+				})
+				b.Run("Check", func(b *testing.B) {
+					for b.Loop() {
+						start := time.Now()
+						problems, err := storage.Check(context.Background(), ms)
+						require.NoError(b, err)
+						require.Empty(b, problems)
+						perSnapshot(b, time.Since(start))
+					}
+				})
+				b.Run("export", func(b *testing.B) {
+					for b.Loop() {
+						start := time.Now()
+						enc := json.NewEncoder(io.Discard)
+						require.NoError(b, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+							return storage.Walk(ctx, func(r storage.Record) error { return enc.Encode(r) })
+						}))
+						perSnapshot(b, time.Since(start))
+					}
+				})
+				b.Run("migrate", func(b *testing.B) {
+					for b.Loop() {
+						dst := eng.open(b, "dst")
+						start := time.Now()
+						scaleMigrate(b, ms, dst)
+						perSnapshot(b, time.Since(start))
+					}
+				})
+			})
+		}
+	}
+}
+
+// scaleBuild fills ms with n snapshots: committed layers in chains of 10
+// and an active on every tenth layer, in transactions of 40 creates (etcd
+// takes 128 operations per transaction). It returns the actives' names.
+func scaleBuild(b *testing.B, ms storage.MetaStore, n int) []string {
+	const perTx = 40
+	var actives []string
+	for lo := 0; lo < n; lo += perTx {
+		hi := min(lo+perTx, n)
+		err := ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+			for i := lo; i < hi; i++ {
+				name := fmt.Sprintf("s%08d", i)
+				switch {
+				case i%10 == 9:
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, fmt.Sprintf("s%08d", i-1)); err != nil {
+						return err
+					}
+				default:
+					parent := ""
+					if i%10 != 0 {
+						parent = fmt.Sprintf("s%08d", i-1)
+					}
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name+"-x", parent); err != nil {
+						return err
+					}
+					if _, err := storage.CommitActive(ctx, name+"-x", name, snapshots.Usage{Size: 4096, Inodes: 2}); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		require.NoError(b, err)
+		for i := lo; i < hi; i++ {
+			if i%10 == 9 {
+				actives = append(actives, fmt.Sprintf("s%08d", i))
+			}
+		}
+	}
+	return actives
+}
+
+// scaleMigrate copies src into dst as snapmeta migrate does: one paged walk,
+// imports in batches of 40 (parents come before children in name order
+// here), then the ID high-water mark.
+func scaleMigrate(b *testing.B, src, dst storage.MetaStore) {
+	var batch []storage.Record
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		recs := batch
+		require.NoError(b, dst.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+			return storage.Import(ctx, recs...)
+		}))
+		batch = nil
+	}
+	var limit uint64
+	require.NoError(b, src.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+		var err error
+		if limit, err = storage.IDLimit(ctx); err != nil {
+			return err
+		}
+		return storage.Walk(ctx, func(r storage.Record) error {
+			batch = append(batch, r)
+			if len(batch) == 40 {
+				flush()
+			}
+			return nil
+		})
+	}))
+	flush()
+	require.NoError(b, dst.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+		return storage.RaiseIDs(ctx, limit)
+	}))
+}
