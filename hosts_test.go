@@ -4,6 +4,7 @@ import (
 	"context"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,9 +30,20 @@ func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
 	for _, host := range []string{"host-a", "host-b"} {
 		t.Run(host, func(t *testing.T) {
 			t.Parallel()
+			// A root is named by the test that first opens it, so that a
+			// reopening from a subtest (the suite's "after reopening"
+			// checks) finds the same root.
+			var mu sync.Mutex
+			roots := map[string]string{}
 			testsuite.MetaStoreSuite(t, "suite", func(tb testing.TB, root string) (storage.MetaStore, error) {
-				// The same subtest of the other host's run maps to the same root.
-				shared := "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
+				mu.Lock()
+				shared, ok := roots[root]
+				if !ok {
+					// The same subtest of the other host's run maps to the same root.
+					shared = "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
+					roots[root] = shared
+				}
+				mu.Unlock()
 				cfg := etcdServer(tb).ClientConfig()
 				return storage.NewEtcdStore(shared, &cfg, storage.WithHost(host))
 			})
