@@ -65,7 +65,7 @@ func (k etcdKeys) childPrefix(parent string) string {
 
 func (k etcdKeys) mode() string            { return k.prefix + KeyEtcdMode }
 func (k etcdKeys) host(host string) string { return k.prefix + KeyEtcdHosts + "/" + host }
-func (k etcdKeys) lock(host string) string { return k.prefix + KeyLock + "/" + host }
+func (k etcdKeys) lock(host string) string { return k.host(host) + "/" + KeyLock }
 func (k etcdKeys) layer(id uint64) string  { return k.prefix + KeyEtcdLayers + "/" + formatID(id) }
 func (k etcdKeys) contentPrefix(key string) string {
 	return k.prefix + KeyEtcdContent + "/" + escapeName(key) + "/"
