@@ -112,6 +112,9 @@ type scopedTx interface {
 	// rootHosts returns the hosts of the root, in name order; unscoped
 	// returns the transaction over the records of the root outside scopes.
 	rootHosts(ctx context.Context) ([]string, error)
+	// scopeOwners returns, in name order, the hosts whose scopes hold any
+	// key, listed by the root or not.
+	scopeOwners(ctx context.Context) ([]string, error)
 	unscoped() engineTx
 	// scanLayers and scanContent read every shared layer and every content
 	// index entry, for Check.
