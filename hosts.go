@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -312,7 +313,9 @@ func (h *etcdHost) release() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err := h.lessor.Revoke(ctx, h.lease)
-	if err != nil && !h.expired.Load() {
+	// A lease etcd no longer knows has expired or was revoked from outside
+	// (before the keep-alives noticed): the host is gone, as Close wants.
+	if err != nil && !h.expired.Load() && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		err = fmt.Errorf("failed to release the lease of host %q: %w", h.name, mapEtcdErr(err))
 	} else {
 		err = nil

@@ -204,7 +204,7 @@ func TestEtcdTakeOverAfterTheOwnerExpired(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, id, s.ID)
 	requireClean(t, b)
-	require.NoError(t, gone.Close())
+	_ = gone.Close() // its client is closed: it may not revoke its lease
 }
 
 func TestEtcdForceTakeOverWhileTheOwnerLives(t *testing.T) {
