@@ -520,3 +520,24 @@ func TestEtcdHostRevokedLeaseFencesEveryCommit(t *testing.T) {
 		})
 	}
 }
+
+// TestEtcdHostStoreWithoutHostOpenWhenTheRootBecomesHostScoped: a store
+// without host that checked the root (empty then) at its first transaction
+// must not write unscoped records once a host has made the root
+// host-scoped: neither a commit in flight nor a later one.
+func TestEtcdHostStoreWithoutHostOpenWhenTheRootBecomesHostScoped(t *testing.T) {
+	root := uniqueRoot(t)
+	plain := openEtcd(t, root)
+	require.NoError(t, plain.WithTransaction(context.Background(), false, func(ctx context.Context) error { return nil }))
+	ctx, tx, err := plain.TransactionContext(context.Background(), true)
+	require.NoError(t, err)
+	require.NoError(t, commitLayer(ctx, "inflight", ""))
+	_ = hostStore(t, root, "a")
+	err = tx.Commit()
+	assert.ErrorIs(t, err, storage.ErrScopeMismatch, "in-flight commit")
+	err = plain.WithTransaction(context.Background(), true, func(ctx context.Context) error { return commitLayer(ctx, "later", "") })
+	assert.ErrorIs(t, err, storage.ErrScopeMismatch, "later commit")
+	for _, k := range rootKeys(t, root) {
+		assert.False(t, strings.HasPrefix(k, storage.KeyEtcdSnapshots+"/"), "unscoped record %s in a host-scoped root", k)
+	}
+}
