@@ -338,3 +338,33 @@ func mustUint(t testing.TB, s string) uint64 {
 	require.NoError(t, err)
 	return v
 }
+
+// TestEtcdSharedRaceReleasesOfTheLastTwoReferences: of two hosts releasing
+// a layer's last two bindings at once, exactly one is told it was the last.
+func TestEtcdSharedRaceReleasesOfTheLastTwoReferences(t *testing.T) {
+	root := uniqueRoot(t)
+	a, b := hostStore(t, root, "a"), hostStore(t, root, "b")
+	for i := range shareRounds {
+		name, content := fmt.Sprintf("l%d", i), fmt.Sprintf("chain-%d", i)
+		var id string
+		update(t, a, func(ctx context.Context) (err error) {
+			id, err = commitShared(ctx, name, "", content)
+			return err
+		})
+		_, err := bind(b, name, "", content)
+		require.NoError(t, err)
+		lasts := make([]bool, 2)
+		rel := func(j int) func(ctx context.Context) error {
+			return func(ctx context.Context) (err error) {
+				_, _, lasts[j], err = storage.Release(ctx, name)
+				return err
+			}
+		}
+		errA, errB := raceRetry(a, b, rel(0), rel(1))
+		require.NoError(t, errA, "round %d", i)
+		require.NoError(t, errB, "round %d", i)
+		require.True(t, lasts[0] != lasts[1], "round %d: exactly one release is the last: %v", i, lasts)
+		assert.NotContains(t, rootKeys(t, root), "layers/"+id)
+		requireClean(t, a)
+	}
+}
