@@ -213,3 +213,77 @@ func TestEtcdReleaseHostNeedsAHostScopedStore(t *testing.T) {
 		return err
 	}))
 }
+
+// TestEtcdReleaseHostRacesATakeOver: an operator releases a gone host while
+// another host takes over its active. The active's data is either freed
+// (and the takeover finds nothing) or taken over (and not freed), never
+// both: the taker would run on a directory the operator deletes.
+func TestEtcdReleaseHostRacesATakeOver(t *testing.T) {
+	root := uniqueRoot(t)
+	b := hostStore(t, root, "b")
+	outcomes := map[string]int{}
+	for i := range 30 {
+		host := fmt.Sprintf("g%d", i)
+		g := hostStore(t, root, host)
+		var id string
+		update(t, g, func(ctx context.Context) error {
+			for j := range 5 {
+				if _, err := createActive(ctx, fmt.Sprintf("other%d", j), "", nil); err != nil {
+					return err
+				}
+			}
+			s, err := createActive(ctx, "work", "", nil)
+			id = s.ID
+			return err
+		})
+		require.NoError(t, g.Close())
+		view, err := openHost(t, root, storage.WithHostView(host))
+		require.NoError(t, err)
+
+		start := make(chan struct{})
+		var freed []string
+		var errRelease, errTake error
+		done := make(chan struct{}, 2)
+		go func() {
+			<-start
+			freed, errRelease = storage.ReleaseHost(context.Background(), view, false)
+			done <- struct{}{}
+		}()
+		go func() {
+			<-start
+			errTake = b.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+				_, err := storage.TakeOver(ctx, host, "work", "work-"+host, "")
+				return err
+			})
+			done <- struct{}{}
+		}()
+		close(start)
+		<-done
+		<-done
+		require.NoError(t, errRelease, "round %d", i)
+		switch {
+		case errTake == nil:
+			outcomes["taken"]++
+			assert.NotContains(t, freed, id, "round %d: freed the data of a snapshot taken over", i)
+			require.NoError(t, b.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+				got, _, _, err := storage.GetInfo(ctx, "work-"+host)
+				assert.Equal(t, id, got)
+				return err
+			}))
+		case errdefs.IsNotFound(errTake):
+			outcomes["released"]++
+			assert.Contains(t, freed, id, "round %d", i)
+		default:
+			t.Fatalf("round %d: takeover: %v", i, errTake)
+		}
+		want := 6 // five others and work
+		if errTake == nil {
+			want = 5
+		}
+		assert.Len(t, freed, want, "round %d: the host's other actives are freed", i)
+		_, found := hostInfo(t, root, host)
+		assert.False(t, found)
+		requireClean(t, b)
+	}
+	t.Logf("outcomes: %v", outcomes)
+}
