@@ -354,3 +354,34 @@ func TestEtcdTakeOverRaceHasOneWinner(t *testing.T) {
 	}
 	t.Logf("wins over %d rounds: %v", rounds, wins)
 }
+
+// TestEtcdForceTakeOverRacesTheOwnersCommit: a live owner commits its
+// active while an operator force-moves it; exactly one of them gets it.
+func TestEtcdForceTakeOverRacesTheOwnersCommit(t *testing.T) {
+	root := uniqueRoot(t)
+	a, b := hostStore(t, root, "a"), hostStore(t, root, "b")
+	wins := map[string]int{}
+	for i := range 30 {
+		key := fmt.Sprintf("work%d", i)
+		update(t, a, func(ctx context.Context) error { _, err := createActive(ctx, key, "", nil); return err })
+		errCommit, errTake := raceRetry(a, b,
+			func(ctx context.Context) error {
+				_, err := storage.CommitActive(ctx, key, "done-"+key, snapshots.Usage{})
+				return err
+			},
+			func(ctx context.Context) error {
+				_, err := storage.ForceTakeOver(ctx, "a", key, "taken-"+key, "")
+				return err
+			})
+		switch {
+		case errCommit == nil && errdefs.IsNotFound(errTake):
+			wins["commit"]++
+		case errTake == nil && errdefs.IsNotFound(errCommit):
+			wins["takeover"]++
+		default:
+			t.Fatalf("round %d: commit %v, takeover %v", i, errCommit, errTake)
+		}
+		requireClean(t, a)
+	}
+	t.Logf("wins: %v", wins)
+}

@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -158,4 +159,23 @@ func TestEtcdTakeOverMovesAnActiveOfAGoneHost(t *testing.T) {
 		return nil
 	})
 	requireClean(t, b)
+}
+
+// TestEtcdHostViewConformance runs the suite on operator views of a host
+// scope (no lease, an allocator of their own), in pages of one key, so that
+// every walk crosses pages inside the scope's range.
+func TestEtcdHostViewConformance(t *testing.T) {
+	testsuite.MetaStoreSuite(t, "etcd-host-view", func(t testing.TB, root string) (storage.MetaStore, error) {
+		cfg := etcdServer(t).ClientConfig()
+		// The host's own store makes the root host-scoped once; it stays
+		// open beside the views, as a live host's store does.
+		owner, err := storage.NewEtcdStore(root, &cfg, storage.WithHost("host-a"))
+		switch {
+		case err == nil:
+			t.Cleanup(func() { _ = owner.Close() })
+		case !errors.Is(err, storage.ErrHostAlive):
+			return nil, err
+		}
+		return storage.NewEtcdStore(root, &cfg, storage.WithHostView("host-a"), storage.WithPageSize(1))
+	})
 }
