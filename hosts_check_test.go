@@ -333,6 +333,26 @@ func TestCheckReportsEachCorruptionAcrossScopes(t *testing.T) {
 			},
 		},
 		{
+			"binding whose parent chain differs from its layer's",
+			func(f *hcFixture) {
+				v, _, ok := f.raw.get(f.recordKey("b", "top"))
+				require.True(f.raw.t, ok)
+				require.Equal(f.raw.t, byte(2), v[0], "a binding's record is version 2")
+				r, err := chkDecodeEtcdRecord(append([]byte{1}, v[1:]...))
+				require.NoError(f.raw.t, err)
+				r.Chain = []uint64{mustUint(f.raw.t, f.ids["a/base"]), 999}
+				b := chkEncodeEtcdRecord(r)
+				b[0] = 2
+				f.raw.put(f.recordKey("b", "top"), b)
+			},
+			func(f *hcFixture) []hcWant {
+				return []hcWant{
+					{"b", "top", "parent chain [" + f.ids["a/base"] + " 999] differs from its shared layer's [" + f.ids["a/base"] + "]"},
+					{"b", "top", ""},
+				}
+			},
+		},
+		{
 			"a scope's own corruption names its host",
 			func(f *hcFixture) {
 				f.raw.del(storage.KeyEtcdScopes + "/a/" + storage.KeyEtcdChildren + "/top/" + f.ids["a/work"])
