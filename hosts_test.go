@@ -28,6 +28,7 @@ func TestEtcdHostScopedConformance(t *testing.T) {
 // at once, as two hosts of the same roots: each subtest of one run shares
 // its root with the same subtest of the other, and neither sees the other.
 func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
+	run := uniqueRoot(t) // apart from other runs (-count)
 	for _, host := range []string{"host-a", "host-b"} {
 		t.Run(host, func(t *testing.T) {
 			t.Parallel()
@@ -41,7 +42,7 @@ func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
 				shared, ok := roots[root]
 				if !ok {
 					// The same subtest of the other host's run maps to the same root.
-					shared = "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
+					shared = run + "/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
 					roots[root] = shared
 				}
 				mu.Unlock()
