@@ -38,6 +38,25 @@ func checkHostScopes(ctx context.Context, sx scopedTx, limit uint64) ([]Problem,
 	if err != nil {
 		return nil, err
 	}
+	// A scope of a host the root does not list (forgotten, or never
+	// opened) is no scope: its records are nobody's. Its deletion markers,
+	// which ReleaseHost leaves, are not records.
+	owners, err := sx.scopeOwners(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range owners {
+		if _, listed := slices.BinarySearch(hosts, h); listed {
+			continue
+		}
+		err := sx.inHost(h).scan(ctx, func(name string, _ *record, _ error) error {
+			rc.report(h, name, "record lies in the scope of a host the root does not list")
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	err = sx.scanLayers(ctx, func(id uint64, l *layer, err error) error {
 		if err != nil {
 			rc.report("", "", "shared layer %d does not decode: %v", id, err)

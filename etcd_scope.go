@@ -134,6 +134,32 @@ func (t *etcdTx) rootHosts(ctx context.Context) ([]string, error) {
 	return hosts, err
 }
 
+// scopeOwners reads one key per scope: after the first key of a scope it
+// skips to the end of that scope's prefix.
+func (t *etcdTx) scopeOwners(ctx context.Context) ([]string, error) {
+	prefix := t.e.keys.prefix + KeyEtcdScopes + "/"
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	t.readRange(prefix, end)
+	var owners []string
+	for from := prefix; ; {
+		var resp *clientv3.GetResponse
+		err := t.e.call(ctx, func(ctx context.Context) (err error) {
+			resp, err = t.e.kv.Get(ctx, from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(1), clientv3.WithKeysOnly())...)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		t.pinRevision(resp.Header.Revision)
+		if len(resp.Kvs) == 0 {
+			return owners, nil
+		}
+		host, _, _ := strings.Cut(string(resp.Kvs[0].Key[len(prefix):]), "/")
+		owners = append(owners, host)
+		from = clientv3.GetPrefixRangeEnd(prefix + host + "/")
+	}
+}
+
 func (t *etcdTx) scanLayers(ctx context.Context, fn func(id uint64, l *layer, err error) error) error {
 	prefix := t.e.keys.prefix + KeyEtcdLayers + "/"
 	end := clientv3.GetPrefixRangeEnd(prefix)

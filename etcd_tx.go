@@ -530,7 +530,27 @@ func (t *etcdTx) commit(ctx context.Context) error {
 		}
 		budget-- // for the fence
 	}
-	cmps, err := guards(t.reads, t.ranges, t.rev, budget, t.keys.snapshot(""), t.keys.markers)
+	// A store without host scopes writes only while the root is not
+	// host-scoped: a root may become so after the store's first
+	// transaction checked (checkUnscoped), when it held no snapshots. The
+	// mode compare takes one of the compares etcd accepts; a transaction
+	// whose reads need every one of them (only with a tiny --max-txn-ops)
+	// goes without it rather than fail.
+	unscoped := t.e.opts.host == ""
+	var cmps []clientv3.Cmp
+	var err error
+	if unscoped {
+		cmps, err = guards(t.reads, t.ranges, t.rev, budget-1, t.keys.snapshot(""), t.keys.markers)
+		if err == nil {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(t.e.keys.mode()), "=", 0))
+			budget--
+		} else {
+			unscoped = false
+		}
+	}
+	if !unscoped {
+		cmps, err = guards(t.reads, t.ranges, t.rev, budget, t.keys.snapshot(""), t.keys.markers)
+	}
 	if err != nil {
 		return err
 	}
@@ -544,6 +564,9 @@ func (t *etcdTx) commit(ctx context.Context) error {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(lock), "=", host.lockRev))
 		refetch = append(refetch, clientv3.OpGet(lock))
 	}
+	if unscoped {
+		refetch = append(refetch, clientv3.OpGet(t.e.keys.mode()))
+	}
 	var resp *clientv3.TxnResponse
 	err = t.e.call(ctx, func(ctx context.Context) (err error) {
 		resp, err = t.e.kv.Txn(ctx).If(cmps...).Then(ops...).Else(refetch...).Commit()
@@ -553,6 +576,10 @@ func (t *etcdTx) commit(ctx context.Context) error {
 		return err
 	}
 	if !resp.Succeeded {
+		if unscoped && len(resp.Responses[len(resp.Responses)-1].GetResponseRange().GetKvs()) > 0 {
+			t.e.unscopedChecked.Store(false)
+			return fmt.Errorf("etcd root %q has become host-scoped: open it with a host identity: %w", t.e.root, ErrScopeMismatch)
+		}
 		if host.fenced() {
 			kvs := resp.Responses[len(resp.Responses)-1].GetResponseRange().GetKvs()
 			if len(kvs) == 0 || kvs[0].ModRevision != host.lockRev {

@@ -48,7 +48,9 @@ var (
 	// ErrScopeMismatch is returned by NewEtcdStore when the root is
 	// host-scoped and no host was given, or the root holds snapshots
 	// without host scopes and a host was given (class FailedPrecondition).
-	// Nothing is written.
+	// Nothing is written. A store without host finds out at its first
+	// transaction, and, should the root become host-scoped later (it held
+	// no snapshots then), at its next commit, which applies nothing.
 	ErrScopeMismatch = fmt.Errorf("etcd root scoping does not match: %w", errdefs.ErrFailedPrecondition)
 
 	// ErrHostAlive is returned by NewEtcdStore WithHost while another
@@ -316,6 +318,8 @@ func (h *etcdHost) release() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err := h.lessor.Revoke(ctx, h.lease)
+	// A lease etcd no longer knows has expired or was revoked from outside
+	// (before the keep-alives noticed): the host is gone, as Close wants.
 	if err != nil && !h.expired.Load() && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		err = fmt.Errorf("failed to release the lease of host %q: %w", h.name, mapEtcdErr(err))
 	} else {

@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -26,6 +27,7 @@ func TestEtcdHostScopedConformance(t *testing.T) {
 // at once, as two hosts of the same roots: each subtest of one run shares
 // its root with the same subtest of the other, and neither sees the other.
 func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
+	run := uniqueRoot(t) // apart from other runs (-count)
 	var mu sync.Mutex
 	hostsOf := map[string]map[string]bool{} // shared root -> hosts that opened it
 	t.Run("group", func(t *testing.T) {
@@ -37,7 +39,7 @@ func TestEtcdHostScopesRunTheSuiteSideBySide(t *testing.T) {
 					// The same subtest of the other host's run maps to the
 					// same root; a root opened again (in a nested subtest,
 					// say) keeps the root it first mapped to.
-					first := "side/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
+					first := run + "/" + strings.Replace(tb.Name(), "/"+host+"/", "/", 1) + "/" + filepath.Base(root)
 					mapped, _ := roots.LoadOrStore(root, first)
 					shared := mapped.(string)
 					mu.Lock()
@@ -170,4 +172,23 @@ func TestEtcdTakeOverMovesAnActiveOfAGoneHost(t *testing.T) {
 		return nil
 	})
 	requireClean(t, b)
+}
+
+// TestEtcdHostViewConformance runs the suite on operator views of a host
+// scope (no lease, an allocator of their own), in pages of one key, so that
+// every walk crosses pages inside the scope's range.
+func TestEtcdHostViewConformance(t *testing.T) {
+	testsuite.MetaStoreSuite(t, "etcd-host-view", func(t testing.TB, root string) (storage.MetaStore, error) {
+		cfg := etcdServer(t).ClientConfig()
+		// The host's own store makes the root host-scoped once; it stays
+		// open beside the views, as a live host's store does.
+		owner, err := storage.NewEtcdStore(root, &cfg, storage.WithHost("host-a"))
+		switch {
+		case err == nil:
+			t.Cleanup(func() { _ = owner.Close() })
+		case !errors.Is(err, storage.ErrHostAlive):
+			return nil, err
+		}
+		return storage.NewEtcdStore(root, &cfg, storage.WithHostView("host-a"), storage.WithPageSize(1))
+	})
 }

@@ -112,6 +112,9 @@ type scopedTx interface {
 	// rootHosts returns the hosts of the root, in name order; unscoped
 	// returns the transaction over the records of the root outside scopes.
 	rootHosts(ctx context.Context) ([]string, error)
+	// scopeOwners returns, in name order, the hosts whose scopes hold any
+	// key, listed by the root or not.
+	scopeOwners(ctx context.Context) ([]string, error)
 	unscoped() engineTx
 	// scanLayers and scanContent read every shared layer and every content
 	// index entry, for Check.
@@ -243,20 +246,25 @@ func findLayer(ctx context.Context, tx scopedTx, contentKey string, pid uint64) 
 	if err != nil {
 		return 0, nil, err
 	}
-	for _, e := range entries {
-		if e.parentID != pid {
-			continue
+	// The lowest ID by number: the engine's order of entries is its keys',
+	// in which "130" comes before "2".
+	var found *contentEntry
+	for i, e := range entries {
+		if e.parentID == pid && (found == nil || e.id < found.id) {
+			found = &entries[i]
 		}
-		l, err := tx.getLayer(ctx, e.id)
-		if err != nil {
-			return 0, nil, err
-		}
-		if l == nil || l.Content != contentKey {
-			return 0, nil, fmt.Errorf("content index names layer %d, which is not indexed so: %w", e.id, ErrCorrupt)
-		}
-		return e.id, l, nil
 	}
-	return 0, nil, fmt.Errorf("no shared layer with content key %q on parent ID %d: %w", contentKey, pid, errdefs.ErrNotFound)
+	if found == nil {
+		return 0, nil, fmt.Errorf("no shared layer with content key %q on parent ID %d: %w", contentKey, pid, errdefs.ErrNotFound)
+	}
+	l, err := tx.getLayer(ctx, found.id)
+	if err != nil {
+		return 0, nil, err
+	}
+	if l == nil || l.Content != contentKey {
+		return 0, nil, fmt.Errorf("content index names layer %d, which is not indexed so: %w", found.id, ErrCorrupt)
+	}
+	return found.id, l, nil
 }
 
 // Release removes the snapshot key from the transaction's scope, as Remove
