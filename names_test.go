@@ -156,9 +156,6 @@ func TestEtcdLookupsOfHugeNamesSendNoRequest(t *testing.T) {
 	}))
 	warmUp(t, ms)
 	huge := nameOf("huge-", 2<<20) // over etcd's request limit
-	// The store's first transaction reads the root's scoping once (see
-	// WithHost); the lookups below are not the first.
-	require.NoError(t, ms.WithTransaction(context.Background(), false, func(context.Context) error { return nil }))
 	for _, c := range []struct {
 		name     string
 		key      string
