@@ -344,31 +344,79 @@ func (s *pageScan) resync(b []byte, count int) []elem {
 
 // readRun reads n elements (key, snapshot bucket) from b[from:to]; exact
 // says the last must end at to.
+//
+// Where a key ends is written nowhere but in the damaged headers: it is
+// where a snapshot bucket value starts. The first such place is not always
+// the right one: a key followed by the header of a bucket with a page of
+// its own (root pgid, zero sequence) also reads as the key without its
+// last byte followed by a bucket header whose root is that byte plus 256
+// times the true root (the root's zero high bytes and the sequence read as
+// a zero sequence). With a small true root (bbolt allocates a bucket's
+// pages in map order, so any snapshot may have one), that root is often
+// another snapshot bucket's page, so "s-02903" with root 9 also reads as
+// "s-0290" with root 2355. So every way of cutting the run is tried; it is
+// kept only if exactly one satisfies every condition (as many snapshot
+// buckets, keys in order, the exact end): two would name records at
+// random, so then its elements stay lost, as they do when the tries run
+// out.
 func (s *pageScan) readRun(b []byte, from, to uint64, n int, exact bool, lo, hi []byte) ([]elem, bool) {
 	if from > to || to > uint64(len(b)) {
 		return nil, false
 	}
 	d := b[from:to]
-	var run []elem
-	for len(run) < n {
-		k, end := 0, uint64(0)
-		for k = 1; k+bucketHdrSize <= len(d) && k <= 4096; k++ {
-			if end = s.snapshotValueAt(d[k:]); end > 0 {
-				break
+	// snapshotValueAt(d[i:]) + 1, 0 while not yet read.
+	sizes := make([]uint64, len(d)+1)
+	valueAt := func(i int) uint64 {
+		if sizes[i] == 0 {
+			sizes[i] = s.snapshotValueAt(d[i:]) + 1
+		}
+		return sizes[i] - 1
+	}
+	budget := 1 << 20 // offsets tried, over the whole run
+	var found []elem
+	parses := 0
+	run := make([]elem, 0, n)
+	// walk cuts d[at:] into the elements still missing after lo; false
+	// stops the search (a second parse, or the tries ran out).
+	var walk func(at int, lo []byte) bool
+	walk = func(at int, lo []byte) bool {
+		if len(run) == n {
+			if !exact || at == len(d) {
+				if parses++; parses > 1 {
+					return false
+				}
+				found = append([]elem(nil), run...)
+			}
+			return true
+		}
+		// The elements after this one take 1 + 16 bytes each at least.
+		last := len(d) - at - bucketHdrSize - (n-len(run)-1)*(1+bucketHdrSize)
+		for k := 1; k <= last && k <= 4096; k++ {
+			if budget--; budget < 0 {
+				return false
+			}
+			size := valueAt(at + k)
+			if size == 0 {
+				continue
+			}
+			key := d[at : at+k : at+k]
+			if (lo != nil && string(key) <= string(lo)) || (hi != nil && string(key) >= string(hi)) {
+				continue
+			}
+			end := at + k + int(size)
+			run = append(run, elem{key: key, value: d[at+k : end : end], bucket: true})
+			more := walk(end, key)
+			run = run[:len(run)-1]
+			if !more {
+				return false
 			}
 		}
-		if end == 0 {
-			return nil, false
-		}
-		end += uint64(k)
-		key := d[:k:k]
-		if (lo != nil && string(key) <= string(lo)) || (hi != nil && string(key) >= string(hi)) {
-			return nil, false
-		}
-		run = append(run, elem{key: key, value: d[k:end:end], bucket: true})
-		lo, d = key, d[end:]
+		return true
 	}
-	return run, !exact || len(d) == 0
+	if !walk(0, lo) || parses != 1 {
+		return nil, false
+	}
+	return found, true
 }
 
 // snapshotValueAt returns the length of the snapshot bucket value that v

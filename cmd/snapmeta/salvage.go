@@ -28,11 +28,13 @@ The damaged file is read, never written. Records are read twice: through
 bbolt's tree, as far as its cursor reaches, and page by page from the
 file's bytes, so that a damaged branch page, meta page or truncation hides
 no leaf that is still whole. Entries of a leaf page whose element headers
-are damaged are read again from their keys and values. A record that cannot
-be read is reported lost: by name when its key still reads or the parents
-index names it, by ID when only its bucket's own page survives (a snapshot
-with labels has a page of its own, named from another page), as a count
-of a damaged page's entries otherwise.
+are damaged are read again from their keys and values, unless those can be
+cut into keys and values in more than one way (then they are lost, never
+named at random). A record that cannot be read is reported lost: by name
+when its key still reads or the parents index names it, by ID when only
+its bucket's own page survives (a snapshot with labels has a page of its
+own, named from another page), as a count of a damaged page's entries
+otherwise.
 
 A name found in several pages: with both meta pages valid and the freelist
 readable, only pages in use are read, so no stale copy is. Otherwise the
