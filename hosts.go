@@ -100,8 +100,10 @@ func WithHost(host string) EtcdOpt {
 // WithHostView opens the scope of host as an operator does: the store sees
 // and changes the host's snapshots like WithHost, but holds no lease, so
 // the host's liveness is untouched and no commit is fenced. It is for
-// tools (snapmeta) that inspect or repair a host-scoped root; the root must
-// be host-scoped already (ErrScopeMismatch otherwise).
+// tools (snapmeta) that inspect or repair a host-scoped root. The root must
+// be host-scoped already (ErrScopeMismatch otherwise) and list the host: a
+// host that never opened it WithHost, or that ReleaseHost forgot, is
+// NotFound.
 func WithHostView(host string) EtcdOpt {
 	return func(o *etcdOptions) error {
 		if err := validHost(host); err != nil {
@@ -160,19 +162,36 @@ func (e *etcdEngine) openScope(ctx context.Context) (*etcdHost, error) {
 		return nil, nil
 	}
 	if e.opts.hostView {
-		mode, err := e.readMode(ctx)
-		if err != nil {
-			return nil, err
-		}
-		if mode != modeHosts {
-			return nil, fmt.Errorf("etcd root %q is not host-scoped: %w", e.root, ErrScopeMismatch)
-		}
-		return &etcdHost{name: e.opts.host}, nil
+		return e.openView(ctx)
 	}
 	if err := e.claimHostScoped(ctx); err != nil {
 		return nil, err
 	}
 	return e.takeLease(ctx)
+}
+
+// openView checks, in one read, that the root is host-scoped and lists
+// the host: a view of a host that never opened the root would write
+// records of no host.
+func (e *etcdEngine) openView(ctx context.Context) (*etcdHost, error) {
+	var resp *clientv3.TxnResponse
+	err := e.call(ctx, func(ctx context.Context) (err error) {
+		resp, err = e.kv.Txn(ctx).Then(clientv3.OpGet(e.keys.mode()), clientv3.OpGet(e.keys.host(e.opts.host))).Commit()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	mode := resp.Responses[0].GetResponseRange().GetKvs()
+	switch {
+	case len(mode) == 0:
+		return nil, fmt.Errorf("etcd root %q is not host-scoped: %w", e.root, ErrScopeMismatch)
+	case string(mode[0].Value) != modeHosts:
+		return nil, fmt.Errorf("etcd root %q has unknown mode %q: %w", e.root, mode[0].Value, ErrCorrupt)
+	case len(resp.Responses[1].GetResponseRange().GetKvs()) == 0:
+		return nil, fmt.Errorf("host %q has never opened etcd root %q (or was released): %w", e.opts.host, e.root, errdefs.ErrNotFound)
+	}
+	return &etcdHost{name: e.opts.host}, nil
 }
 
 // checkUnscoped refuses, once per store, a host-scoped root opened

@@ -51,11 +51,12 @@ func TestEtcdImportCarriesHostScopesAndSharedLayers(t *testing.T) {
 	assert.Equal(t, recsA[0].ID, recsB[0].ID, "both bindings carry the layer's ID")
 
 	dst := uniqueRoot(t)
-	// A host-scoped destination: the first store opened WithHost makes it so.
-	_ = hostStore(t, dst, "setup")
+	// Each host's records go into its scope as snapmeta imports them: as
+	// the host, whose lease keeps it from starting meanwhile.
 	for host, recs := range map[string][]storage.Record{"a": recsA, "b": recsB} {
-		view := openEtcd(t, dst, storage.WithHostView(host))
-		update(t, view, func(ctx context.Context) error { return storage.Import(ctx, recs...) })
+		importer := hostStore(t, dst, host)
+		update(t, importer, func(ctx context.Context) error { return storage.Import(ctx, recs...) })
+		require.NoError(t, importer.Close())
 	}
 	requireClean(t, openEtcd(t, dst, storage.WithHostView("a")))
 	assert.ElementsMatch(t, recsA, exportHost(t, dst, "a"))
@@ -86,4 +87,17 @@ func TestEtcdImportRefusesAnotherHostsRecord(t *testing.T) {
 		return storage.Import(ctx, storage.Record{Name: "x", ID: "7", Kind: snapshots.KindCommitted, Content: "c"})
 	})
 	assert.ErrorIs(t, err, storage.ErrNotScoped)
+}
+
+func TestEtcdViewOfAHostTheRootDoesNotListIsNotFound(t *testing.T) {
+	root := uniqueRoot(t)
+	hostStore(t, root, "a")
+	cfg := etcdServer(t).ClientConfig()
+	ms, err := storage.NewEtcdStore(root, &cfg, storage.WithHostView("nobody"))
+	if err == nil {
+		_ = ms.Close()
+	}
+	assert.True(t, errdefs.IsNotFound(err), "got %v", err)
+	view := openEtcd(t, root, storage.WithHostView("a"))
+	requireClean(t, view)
 }
