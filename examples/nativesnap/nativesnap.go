@@ -85,7 +85,9 @@ type snapshotter struct {
 
 // New returns a snapshotter keeping its files under root (created if
 // needed) and its metadata in ms. The snapshotter owns ms from then on:
-// Close closes it. When New fails, ms is left open for the caller.
+// Close closes it. When New fails, ms is left open for the caller. When ms
+// is host-scoped, root may be shared by the snapshotters of every host of
+// ms's root (see the package documentation).
 //
 //	ms, err := storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 //	// or: ms, err := storage.NewEtcdStore("/snapshotters/native", &clientv3.Config{...})

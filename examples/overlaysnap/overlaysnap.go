@@ -138,7 +138,9 @@ type config struct {
 // be equal for a new snapshot, and an update of all labels to leave exactly
 // the labels given; this is why the label is an option, off by default (as
 // in containerd's overlayfs snapshotter, whose label is only added to what
-// Stat, Update and Walk return, and not stored).
+// Stat, Update and Walk return, and not stored). On a host-scoped store it
+// is on whatever the options say: another host taking an active snapshot
+// over needs it.
 func WithUpperdirLabel() Opt {
 	return func(c *config) error {
 		c.upperdirLabel = true
@@ -193,8 +195,9 @@ type snapshotter struct {
 // then on: Close closes it. When New fails, ms is left open for the caller.
 //
 // The snapshotter returned also implements snapshots.Cleaner. It assumes
-// that nothing else writes under <root>/snapshots, although ms may be shared
-// with other hosts.
+// that nothing else writes under <root>/snapshots, unless ms is
+// host-scoped: then root may be shared by the snapshotters of every host
+// of ms's root (see the package documentation).
 //
 //	ms, err := storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 //	// or: ms, err := storage.NewEtcdStore("/snapshotters/overlay", &clientv3.Config{...})
