@@ -99,7 +99,7 @@ func TestTwoHostsShareLayersOnOneRootAndOneDataDirectory(t *testing.T) {
 func TestRestartWithinTheHostTTLWaitsForTheLease(t *testing.T) {
 	c := etcdtest.Start(t)
 	root := filepath.Join(t.TempDir(), "root")
-	args := []string{"--root", root, "--store", etcdAddress(c, "restart"), "--host", "A", "--host-ttl", "2s"}
+	args := []string{"--root", root, "--store", etcdAddress(c, "restart"), "--host", "A", "--host-ttl", "3s"}
 	first := serving(t, socketPath(t), args...)
 
 	second := start(t, socketPath(t), args...)
