@@ -16,6 +16,13 @@
 // opened (a bad address, a bbolt file another process holds, an etcd
 // cluster that does not answer within --dial-timeout).
 //
+// Host scopes: with --host ID (or $SNAPMETA_HOST) on an etcd store, the
+// daemons of several hosts share one etcd root and one data root, each in
+// its host's scope, and share layers (see the drivers' package
+// documentation and docs/containerd.md). A daemon whose host is still
+// alive at start (a restart within --host-ttl of a crash) waits for the
+// host's lease to expire, for at most the TTL and five seconds.
+//
 // Shutdown: on SIGTERM or SIGINT it stops accepting, lets the calls under
 // way finish for up to --shutdown-timeout (then cancels them), closes the
 // driver and the store, and removes the socket. A second signal exits at
