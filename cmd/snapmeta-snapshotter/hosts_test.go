@@ -52,8 +52,13 @@ func TestTwoHostsShareLayersOnOneRootAndOneDataDirectory(t *testing.T) {
 			root := filepath.Join(root, driver)
 			etcdRoot := store + "-" + driver
 			sa, sb := socketPath(t), socketPath(t)
+			// B's host comes from the environment; A's command line wins
+			// over it.
+			t.Setenv("SNAPMETA_HOST", "B")
 			a := serving(t, sa, "--root", root, "--driver", driver, "--store", etcdRoot, "--host", "A")
-			b := serving(t, sb, "--root", root, "--driver", driver, "--store", etcdRoot, "--host", "B")
+			b := serving(t, sb, "--root", root, "--driver", driver, "--store", etcdRoot)
+			a.waitLog(t, "host=A")
+			b.waitLog(t, "host=B")
 			ca, cb := client(t, sa), client(t, sb)
 			ctx := context.Background()
 			const chain = "sha256:0123"

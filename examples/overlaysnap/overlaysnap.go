@@ -246,7 +246,7 @@ func hostScoped(ms storage.MetaStore) (bool, error) {
 		switch {
 		case errors.Is(err, storage.ErrNotScoped):
 			scoped = false
-		case errdefs.IsNotFound(err):
+		case errdefs.IsNotFound(err), errdefs.IsInvalidArgument(err):
 			scoped = true
 		default:
 			return err
