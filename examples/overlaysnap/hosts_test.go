@@ -256,16 +256,30 @@ func TestRemoveKeepsALayerAnotherHostBinds(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "layer 1\n", readTree(t, mounts2, "etc/one"))
 	requireCheckClean(t, a.ms)
+	// A wants the image again: it binds the layers it made, which B kept.
+	assert.False(t, unpack(t, a, chain1, "", nil), "A unpacked layer 1 again")
+	assert.False(t, unpack(t, a, chain2, chain1, nil), "A unpacked layer 2 again")
+	withContainer2 := snapshotDirNames(t, root)
+	require.Len(t, withContainer2, 4)
 
-	// B drops everything: the last bindings go, and the data with them.
+	// B drops everything: A's bindings keep the layers.
 	for _, k := range []string{"container-b2", "container-b", chain2, chain1} {
 		require.NoError(t, b.meta.Remove(ctx, k))
 	}
 	_, err = b.db.GarbageCollect(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, backend(t, b))
-	assert.Empty(t, snapshotDirNames(t, root), "every directory is gone")
+	assert.Len(t, snapshotDirNames(t, root), 2, "the layers A binds are left")
 	requireCheckClean(t, b.ms)
+
+	// A drops them too: the last bindings go, and the data with them.
+	require.NoError(t, a.meta.Remove(ctx, chain2))
+	require.NoError(t, a.meta.Remove(ctx, chain1))
+	_, err = a.db.GarbageCollect(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, backend(t, a))
+	assert.Empty(t, snapshotDirNames(t, root), "every directory is gone")
+	requireCheckClean(t, a.ms)
 }
 
 func TestHostsWithCollidingNamesShareLayers(t *testing.T) {
