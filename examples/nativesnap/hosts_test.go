@@ -307,3 +307,42 @@ func TestRefLabelWithoutHostScopesIsAnOrdinaryLabel(t *testing.T) {
 	require.NoError(t, sn.Remove(ctx, chain1))
 	assert.Empty(t, snapshotDirNames(t, root))
 }
+
+func TestHostsUnpackingOneLayerAtOnceBothCommitAndOthersBindOne(t *testing.T) {
+	requireRoot(t)
+	root, etcdRoot := t.TempDir(), uniquePrefix()
+	a := newHost(t, "A", etcdRoot, root)
+	b := newHost(t, "B", etcdRoot, root)
+	c := newHost(t, "C", etcdRoot, root)
+	ctx := nsCtx()
+	// A and B both prepare before either commits: both unpack.
+	var keys []string
+	for _, h := range []*host{a, b} {
+		key := "extract-" + h.name + " " + chain1
+		mounts, err := h.meta.Prepare(ctx, key, "", refLabel(chain1))
+		require.NoError(t, err, "host %s", h.name)
+		require.NoError(t, os.WriteFile(filepath.Join(writableDir(t, mounts), "f"), []byte(h.name), 0o644))
+		keys = append(keys, key)
+	}
+	for i, h := range []*host{a, b} {
+		require.NoError(t, h.meta.Commit(ctx, chain1, keys[i], refLabel(chain1)))
+	}
+	require.Len(t, snapshotDirNames(t, root), 2)
+	requireCheckClean(t, a.ms)
+	// C binds one of them.
+	require.False(t, unpack(t, c, chain1, "", nil))
+	mounts, err := c.meta.Prepare(ctx, "container-c", chain1)
+	require.NoError(t, err)
+	assert.Equal(t, "A", readTree(t, mounts, "f"), "C binds the layer with the lowest ID: A reserved its IDs first")
+	requireCheckClean(t, a.ms)
+	for _, h := range []*host{a, b, c} {
+		if h == c {
+			require.NoError(t, h.meta.Remove(ctx, "container-c"))
+		}
+		require.NoError(t, h.meta.Remove(ctx, chain1))
+		_, err := h.db.GarbageCollect(ctx)
+		require.NoError(t, err)
+	}
+	assert.Empty(t, snapshotDirNames(t, root))
+	requireCheckClean(t, a.ms)
+}
