@@ -96,7 +96,9 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 			return err
 		}
 	}
-	d := &daemon{socket: cfg.socket, sn: sn}
+	// Without a host no lease expires: the watch never fires.
+	watch := newExpiryWatch(sn)
+	d := &daemon{socket: cfg.socket, sn: watch}
 	l, err := d.listen()
 	if err != nil {
 		_ = sn.Close()
@@ -109,7 +111,7 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 		grpc.ChainStreamInterceptor(d.streamInterceptor),
 		grpc.WaitForHandlers(true),
 	)
-	snapshotsapi.RegisterSnapshotsServer(d.srv, snapshotservice.FromSnapshotter(sn))
+	snapshotsapi.RegisterSnapshotsServer(d.srv, snapshotservice.FromSnapshotter(watch))
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- d.srv.Serve(l) }()
 	logger.WithFields(log.Fields{"driver": cfg.driver, "root": cfg.root, "store": addr.String(), "host": cfg.host, "version": versionString()}).Info("serving")
@@ -122,6 +124,9 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 		// Serve returns before a stop only when accepting fails.
 		logger.WithError(err).Error("serving failed; shutting down")
 		failure = fmt.Errorf("serving: %w", err)
+	case <-watch.expired:
+		logger.WithError(watch.cause).WithField("host", cfg.host).Error("the host's lease expired: the store refuses every write; shutting down so that a new daemon takes a new lease")
+		failure = &exitError{code: 1, err: fmt.Errorf("host %s: %w", cfg.host, watch.cause)}
 	}
 	done := make(chan error, 1)
 	go func() { done <- d.shutdown(cfg.shutdownTimeout) }()

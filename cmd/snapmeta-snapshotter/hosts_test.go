@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
@@ -141,4 +143,41 @@ func TestHostAliveElsewhereFailsAfterTheTTL(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(d.stderr.String()), "\n")
 	assert.Contains(t, lines[len(lines)-1], storage.ErrHostAlive.Error())
 	held.stop(t, syscall.SIGTERM)
+}
+
+// TestExpiredHostLeaseStopsTheDaemon: once the host's lease is gone (here
+// revoked, as etcd does when keep-alives stop arriving), the store refuses
+// every write; the first refused call stops the daemon with exit code 1,
+// so that a supervisor starts a new one with a new lease.
+func TestExpiredHostLeaseStopsTheDaemon(t *testing.T) {
+	c := etcdtest.Start(t)
+	socket := socketPath(t)
+	d := serving(t, socket, "--root", filepath.Join(t.TempDir(), "root"), "--store", etcdAddress(c, "expiry"), "--host", "A", "--host-ttl", "1s")
+	cl := client(t, socket)
+	ctx := context.Background()
+	_, err := cl.Prepare(ctx, "before", "")
+	require.NoError(t, err)
+
+	cli, err := clientv3.New(c.ClientConfig())
+	require.NoError(t, err)
+	defer cli.Close()
+	// The cluster is the test's own: its one lease is the daemon's.
+	leases, err := cli.Leases(ctx)
+	require.NoError(t, err)
+	require.Len(t, leases.Leases, 1, "the daemon's lease")
+	_, err = cli.Revoke(ctx, leases.Leases[0].ID)
+	require.NoError(t, err)
+
+	eventually := time.Now().Add(10 * time.Second)
+	for {
+		_, err = cl.Prepare(ctx, fmt.Sprintf("after-%d", time.Now().UnixNano()), "")
+		if err != nil || time.Now().After(eventually) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	require.Error(t, err, "a write after the lease was revoked")
+	assert.Equal(t, 1, d.wait(t, 30*time.Second), "exit code; stderr:\n%s", d.stderr)
+	assert.Contains(t, d.stderr.String(), "the host's lease expired")
+	assert.NoFileExists(t, socket)
 }

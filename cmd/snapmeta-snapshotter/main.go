@@ -21,7 +21,9 @@
 // its host's scope, and share layers (see the drivers' package
 // documentation and docs/containerd.md). A daemon whose host is still
 // alive at start (a restart within --host-ttl of a crash) waits for the
-// host's lease to expire, for at most the TTL and five seconds.
+// host's lease to expire, for at most the TTL and five seconds. A daemon
+// whose lease expires while it runs stops (exit code 1) at the first call
+// the store refuses for it, so that a new daemon takes a new lease.
 //
 // Shutdown: on SIGTERM or SIGINT it stops accepting, lets the calls under
 // way finish for up to --shutdown-timeout (then cancels them), closes the
