@@ -264,16 +264,34 @@ type env struct {
 	ctrdSock   string
 	storeFlags []string
 	openStore  func() (storage.MetaStore, error)
+	daemonArgs []string // given to every start of the daemon, after the store flags
 	daemon     *proc
 	containerd *proc
 	starts     int // daemon starts, to name their logs
 	probes     int // waitReachable's probes, to name them
 	leases     int // collectGarbage's leases, to name them
 	mounts     int // withTree's mount points, to name them
+	execs      int // exec's process IDs, to name them
 }
 
 // newEnv starts the daemon (driver on store) and a containerd using it.
 func newEnv(t *testing.T, driver string, store storeKind) *env {
+	t.Helper()
+	return startEnv(t, driver, store, nil)
+}
+
+// sharedSetup makes an env use a data root and a store it shares with
+// others, instead of its own (see hosts_test.go).
+type sharedSetup struct {
+	root       string
+	storeFlags []string
+	openStore  func() (storage.MetaStore, error)
+	daemonArgs []string
+}
+
+// startEnv is newEnv; with shared, the daemon uses shared's data root,
+// store and arguments.
+func startEnv(t *testing.T, driver string, store storeKind, shared *sharedSetup) *env {
 	t.Helper()
 	requirePrerequisites(t)
 	l, ok := layouts[driver]
@@ -288,7 +306,11 @@ func newEnv(t *testing.T, driver string, store storeKind) *env {
 	e.daemonSock = filepath.Join(sockDir, "snap.sock")
 	e.ctrdSock = filepath.Join(sockDir, "ctrd.sock")
 	e.root = filepath.Join(e.base, "snapmeta")
-	e.storeFlags, e.openStore = store.setup(t, e.root)
+	if shared != nil {
+		e.root, e.storeFlags, e.openStore, e.daemonArgs = shared.root, shared.storeFlags, shared.openStore, shared.daemonArgs
+	} else {
+		e.storeFlags, e.openStore = store.setup(t, e.root)
+	}
 	e.startDaemon(bin)
 
 	config := fmt.Sprintf(`version = 2
@@ -358,6 +380,7 @@ func (e *env) startDaemon(bin string) {
 	t.Helper()
 	e.starts++
 	args := append([]string{"--socket", e.daemonSock, "--root", e.root, "--driver", e.driver, "--log-level", "debug"}, e.storeFlags...)
+	args = append(args, e.daemonArgs...)
 	e.daemon = startProc(e.top, "daemon", filepath.Join(e.base, fmt.Sprintf("daemon-%d.log", e.starts)),
 		[]string{fmt.Sprintf("GORACE=halt_on_error=1 exitcode=%d", raceExitCode)}, bin, args...)
 	d, top := e.daemon, e.top

@@ -40,6 +40,7 @@ type layer []entry
 
 // image is an OCI image archive written by buildImage.
 type image struct {
+	dir     string          // the OCI image layout the archive holds
 	path    string          // the archive, for ctr images import
 	name    string          // the name ctr gives it
 	diffIDs []digest.Digest // of the layers, base first
@@ -102,7 +103,7 @@ func buildImage(t *testing.T, tag string, compress bool, layers ...layer) image 
 
 	archive := filepath.Join(t.TempDir(), tag+".tar")
 	tarDir(t, dir, archive)
-	return image{path: archive, name: imageBase + ":" + tag, diffIDs: diffIDs}
+	return image{dir: dir, path: archive, name: imageBase + ":" + tag, diffIDs: diffIDs}
 }
 
 // writeLayer writes the gzipped tar of l into blobs, named by its digest,

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/internal/storeaddr"
 )
 
@@ -63,19 +64,23 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 	if err := os.MkdirAll(cfg.root, 0o700); err != nil {
 		return fmt.Errorf("data root: %w", err)
 	}
-	lock, err := lockRoot(cfg.root)
+	locks, err := lockRoot(cfg.root, cfg.host)
 	if err != nil {
 		return err
 	}
 	// Released when the process ends, however it ends.
-	defer lock.Close()
+	defer func() {
+		for _, l := range locks {
+			l.Close()
+		}
+	}()
 	recorded, err := checkDriver(cfg.root, cfg.driver)
 	if err != nil {
 		return err
 	}
-	ms, err := storeaddr.Open(ctx, addr, storeaddr.ReadWrite, &cfg.etcd)
+	ms, err := openStore(ctx, cfg, addr, sigs)
 	if err != nil {
-		return fmt.Errorf("cannot open the store: %w", err)
+		return err
 	}
 	sn, err := drivers[cfg.driver](cfg.root, ms)
 	if err != nil {
@@ -91,7 +96,9 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 			return err
 		}
 	}
-	d := &daemon{socket: cfg.socket, sn: sn}
+	// Without a host no lease expires: the watch never fires.
+	watch := newExpiryWatch(sn)
+	d := &daemon{socket: cfg.socket, sn: watch}
 	l, err := d.listen()
 	if err != nil {
 		_ = sn.Close()
@@ -104,10 +111,10 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 		grpc.ChainStreamInterceptor(d.streamInterceptor),
 		grpc.WaitForHandlers(true),
 	)
-	snapshotsapi.RegisterSnapshotsServer(d.srv, snapshotservice.FromSnapshotter(sn))
+	snapshotsapi.RegisterSnapshotsServer(d.srv, snapshotservice.FromSnapshotter(watch))
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- d.srv.Serve(l) }()
-	logger.WithFields(log.Fields{"driver": cfg.driver, "root": cfg.root, "store": addr.String(), "version": versionString()}).Info("serving")
+	logger.WithFields(log.Fields{"driver": cfg.driver, "root": cfg.root, "store": addr.String(), "host": cfg.host, "version": versionString()}).Info("serving")
 
 	var failure error
 	select {
@@ -117,6 +124,9 @@ func serve(cfg *config, sigs <-chan os.Signal) error {
 		// Serve returns before a stop only when accepting fails.
 		logger.WithError(err).Error("serving failed; shutting down")
 		failure = fmt.Errorf("serving: %w", err)
+	case <-watch.expired:
+		logger.WithError(watch.cause).WithField("host", cfg.host).Error("the host's lease expired: the store refuses every write; shutting down so that a new daemon takes a new lease")
+		failure = &exitError{code: 1, err: fmt.Errorf("host %s: %w", cfg.host, watch.cause)}
 	}
 	done := make(chan error, 1)
 	go func() { done <- d.shutdown(cfg.shutdownTimeout) }()
@@ -244,21 +254,95 @@ func (d *daemon) removeSocket() {
 	}
 }
 
-// lockRoot takes an exclusive lock on the data root for as long as the
-// returned file is open. Two daemons on one root would build and delete
-// each other's directories; a bbolt store would refuse the second, an etcd
-// store would not.
-func lockRoot(root string) (*os.File, error) {
-	f, err := os.Open(root)
-	if err != nil {
-		return nil, fmt.Errorf("data root: %w", err)
+// hostRetryInterval is how often a daemon whose host is still alive tries
+// again to open the store.
+const hostRetryInterval = 500 * time.Millisecond
+
+// openStore opens the store, in the scope of cfg.host if set. A host that
+// is still alive (a restart after a crash, within --host-ttl) is waited
+// for: the daemon tries again until the TTL and a few seconds have passed,
+// or a signal arrives.
+func openStore(ctx context.Context, cfg *config, addr storeaddr.Address, sigs <-chan os.Signal) (storage.MetaStore, error) {
+	var opts []storage.EtcdOpt
+	if cfg.host != "" {
+		opts = append(opts, storage.WithHost(cfg.host), storage.WithHostTTL(cfg.hostTTL))
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		_ = f.Close()
+	// The lease a crashed daemon left runs out within the TTL (rounded up
+	// to whole seconds), and etcd expires it within a second or two more.
+	deadline := time.Now().Add(cfg.hostTTL + 5*time.Second)
+	for attempt := 1; ; attempt++ {
+		ms, err := storeaddr.Open(ctx, addr, storeaddr.ReadWrite, &cfg.etcd, opts...)
+		if err == nil {
+			return ms, nil
+		}
+		if !errors.Is(err, storage.ErrHostAlive) || time.Now().After(deadline) {
+			return nil, fmt.Errorf("cannot open the store: %w", err)
+		}
+		if attempt == 1 {
+			log.L.WithError(err).WithFields(log.Fields{"host": cfg.host, "host-ttl": cfg.hostTTL}).
+				Warn("host is still alive: another daemon of this host holds its lease, or one that crashed held it within --host-ttl; waiting for the lease to expire")
+		}
+		select {
+		case sig := <-sigs:
+			return nil, fmt.Errorf("stopped by %s while waiting for host %q to be released: %w", sig, cfg.host, err)
+		case <-time.After(hostRetryInterval):
+		}
+	}
+}
+
+// lockRoot locks the data root for as long as the returned files are
+// open. Two daemons on one root would build and delete each other's
+// directories; a bbolt store would refuse the second, an etcd store would
+// not. Without a host the lock on the root is exclusive. With one (a root
+// shared by the daemons of several hosts) the lock on the root is shared,
+// so that no daemon without a host uses it meanwhile, and the lock on
+// <root>/hosts/<host>.lock exclusive, so that each host has one daemon.
+func lockRoot(root, host string) ([]*os.File, error) {
+	how := syscall.LOCK_EX
+	if host != "" {
+		how = syscall.LOCK_SH
+	}
+	f, err := lockFile(root, how, false)
+	if err != nil {
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("data root %s is in use by another snapmeta-snapshotter", root)
 		}
 		return nil, fmt.Errorf("locking data root %s: %w", root, err)
+	}
+	if host == "" {
+		return []*os.File{f}, nil
+	}
+	if err := os.MkdirAll(filepath.Join(root, "hosts"), 0o700); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("data root: %w", err)
+	}
+	h, err := lockFile(filepath.Join(root, "hosts", host+".lock"), syscall.LOCK_EX, true)
+	if err != nil {
+		_ = f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("host %s of data root %s is in use by another snapmeta-snapshotter", host, root)
+		}
+		return nil, fmt.Errorf("locking host %s of data root %s: %w", host, root, err)
+	}
+	return []*os.File{f, h}, nil
+}
+
+// lockFile opens path (creating a file if create) and flocks it without
+// waiting.
+func lockFile(path string, how int, create bool) (*os.File, error) {
+	var f *os.File
+	var err error
+	if create {
+		f, err = os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
+	} else {
+		f, err = os.Open(path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB); err != nil {
+		_ = f.Close()
+		return nil, err
 	}
 	return f, nil
 }

@@ -16,6 +16,15 @@
 // opened (a bad address, a bbolt file another process holds, an etcd
 // cluster that does not answer within --dial-timeout).
 //
+// Host scopes: with --host ID (or $SNAPMETA_HOST) on an etcd store, the
+// daemons of several hosts share one etcd root and one data root, each in
+// its host's scope, and share layers (see the drivers' package
+// documentation and docs/containerd.md). A daemon whose host is still
+// alive at start (a restart within --host-ttl of a crash) waits for the
+// host's lease to expire, for at most the TTL and five seconds. A daemon
+// whose lease expires while it runs stops (exit code 1) at the first call
+// the store refuses for it, so that a new daemon takes a new lease.
+//
 // Shutdown: on SIGTERM or SIGINT it stops accepting, lets the calls under
 // way finish for up to --shutdown-timeout (then cancels them), closes the
 // driver and the store, and removes the socket. A second signal exits at
@@ -32,6 +41,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"runtime/debug"
 	"strings"
@@ -41,6 +51,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
+	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/internal/storeaddr"
 )
 
@@ -70,7 +81,18 @@ type config struct {
 	logLevel        string
 	logFormat       string
 	shutdownTimeout time.Duration
+	// host is the host identity (--host) on a host-scoped etcd root;
+	// hostTTL the TTL of its lease (--host-ttl).
+	host    string
+	hostTTL time.Duration
 }
+
+// validHost matches the host identities storage.WithHost accepts.
+var validHost = regexp.MustCompile(`^[A-Za-z0-9.\-_:]{1,128}$`)
+
+// hostFlagEnvs are the environment variables of the host flags, which the
+// command line overrides.
+var hostFlagEnvs = map[string]string{"host": "SNAPMETA_HOST", "host-ttl": "SNAPMETA_HOST_TTL"}
 
 // exitError carries an exit code.
 type exitError struct {
@@ -127,9 +149,20 @@ The driver keeps its files under --root; the snapshot metadata lives in
 
 ` + storeaddr.Help + `
 
-Until the store has host scopes, every containerd daemon needs a store of
-its own (its own etcd root): containerd's garbage collector removes every
-snapshot its own database does not know, including another daemon's.
+Without --host, every containerd daemon needs a store of its own (its own
+etcd root) and a data root of its own: containerd's garbage collector
+removes every snapshot its own database does not know, including another
+daemon's. With --host ID (or $SNAPMETA_HOST), the daemon opens the etcd
+root in the scope of host ID: several daemons, each with its containerd
+and its own host identity, share one etcd root and one data root (a shared
+file system), each seeing only its own snapshots. Layers are shared: when
+one host has unpacked a layer, another host's unpack of the same layer
+binds it instead (containerd's remote-snapshot protocol), and a layer's
+files stay until the last host using it removes it. The daemon holds a
+lease on its host for as long as it runs; after a crash the host counts as
+alive until --host-ttl (or $SNAPMETA_HOST_TTL) has passed, and a daemon
+restarted within that time waits for it (logging why), for at most the TTL
+and a few seconds. --host needs an etcd store.
 
 SIGTERM or SIGINT stops it cleanly: no new calls, the calls under way
 finish (for up to --shutdown-timeout), the store is closed and the socket
@@ -139,7 +172,9 @@ Exit codes: 0 stopped on a signal, 1 could not start or serve (one line on
 stderr), 2 usage error.`,
 		Example: `  snapmeta-snapshotter --socket /run/snapmeta/snapshotter.sock --root /var/lib/snapmeta
   snapmeta-snapshotter --socket /run/snapmeta/snapshotter.sock --root /var/lib/snapmeta \
-      --store etcd://10.0.0.5:2379/hosts/node-1 --cacert ca.pem --cert me.pem --key me-key.pem`,
+      --store etcd://10.0.0.5:2379/hosts/node-1 --cacert ca.pem --cert me.pem --key me-key.pem
+  snapmeta-snapshotter --socket /run/snapmeta/snapshotter.sock --root /shared/snapmeta \
+      --store etcd://10.0.0.5:2379/cluster-1 --host node-1 --host-ttl 10s`,
 		Version:       versionString(),
 		SilenceErrors: true,
 		SilenceUsage:  true,
@@ -150,6 +185,9 @@ stderr), 2 usage error.`,
 			return nil
 		},
 		RunE: func(c *cobra.Command, _ []string) error {
+			if err := hostFlagsFromEnv(c); err != nil {
+				return err
+			}
 			if err := cfg.validate(); err != nil {
 				return err
 			}
@@ -173,7 +211,25 @@ stderr), 2 usage error.`,
 	f.StringVar(&cfg.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	f.StringVar(&cfg.logFormat, "log-format", "text", "log format: text or json")
 	f.DurationVar(&cfg.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on a signal, how long calls under way may run before they are cancelled")
+	f.StringVar(&cfg.host, "host", "", "host identity on a host-scoped etcd root shared with other daemons ($SNAPMETA_HOST; letters, digits, .-_:)")
+	f.DurationVar(&cfg.hostTTL, "host-ttl", storage.DefaultHostTTL, "with --host: how long after a crash the host counts as alive ($SNAPMETA_HOST_TTL; whole seconds, at least 1s)")
 	return c
+}
+
+// hostFlagsFromEnv sets --host and --host-ttl from their environment
+// variables when the command line does not give them.
+func hostFlagsFromEnv(c *cobra.Command) error {
+	for _, name := range []string{"host", "host-ttl"} {
+		env := hostFlagEnvs[name]
+		v, ok := os.LookupEnv(env)
+		if !ok || c.Flags().Changed(name) {
+			continue
+		}
+		if err := c.Flags().Set(name, v); err != nil {
+			return storeaddr.Usagef("$%s: %v (see 'snapmeta-snapshotter --help')", env, err)
+		}
+	}
+	return nil
 }
 
 // validate checks the command line and fills in defaults.
@@ -191,6 +247,8 @@ func (cfg *config) validate() error {
 		return storeaddr.Usagef("--shutdown-timeout must be positive")
 	case cfg.etcd.DialTimeout <= 0:
 		return storeaddr.Usagef("--dial-timeout must be positive")
+	case cfg.hostTTL < time.Second:
+		return storeaddr.Usagef("--host-ttl %v is under a second", cfg.hostTTL)
 	}
 	// The root is made absolute so that the mounts handed to containerd,
 	// which runs elsewhere, name real paths.
@@ -201,6 +259,19 @@ func (cfg *config) validate() error {
 	cfg.root = root
 	if cfg.store == "" {
 		cfg.store = filepath.Join(root, "metadata.db")
+	}
+	if cfg.host != "" {
+		addr, err := storeaddr.Parse(cfg.store)
+		if err != nil {
+			return err
+		}
+		if addr.Engine != storeaddr.Etcd {
+			return storeaddr.Usagef("--host %s needs an etcd store (--store etcd://...), not the bbolt file %s", cfg.host, addr.Path)
+		}
+		// As storage.WithHost would refuse it, but as a usage error.
+		if !validHost.MatchString(cfg.host) {
+			return storeaddr.Usagef("--host %q: a host identity is 1 to 128 bytes of letters, digits and \".-_:\"", cfg.host)
+		}
 	}
 	return nil
 }

@@ -478,6 +478,9 @@ func TestStartupErrors(t *testing.T) {
 		{"socket path too long", []string{"--root", "R", "--socket", long}, true, 2, "a unix socket path has at most 107"},
 		{"unknown flag", []string{"--root", "R", "--nope"}, false, 2, "unknown flag: --nope"},
 		{"argument", []string{"--root", "R", "extra"}, false, 2, `unexpected argument "extra"`},
+		{"host on bbolt", []string{"--root", "R", "--host", "a"}, false, 2, "--host a needs an etcd store"},
+		{"bad host", []string{"--root", "R", "--store", "etcd://127.0.0.1:1/x", "--host", "a/b"}, false, 2, `--host "a/b": a host identity is`},
+		{"host TTL under a second", []string{"--root", "R", "--store", "etcd://127.0.0.1:1/x", "--host", "a", "--host-ttl", "500ms"}, false, 2, "--host-ttl 500ms is under a second"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -30,6 +30,32 @@
 // under another ID), and removes it when the transaction finally fails.
 // Commit computes disk usage once per ID; Remove deletes files only after
 // the metadata transaction has committed.
+//
+// # Host scopes: layers shared between containerd daemons
+//
+// On an etcd store opened in a host scope (storage.WithHost), with the
+// same root directory on every host (a shared file system), the
+// snapshotter shares committed layers between hosts through containerd's
+// remote-snapshot protocol:
+//
+//   - Commit of an active snapshot whose labels carry
+//     containerd.io/snapshot.ref (containerd's unpacker sets it to the
+//     layer's chain ID) commits it with storage.CommitShared, indexed by
+//     that chain ID.
+//   - Prepare (or View) with that label, when a layer with that chain ID is
+//     committed in the root on the same parent layer, binds the layer into
+//     this host's scope with storage.BindLayer under the name key and
+//     returns an AlreadyExists error: containerd then looks the layer up by
+//     its label and parent (Walk) and skips the unpack. The binding takes
+//     the name key because containerd made it unique in the scope (its
+//     "<namespace>/<counter>/<key>"), whereas the chain ID may be bound
+//     already in another namespace of the same daemon; containerd takes
+//     whatever name its Walk finds.
+//   - Remove releases the name with storage.Release, and deletes the
+//     directory only when no other binding, in any scope, still uses it.
+//
+// Without host scopes (bbolt, or an etcd store opened without a host) none
+// of this happens: the label is an ordinary label.
 package nativesnap
 
 import (
@@ -53,11 +79,15 @@ import (
 type snapshotter struct {
 	root string
 	ms   storage.MetaStore
+	// scoped: ms is host-scoped (see the package documentation).
+	scoped bool
 }
 
 // New returns a snapshotter keeping its files under root (created if
 // needed) and its metadata in ms. The snapshotter owns ms from then on:
-// Close closes it. When New fails, ms is left open for the caller.
+// Close closes it. When New fails, ms is left open for the caller. When ms
+// is host-scoped, root may be shared by the snapshotters of every host of
+// ms's root (see the package documentation).
 //
 //	ms, err := storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 //	// or: ms, err := storage.NewEtcdStore("/snapshotters/native", &clientv3.Config{...})
@@ -75,7 +105,79 @@ func New(root string, ms storage.MetaStore) (snapshots.Snapshotter, error) {
 	if err := os.Mkdir(filepath.Join(root, "snapshots"), 0o700); err != nil && !os.IsExist(err) {
 		return nil, err
 	}
-	return &snapshotter{root: root, ms: ms}, nil
+	scoped, err := hostScoped(ms)
+	if err != nil {
+		return nil, err
+	}
+	return &snapshotter{root: root, ms: ms, scoped: scoped}, nil
+}
+
+// hostScoped reports whether ms is a store opened in a host scope
+// (storage.WithHost or storage.WithHostView), where layers are shared with
+// other hosts. It reads nothing from a host-scoped store; an etcd store
+// without host scopes may be asked once whether its root is host-scoped.
+func hostScoped(ms storage.MetaStore) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var scoped bool
+	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		// The empty name is no snapshot's: a store with host scopes says
+		// NotFound without a request, one without says ErrNotScoped.
+		_, err := storage.GetActiveSnapshot(ctx, "probe", "")
+		switch {
+		case errors.Is(err, storage.ErrNotScoped):
+			scoped = false
+		case errdefs.IsNotFound(err), errdefs.IsInvalidArgument(err):
+			scoped = true
+		default:
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("cannot tell whether the store is host-scoped: %w", err)
+	}
+	return scoped, nil
+}
+
+// targetOf returns the containerd.io/snapshot.ref label opts set, "" when
+// they set none.
+func targetOf(opts []snapshots.Opt) (string, error) {
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return "", err
+		}
+	}
+	return base.Labels[snapshots.LabelSnapshotRef], nil
+}
+
+// bind binds key, on a host-scoped store, to the committed layer that the
+// containerd.io/snapshot.ref label of opts names on parent, if the root
+// has one: then it returns an AlreadyExists error, which tells containerd
+// that the layer is there. It returns nil when there is nothing to bind
+// (no label, no such layer, no host scopes): the caller creates key.
+func (o *snapshotter) bind(ctx context.Context, key, parent string, opts []snapshots.Opt) error {
+	if !o.scoped {
+		return nil
+	}
+	target, err := targetOf(opts)
+	if err != nil || target == "" {
+		return err
+	}
+	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := storage.BindLayer(ctx, key, parent, target, opts...)
+		return err
+	})
+	switch {
+	case err == nil:
+		log.G(ctx).WithFields(log.Fields{"key": key, "target": target}).Debug("bound a shared layer")
+		return fmt.Errorf("target snapshot %q: bound as %q: %w", target, key, errdefs.ErrAlreadyExists)
+	case errdefs.IsNotFound(err), errors.Is(err, storage.ErrNotScoped):
+		// No such layer (or no such parent: create says so).
+		return nil
+	}
+	return err
 }
 
 // Stat returns the info of the snapshot named key.
@@ -153,6 +255,9 @@ func (o *snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 // create adds an active or view snapshot. See the package documentation for
 // why the directory is built before the transaction and published inside it.
 func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
+	if err := o.bind(ctx, key, parent, opts); err != nil {
+		return nil, err
+	}
 	// A view of a parent mounts the parent's directory; everything else gets
 	// a directory of its own.
 	ownDir := kind == snapshots.KindActive || parent == ""
@@ -245,12 +350,18 @@ func (o *snapshotter) landed(ctx context.Context, key, id string) bool {
 }
 
 // Commit turns the active snapshot key into the committed snapshot name,
-// recording its disk usage.
+// recording its disk usage. On a host-scoped store, a commit labelled
+// containerd.io/snapshot.ref is a layer other hosts may bind
+// (storage.CommitShared).
 func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	var (
 		usage   snapshots.Usage
 		usageOf string // ID usage was measured for
 	)
+	target, err := targetOf(opts)
+	if err != nil {
+		return err
+	}
 	return o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		id, info, _, err := storage.GetInfo(ctx, key)
 		if err != nil {
@@ -266,7 +377,12 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			}
 			usage, usageOf = snapshots.Usage(du), id
 		}
-		if _, err := storage.CommitActive(ctx, key, name, usage, opts...); err != nil {
+		if o.scoped && target != "" {
+			_, err = storage.CommitShared(ctx, key, name, target, usage, opts...)
+		} else {
+			_, err = storage.CommitActive(ctx, key, name, usage, opts...)
+		}
+		if err != nil {
 			return fmt.Errorf("failed to commit snapshot: %w", err)
 		}
 		return nil
@@ -274,13 +390,17 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // Remove removes the snapshot key, which must have no children, and its
-// files. The metadata goes first: files are deleted only once no snapshot
-// refers to them, so a failure leaves garbage, never a snapshot without its
-// directory.
+// files unless another host's binding of the same layer still uses them
+// (storage.Release). The metadata goes first: files are deleted only once
+// no snapshot refers to them, so a failure leaves garbage, never a
+// snapshot without its directory.
 func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
-	var id string
+	var (
+		id   string
+		last bool
+	)
 	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		id, _, err = storage.Remove(ctx, key)
+		id, _, last, err = storage.Release(ctx, key)
 		if err != nil {
 			return fmt.Errorf("failed to remove: %w", err)
 		}
@@ -288,6 +408,10 @@ func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 	})
 	if err != nil {
 		return err
+	}
+	if !last {
+		log.G(ctx).WithFields(log.Fields{"key": key, "id": id}).Debug("released a shared layer that other bindings still use")
+		return nil
 	}
 	// A view of a parent has no directory of its own.
 	path, renamed := o.dir(id), filepath.Join(o.root, "snapshots", "rm-"+id)

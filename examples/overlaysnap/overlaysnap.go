@@ -58,6 +58,38 @@
 // already named by the ID a Prepare has just been given is therefore
 // garbage (a process killed between publishing and committing leaves one),
 // and Prepare replaces it.
+//
+// # Host scopes: layers shared between containerd daemons
+//
+// On an etcd store opened in a host scope (storage.WithHost), with the
+// same root directory on every host (a shared file system), the
+// snapshotter shares committed layers between hosts through containerd's
+// remote-snapshot protocol, as examples/nativesnap does:
+//
+//   - Commit of an active snapshot whose labels carry
+//     containerd.io/snapshot.ref (containerd's unpacker sets it to the
+//     layer's chain ID) commits it with storage.CommitShared, indexed by
+//     that chain ID.
+//   - Prepare (or View) with that label, when a layer with that chain ID is
+//     committed in the root on the same parent layer, binds the layer into
+//     this host's scope with storage.BindLayer under the name key and
+//     returns an AlreadyExists error: containerd then looks the layer up by
+//     its label and parent (Walk) and skips the unpack. The binding takes
+//     the name key because containerd made it unique in the scope (its
+//     "<namespace>/<counter>/<key>"), whereas the chain ID may be bound
+//     already in another namespace of the same daemon; containerd takes
+//     whatever name its Walk finds.
+//   - Remove releases the name with storage.Release, and deletes the
+//     directory only when no other binding, in any scope, still uses it.
+//   - Every active snapshot records its upper directory in the label
+//     storage.KeyUpperdir (as WithUpperdirLabel does), so that another
+//     host taking it over (storage.TakeOver) knows where its changes are.
+//   - Cleanup removes nothing: the store shows only this host's snapshots,
+//     so a directory that no ID of this scope names may well be another
+//     host's (see Cleanup).
+//
+// Without host scopes (bbolt, or an etcd store opened without a host) none
+// of this happens: the label is an ordinary label.
 package overlaysnap
 
 import (
@@ -84,7 +116,7 @@ import (
 // active snapshot the absolute path of its writable (upper) directory. It is
 // the convention by which other hosts sharing an etcd store find where an
 // active snapshot's changes live.
-const UpperdirLabel = "containerd.io/snapshot/overlay.upperdir"
+const UpperdirLabel = storage.KeyUpperdir
 
 // Opt configures a snapshotter made by New.
 type Opt func(*config) error
@@ -106,7 +138,9 @@ type config struct {
 // be equal for a new snapshot, and an update of all labels to leave exactly
 // the labels given; this is why the label is an option, off by default (as
 // in containerd's overlayfs snapshotter, whose label is only added to what
-// Stat, Update and Walk return, and not stored).
+// Stat, Update and Walk return, and not stored). On a host-scoped store it
+// is on whatever the options say: another host taking an active snapshot
+// over needs it.
 func WithUpperdirLabel() Opt {
 	return func(c *config) error {
 		c.upperdirLabel = true
@@ -139,6 +173,8 @@ type snapshotter struct {
 	root string
 	ms   storage.MetaStore
 	cfg  config
+	// scoped: ms is host-scoped (see the package documentation).
+	scoped bool
 
 	// fsMu keeps Cleanup away from directories being created or removed:
 	// Prepare, View and Remove hold it for reading, Cleanup for writing.
@@ -159,8 +195,9 @@ type snapshotter struct {
 // then on: Close closes it. When New fails, ms is left open for the caller.
 //
 // The snapshotter returned also implements snapshots.Cleaner. It assumes
-// that nothing else writes under <root>/snapshots, although ms may be shared
-// with other hosts.
+// that nothing else writes under <root>/snapshots, unless ms is
+// host-scoped: then root may be shared by the snapshotters of every host
+// of ms's root (see the package documentation).
 //
 //	ms, err := storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 //	// or: ms, err := storage.NewEtcdStore("/snapshotters/overlay", &clientv3.Config{...})
@@ -184,7 +221,82 @@ func New(root string, ms storage.MetaStore, opts ...Opt) (snapshots.Snapshotter,
 	if err := os.Mkdir(filepath.Join(root, "snapshots"), 0o700); err != nil && !os.IsExist(err) {
 		return nil, err
 	}
-	return &snapshotter{root: root, ms: ms, cfg: cfg, pending: map[string]bool{}}, nil
+	scoped, err := hostScoped(ms)
+	if err != nil {
+		return nil, err
+	}
+	if scoped {
+		cfg.upperdirLabel = true
+	}
+	return &snapshotter{root: root, ms: ms, cfg: cfg, scoped: scoped, pending: map[string]bool{}}, nil
+}
+
+// hostScoped reports whether ms is a store opened in a host scope
+// (storage.WithHost or storage.WithHostView), where layers are shared with
+// other hosts. It reads nothing from a host-scoped store; an etcd store
+// without host scopes may be asked once whether its root is host-scoped.
+func hostScoped(ms storage.MetaStore) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var scoped bool
+	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		// The empty name is no snapshot's: a store with host scopes says
+		// NotFound without a request, one without says ErrNotScoped.
+		_, err := storage.GetActiveSnapshot(ctx, "probe", "")
+		switch {
+		case errors.Is(err, storage.ErrNotScoped):
+			scoped = false
+		case errdefs.IsNotFound(err), errdefs.IsInvalidArgument(err):
+			scoped = true
+		default:
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("cannot tell whether the store is host-scoped: %w", err)
+	}
+	return scoped, nil
+}
+
+// targetOf returns the containerd.io/snapshot.ref label opts set, "" when
+// they set none.
+func targetOf(opts []snapshots.Opt) (string, error) {
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return "", err
+		}
+	}
+	return base.Labels[snapshots.LabelSnapshotRef], nil
+}
+
+// bind binds key, on a host-scoped store, to the committed layer that the
+// containerd.io/snapshot.ref label of opts names on parent, if the root
+// has one: then it returns an AlreadyExists error, which tells containerd
+// that the layer is there. It returns nil when there is nothing to bind
+// (no label, no such layer, no host scopes): the caller creates key.
+func (o *snapshotter) bind(ctx context.Context, key, parent string, opts []snapshots.Opt) error {
+	if !o.scoped {
+		return nil
+	}
+	target, err := targetOf(opts)
+	if err != nil || target == "" {
+		return err
+	}
+	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := storage.BindLayer(ctx, key, parent, target, opts...)
+		return err
+	})
+	switch {
+	case err == nil:
+		log.G(ctx).WithFields(log.Fields{"key": key, "target": target}).Debug("bound a shared layer")
+		return fmt.Errorf("target snapshot %q: bound as %q: %w", target, key, errdefs.ErrAlreadyExists)
+	case errdefs.IsNotFound(err), errors.Is(err, storage.ErrNotScoped):
+		// No such layer (or no such parent: create says so).
+		return nil
+	}
+	return err
 }
 
 // Stat returns the info of the snapshot named key.
@@ -289,6 +401,9 @@ var errIDPending = errors.New("the directory of this ID still belongs to a faile
 // create adds an active or view snapshot. See the package documentation for
 // why the directory is built before the transaction and published inside it.
 func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
+	if err := o.bind(ctx, key, parent, opts); err != nil {
+		return nil, err
+	}
 	o.fsMu.RLock()
 	defer o.fsMu.RUnlock()
 
@@ -455,12 +570,18 @@ func (o *snapshotter) landed(ctx context.Context, key, id string) bool {
 
 // Commit turns the active snapshot key into the committed snapshot name,
 // recording the disk usage of its upper directory. The committed snapshot's
-// labels are those opts give (UpperdirLabel is not carried over).
+// labels are those opts give (UpperdirLabel is not carried over). On a
+// host-scoped store, a commit labelled containerd.io/snapshot.ref is a
+// layer other hosts may bind (storage.CommitShared).
 func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	var (
 		usage   snapshots.Usage
 		usageOf string // ID usage was measured for
 	)
+	target, err := targetOf(opts)
+	if err != nil {
+		return err
+	}
 	return o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		id, info, _, err := storage.GetInfo(ctx, key)
 		if err != nil {
@@ -476,7 +597,12 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			}
 			usage, usageOf = snapshots.Usage(du), id
 		}
-		if _, err := storage.CommitActive(ctx, key, name, usage, opts...); err != nil {
+		if o.scoped && target != "" {
+			_, err = storage.CommitShared(ctx, key, name, target, usage, opts...)
+		} else {
+			_, err = storage.CommitActive(ctx, key, name, usage, opts...)
+		}
+		if err != nil {
 			return fmt.Errorf("failed to commit snapshot: %w", err)
 		}
 		return nil
@@ -484,15 +610,19 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // Remove removes the snapshot key, which must have no children, and its
-// files. The metadata goes first: files are deleted only once no snapshot
-// refers to them, so a failure leaves garbage (which Cleanup removes), never
-// a snapshot without its directory.
+// files unless another host's binding of the same layer still uses them
+// (storage.Release). The metadata goes first: files are deleted only once
+// no snapshot refers to them, so a failure leaves garbage (which Cleanup
+// removes), never a snapshot without its directory.
 func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 	o.fsMu.RLock()
 	defer o.fsMu.RUnlock()
-	var id string
+	var (
+		id   string
+		last bool
+	)
 	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		id, _, err = storage.Remove(ctx, key)
+		id, _, last, err = storage.Release(ctx, key)
 		if err != nil {
 			return fmt.Errorf("failed to remove: %w", err)
 		}
@@ -500,6 +630,10 @@ func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 	})
 	if err != nil {
 		return err
+	}
+	if !last {
+		log.G(ctx).WithFields(log.Fields{"key": key, "id": id}).Debug("released a shared layer that other bindings still use")
+		return nil
 	}
 	path, renamed := o.dir(id), filepath.Join(o.root, "snapshots", "rm-"+id)
 	if err := os.Rename(path, renamed); err != nil {
@@ -525,7 +659,18 @@ func (o *snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // It waits for this snapshotter's Prepares, Views and Removes in progress,
 // and holds off new ones while it runs. It returns the errors of the
 // entries it could not remove, having tried all of them.
+//
+// On a host-scoped store it removes nothing and returns nil: the root
+// directory is shared with other hosts, whose snapshots this host's scope
+// does not show, and whose Prepares publish directories under IDs that no
+// scope holds until their transactions commit; nothing tells such a
+// directory from garbage without a look at every scope at once, with
+// every host quiet; that is an operator's job.
 func (o *snapshotter) Cleanup(ctx context.Context) error {
+	if o.scoped {
+		log.G(ctx).Debug("cleanup skipped: the store is host-scoped, so the root directory holds other hosts' snapshots too")
+		return nil
+	}
 	o.fsMu.Lock()
 	defer o.fsMu.Unlock()
 	var ids map[string]string

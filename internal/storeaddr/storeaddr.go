@@ -259,12 +259,17 @@ func (e *LockedError) Unwrap() error { return e.Err }
 // ef.DialTimeout for an etcd cluster that does not answer, with an error
 // saying why as far as a connection and a TLS handshake tell. The store
 // returned owns every connection Open made: Close releases them all.
-func Open(ctx context.Context, a Address, mode Mode, ef *EtcdFlags) (storage.MetaStore, error) {
+// etcdOpts are given to storage.NewEtcdStoreFromClient (a host scope, say);
+// a bbolt address with etcdOpts is a *UsageError.
+func Open(ctx context.Context, a Address, mode Mode, ef *EtcdFlags, etcdOpts ...storage.EtcdOpt) (storage.MetaStore, error) {
 	switch a.Engine {
 	case Bolt:
+		if len(etcdOpts) > 0 {
+			return nil, Usagef("%s is a bbolt file; etcd options (a host scope) need an etcd store", a.Raw)
+		}
 		return openBolt(a.Path, mode)
 	case Etcd:
-		return openEtcd(ctx, a, mode, ef)
+		return openEtcd(ctx, a, mode, ef, etcdOpts)
 	}
 	return nil, fmt.Errorf("unknown engine %q", a.Engine)
 }
@@ -306,7 +311,7 @@ func openBolt(path string, mode Mode) (storage.MetaStore, error) {
 // openEtcd connects to etcd and makes sure a member answers within the dial
 // timeout, so that an unreachable cluster is reported at once rather than
 // after the store's request timeout.
-func openEtcd(ctx context.Context, a Address, mode Mode, ef *EtcdFlags) (storage.MetaStore, error) {
+func openEtcd(ctx context.Context, a Address, mode Mode, ef *EtcdFlags, etcdOpts []storage.EtcdOpt) (storage.MetaStore, error) {
 	cfg, err := ef.ClientConfig(a)
 	if err != nil {
 		return nil, err
@@ -337,7 +342,7 @@ func openEtcd(ctx context.Context, a Address, mode Mode, ef *EtcdFlags) (storage
 		_ = cli.Close()
 		return nil, err
 	}
-	ms, err := storage.NewEtcdStoreFromClient(cli, a.Root)
+	ms, err := storage.NewEtcdStoreFromClient(cli, a.Root, etcdOpts...)
 	if err != nil {
 		_ = cli.Close()
 		return nil, err
