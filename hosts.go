@@ -347,6 +347,22 @@ func (h *etcdHost) release() error {
 	return errors.Join(err, h.lessor.Close())
 }
 
+// HostOf returns the host whose scope ms is, for a store opened WithHost
+// or WithHostView; ok is false for any other store (bbolt, etcd without
+// host scopes, another package's MetaStore). It asks nothing of the
+// engine: a driver calls it once, to know whether to share layers.
+func HostOf(ms MetaStore) (host string, ok bool) {
+	m, isOurs := ms.(*metaStore)
+	if !isOurs {
+		return "", false
+	}
+	e, isEtcd := m.eng.(*etcdEngine)
+	if !isEtcd || e.host == nil {
+		return "", false
+	}
+	return e.host.name, true
+}
+
 // fenced reports whether commits must hold the lease.
 func (h *etcdHost) fenced() bool { return h != nil && h.lease != 0 }
 

@@ -101,3 +101,23 @@ func TestEtcdViewOfAHostTheRootDoesNotListIsNotFound(t *testing.T) {
 	view := openEtcd(t, root, storage.WithHostView("a"))
 	requireClean(t, view)
 }
+
+func TestHostOfNamesTheScopeOfAStore(t *testing.T) {
+	root := uniqueRoot(t)
+	for _, tc := range []struct {
+		name string
+		ms   storage.MetaStore
+		host string
+	}{
+		{"WithHost", hostStore(t, root, "a"), "a"},
+		{"WithHostView", openEtcd(t, root, storage.WithHostView("a")), "a"},
+		{"etcd without host scopes", openEtcd(t, uniqueRoot(t)), ""},
+		{"bbolt", openBolt(t, t.TempDir()), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			host, ok := storage.HostOf(tc.ms)
+			assert.Equal(t, tc.host, host)
+			assert.Equal(t, tc.host != "", ok)
+		})
+	}
+}

@@ -105,39 +105,8 @@ func New(root string, ms storage.MetaStore) (snapshots.Snapshotter, error) {
 	if err := os.Mkdir(filepath.Join(root, "snapshots"), 0o700); err != nil && !os.IsExist(err) {
 		return nil, err
 	}
-	scoped, err := hostScoped(ms)
-	if err != nil {
-		return nil, err
-	}
+	_, scoped := storage.HostOf(ms)
 	return &snapshotter{root: root, ms: ms, scoped: scoped}, nil
-}
-
-// hostScoped reports whether ms is a store opened in a host scope
-// (storage.WithHost or storage.WithHostView), where layers are shared with
-// other hosts. It reads nothing from a host-scoped store; an etcd store
-// without host scopes may be asked once whether its root is host-scoped.
-func hostScoped(ms storage.MetaStore) (bool, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	var scoped bool
-	err := ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		// The empty name is no snapshot's: a store with host scopes says
-		// NotFound without a request, one without says ErrNotScoped.
-		_, err := storage.GetActiveSnapshot(ctx, "probe", "")
-		switch {
-		case errors.Is(err, storage.ErrNotScoped):
-			scoped = false
-		case errdefs.IsNotFound(err), errdefs.IsInvalidArgument(err):
-			scoped = true
-		default:
-			return err
-		}
-		return nil
-	})
-	if err != nil {
-		return false, fmt.Errorf("cannot tell whether the store is host-scoped: %w", err)
-	}
-	return scoped, nil
 }
 
 // targetOf returns the containerd.io/snapshot.ref label opts set, "" when
