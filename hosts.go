@@ -348,19 +348,33 @@ func (h *etcdHost) release() error {
 }
 
 // HostOf returns the host whose scope ms is, for a store opened WithHost
-// or WithHostView; ok is false for any other store (bbolt, etcd without
-// host scopes, another package's MetaStore). It asks nothing of the
-// engine: a driver calls it once, to know whether to share layers.
+// or WithHostView, also behind a wrapper that passes TransactionContext
+// on; ok is false for any other store (bbolt, etcd without host scopes,
+// another package's MetaStore, a closed store). It begins and rolls back a
+// read-only transaction: on a host-scoped store that costs no request (on
+// an etcd store without host scopes, the store's first transaction reads
+// the root's mode). A driver calls it once, to know whether to share
+// layers.
 func HostOf(ms MetaStore) (host string, ok bool) {
-	m, isOurs := ms.(*metaStore)
-	if !isOurs {
+	if ms == nil {
 		return "", false
 	}
-	e, isEtcd := m.eng.(*etcdEngine)
-	if !isEtcd || e.host == nil {
+	ctx, cancel := context.WithTimeout(context.Background(), DefaultEtcdRequestTimeout)
+	defer cancel()
+	_, tr, err := ms.TransactionContext(ctx, false)
+	if err != nil {
 		return "", false
 	}
-	return e.host.name, true
+	defer tr.Rollback()
+	t, ours := tr.(*transaction)
+	if !ours {
+		return "", false
+	}
+	sx, scopes := t.tx.(scopedTx)
+	if !scopes {
+		return "", false
+	}
+	return sx.scopeHost()
 }
 
 // fenced reports whether commits must hold the lease.

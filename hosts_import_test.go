@@ -121,3 +121,14 @@ func TestHostOfNamesTheScopeOfAStore(t *testing.T) {
 		})
 	}
 }
+
+// wrappedStore is a MetaStore behind another type, as a daemon keeps one
+// with the client it owns.
+type wrappedStore struct{ storage.MetaStore }
+
+func TestHostOfSeesThroughAWrapper(t *testing.T) {
+	root := uniqueRoot(t)
+	host, ok := storage.HostOf(wrappedStore{hostStore(t, root, "a")})
+	assert.True(t, ok)
+	assert.Equal(t, "a", host)
+}

@@ -210,17 +210,12 @@ func loadAll(ctx context.Context, ms storage.MetaStore, prog *progress, filters 
 	return recs, bad, nil
 }
 
-// loadReadable is loadAll for the listing commands: it reports each record
-// that cannot be read on stderr, and returns, with the readable records,
-// leftOut: the error the command ends with once it has written them (exit
-// code 1; nil when every record was read). prog (nil for none) counts the
-// records read.
-func (a *app) loadReadable(ctx context.Context, ms storage.MetaStore, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
-	return a.loadReadableIn(ctx, ms, "", prog, filters...)
-}
-
-// loadReadableIn is loadReadable of host's scope (names on stderr are
-// qualified by the host; "" for a store without host scopes).
+// loadReadableIn is loadAll for the listing commands, of host's scope
+// ("" for a store without host scopes): it reports each record that cannot
+// be read on stderr, its name qualified by the host, and returns, with the
+// readable records, leftOut: the error the command ends with once it has
+// written them (exit code 1; nil when every record was read). prog (nil
+// for none) counts the records read.
 func (a *app) loadReadableIn(ctx context.Context, ms storage.MetaStore, host string, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
 	recs, bad, err := loadAll(ctx, ms, prog, filters...)
 	if err != nil {

@@ -161,7 +161,7 @@ func (a *app) withRoot(ctx context.Context, addr string, mode storeaddr.Mode, ho
 	return err
 }
 
-// loadRoot is loadReadable over every scope the view covers: the records
+// loadRoot is loadReadableIn over every scope the view covers: the records
 // of each host in name order, hosts in name order.
 func (a *app) loadRoot(ctx context.Context, v *rootView, prog *progress, filters ...string) (recs []Record, leftOut, err error) {
 	var left []error

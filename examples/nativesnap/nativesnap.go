@@ -79,8 +79,6 @@ import (
 type snapshotter struct {
 	root string
 	ms   storage.MetaStore
-	// scoped: ms is host-scoped (see the package documentation).
-	scoped bool
 }
 
 // New returns a snapshotter keeping its files under root (created if
@@ -105,48 +103,7 @@ func New(root string, ms storage.MetaStore) (snapshots.Snapshotter, error) {
 	if err := os.Mkdir(filepath.Join(root, "snapshots"), 0o700); err != nil && !os.IsExist(err) {
 		return nil, err
 	}
-	_, scoped := storage.HostOf(ms)
-	return &snapshotter{root: root, ms: ms, scoped: scoped}, nil
-}
-
-// targetOf returns the containerd.io/snapshot.ref label opts set, "" when
-// they set none.
-func targetOf(opts []snapshots.Opt) (string, error) {
-	var base snapshots.Info
-	for _, opt := range opts {
-		if err := opt(&base); err != nil {
-			return "", err
-		}
-	}
-	return base.Labels[snapshots.LabelSnapshotRef], nil
-}
-
-// bind binds key, on a host-scoped store, to the committed layer that the
-// containerd.io/snapshot.ref label of opts names on parent, if the root
-// has one: then it returns an AlreadyExists error, which tells containerd
-// that the layer is there. It returns nil when there is nothing to bind
-// (no label, no such layer, no host scopes): the caller creates key.
-func (o *snapshotter) bind(ctx context.Context, key, parent string, opts []snapshots.Opt) error {
-	if !o.scoped {
-		return nil
-	}
-	target, err := targetOf(opts)
-	if err != nil || target == "" {
-		return err
-	}
-	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		_, err := storage.BindLayer(ctx, key, parent, target, opts...)
-		return err
-	})
-	switch {
-	case err == nil:
-		log.G(ctx).WithFields(log.Fields{"key": key, "target": target}).Debug("bound a shared layer")
-		return fmt.Errorf("target snapshot %q: bound as %q: %w", target, key, errdefs.ErrAlreadyExists)
-	case errdefs.IsNotFound(err), errors.Is(err, storage.ErrNotScoped):
-		// No such layer (or no such parent: create says so).
-		return nil
-	}
-	return err
+	return &snapshotter{root: root, ms: ms}, nil
 }
 
 // Stat returns the info of the snapshot named key.
@@ -224,7 +181,7 @@ func (o *snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 // create adds an active or view snapshot. See the package documentation for
 // why the directory is built before the transaction and published inside it.
 func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
-	if err := o.bind(ctx, key, parent, opts); err != nil {
+	if err := storage.PrepareRemote(ctx, o.ms, key, parent, opts...); err != nil {
 		return nil, err
 	}
 	// A view of a parent mounts the parent's directory; everything else gets
@@ -327,10 +284,6 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		usage   snapshots.Usage
 		usageOf string // ID usage was measured for
 	)
-	target, err := targetOf(opts)
-	if err != nil {
-		return err
-	}
 	return o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		id, info, _, err := storage.GetInfo(ctx, key)
 		if err != nil {
@@ -346,12 +299,7 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			}
 			usage, usageOf = snapshots.Usage(du), id
 		}
-		if o.scoped && target != "" {
-			_, err = storage.CommitShared(ctx, key, name, target, usage, opts...)
-		} else {
-			_, err = storage.CommitActive(ctx, key, name, usage, opts...)
-		}
-		if err != nil {
+		if _, err := storage.CommitRemote(ctx, key, name, usage, opts...); err != nil {
 			return fmt.Errorf("failed to commit snapshot: %w", err)
 		}
 		return nil
