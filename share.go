@@ -1,9 +1,11 @@
 package storage
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -46,20 +48,7 @@ type layer struct {
 type layerRef struct{ Host, Name string }
 
 func (a layerRef) compare(b layerRef) int {
-	if c := cmpString(a.Host, b.Host); c != 0 {
-		return c
-	}
-	return cmpString(a.Name, b.Name)
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
+	return cmp.Or(strings.Compare(a.Host, b.Host), strings.Compare(a.Name, b.Name))
 }
 
 func (l *layer) parentID() uint64 {
