@@ -197,6 +197,13 @@ type retryBeginner interface {
 	beginRetry(ctx context.Context, lost error) engineTx // nil: begin afresh
 }
 
+// nestedReaders is an engine transaction that serves the read-only
+// transactions nested in it itself (bbolt's optimistic transactions: see
+// optTx.nestedReader).
+type nestedReaders interface {
+	nestedReader() engineTx
+}
+
 func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost error) (context.Context, Transactor, error) {
 	if err := s.enter(ctx, writable); err != nil {
 		return ctx, nil, err
@@ -204,6 +211,13 @@ func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost 
 	var etx engineTx
 	if rb, ok := s.eng.(retryBeginner); ok && lost != nil && writable {
 		etx = rb.beginRetry(ctx, lost)
+	}
+	if !writable {
+		if outer := s.openTransaction(ctx); outer != nil {
+			if nr, ok := outer.tx.(nestedReaders); ok {
+				etx = nr.nestedReader()
+			}
+		}
 	}
 	if etx == nil {
 		var err error
