@@ -29,8 +29,8 @@ import (
 //     see them;
 //   - every name read (present or absent) and every parent whose children
 //     were checked is remembered (the read set); a whole-store operation
-//     (scan, scanLinks, idLimit, raiseIDs) is refused with errNeedsSerial
-//     and marks the member for the serial path;
+//     (scan, scanLinks, idLimit, raiseIDs) promotes the member in place to
+//     the serial path (see optTx);
 //   - IDs come from one in-memory allocator of the engine, which every
 //     writer of the store uses in this mode, so no two transactions ever
 //     draw the same ID; an ID drawn by an attempt that applies nothing is
@@ -56,11 +56,6 @@ import (
 // last commit that returned, whose log number (durable) it records.
 // TransactionContext transactions stay ordinary bbolt transactions; in this
 // mode they log their write sets too, and draw IDs from the allocator.
-
-// errNeedsSerial is what an optimistic transaction answers an operation it
-// cannot run: the callback then runs again on the serial path, and the
-// error never reaches a caller.
-var errNeedsSerial = errors.New("operation needs the serial path; the callback runs again")
 
 // boltParallel is the engine's state for parallel callbacks.
 type boltParallel struct {
@@ -187,6 +182,9 @@ func (p *boltParallel) validate(o *optTx) bool {
 	defer p.mu.Unlock()
 	delete(p.active, o)
 	for i := len(p.log) - 1; i >= 0 && p.log[i].seq > o.snapSeq; i-- {
+		if o.readAll {
+			return false
+		}
 		ws := p.log[i].ws
 		for name := range ws.names {
 			if _, ok := o.reads[name]; ok {
@@ -246,7 +244,28 @@ const (
 	opUnlink
 )
 
+// membership is a member's place in a group commit (joinGroup).
+type membership struct {
+	bt    *boltTx
+	gc    *groupCommit
+	first bool
+}
+
+// restartSerially is the panic value with which an optimistic callback is
+// abandoned when it must run again serially in the middle (see promote);
+// runParallel recognises it.
+type restartSerially struct{}
+
 // optTx is the optimistic transaction of a parallel callback.
+//
+// A whole-store operation (scan, scanLinks, idLimit, raiseIDs: a walk must
+// see the transaction's own writes in order, and an ID limit is the
+// store's) promotes it in place: the member joins the group commit, is
+// validated, has its writes so far applied to the shared transaction, and
+// goes on there, serially, as in the default mode. When the validation
+// fails the callback cannot go on: it is abandoned with a panic
+// (restartSerially) that unwinds it, and runs again on the shared
+// transaction.
 type optTx struct {
 	eng     *boltEngine
 	snap    *boltTx // read-only: the snapshot
@@ -259,8 +278,16 @@ type optTx struct {
 	ops        []optOp                    // the writes, in order
 	reads      map[string]struct{}        // names read or written
 	childReads map[uint64]struct{}        // parents whose children were checked or changed
-	serial     bool                       // needs the serial path
+	readAll    bool                       // a nested reader read the whole snapshot
 	maxID      uint64                     // highest ID drawn
+
+	// joined is set once the member joined the group in the middle of its
+	// callback; promoted says it goes on there (else it restarts).
+	joined   *membership
+	promoted bool
+	// applyErr is why applying the writes at promotion failed: the
+	// member's share then fails however the callback ends.
+	applyErr error
 }
 
 // beginOptimistic starts an optimistic transaction on a snapshot of the
@@ -295,21 +322,64 @@ func (e *boltEngine) beginOptimistic() (*optTx, error) {
 	return o, nil
 }
 
-// close ends the snapshot; later uses fail with ErrTransactionDone.
-func (o *optTx) close() {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if !o.closed {
-		o.closed = true
+// closeSnapshot ends the read transaction. Called with mu held.
+func (o *optTx) closeSnapshot() {
+	if o.snap != nil {
 		_ = o.snap.rollback()
+		o.snap = nil
 	}
 }
 
-func (o *optTx) open() error {
+// close ends the transaction; later uses fail with ErrTransactionDone.
+func (o *optTx) close() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.closed = true
+	o.closeSnapshot()
+}
+
+// enter locks o for an operation and says where it goes: shared is the
+// group's transaction once o is promoted (mu is then released), nil while
+// o runs on its snapshot (mu held; the caller unlocks).
+func (o *optTx) enter() (shared *boltTx, err error) {
+	o.mu.Lock()
 	if o.closed {
-		return ErrTransactionDone
+		o.mu.Unlock()
+		return nil, ErrTransactionDone
 	}
-	return nil
+	if o.promoted {
+		bt := o.joined.bt
+		o.mu.Unlock()
+		return bt, nil
+	}
+	return nil, nil
+}
+
+// promote moves o to the group's shared transaction (see optTx), or
+// abandons the callback with restartSerially. Called with mu held; it is
+// released.
+func (o *optTx) promote() (*boltTx, error) {
+	defer o.mu.Unlock()
+	e := o.eng
+	// A writer of the shared transaction that grows the file waits for
+	// every reader: the snapshot goes first.
+	o.closeSnapshot()
+	bt, gc, first, err := e.joinGroup()
+	if err != nil {
+		e.par.release(o)
+		o.closed = true
+		return nil, err
+	}
+	o.joined = &membership{bt, gc, first}
+	if !e.par.validate(o) {
+		panic(restartSerially{})
+	}
+	o.promoted = true
+	if err := o.apply(bt); err != nil {
+		o.applyErr = err
+		return nil, err
+	}
+	return bt, nil
 }
 
 func copyRecord(r *record) *record {
@@ -321,11 +391,14 @@ func copyRecord(r *record) *record {
 }
 
 func (o *optTx) get(ctx context.Context, name string) (*record, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return nil, err
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return nil, err
+		}
+		return shared.get(ctx, name)
 	}
+	defer o.mu.Unlock()
 	if r, ok := o.overlay[name]; ok {
 		return copyRecord(r), nil
 	}
@@ -334,11 +407,14 @@ func (o *optTx) get(ctx context.Context, name string) (*record, error) {
 }
 
 func (o *optTx) getMany(ctx context.Context, names lookupNames) (out [maxLookup]*record, err error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return out, err
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return out, err
+		}
+		return shared.getMany(ctx, names)
 	}
+	defer o.mu.Unlock()
 	var fromSnap lookupNames
 	for i, name := range names {
 		if name == "" {
@@ -366,11 +442,14 @@ func (o *optTx) getMany(ctx context.Context, names lookupNames) (out [maxLookup]
 // write records one write; name and parent, when set, join the read set
 // too (a blind write is validated as a read).
 func (o *optTx) write(op optOp) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return err
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		return applyOp(shared, op)
 	}
+	defer o.mu.Unlock()
 	if err := o.eng.writeRefusal(); err != nil {
 		return err
 	}
@@ -396,6 +475,19 @@ func (o *optTx) write(op optOp) error {
 	return nil
 }
 
+func applyOp(bt *boltTx, op optOp) error {
+	switch op.kind {
+	case opPut:
+		return bt.put(op.name, op.r)
+	case opDelete:
+		return bt.delete(op.name)
+	case opLink:
+		return bt.link(op.parent, op.child)
+	default:
+		return bt.unlink(op.parent, op.child)
+	}
+}
+
 func (o *optTx) put(name string, r *record) error {
 	return o.write(optOp{kind: opPut, name: name, r: r})
 }
@@ -410,12 +502,15 @@ func (o *optTx) unlink(parent, child ref) error {
 	return o.write(optOp{kind: opUnlink, parent: parent, child: child})
 }
 
-func (o *optTx) hasChildren(_ context.Context, p ref) (bool, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return false, err
+func (o *optTx) hasChildren(ctx context.Context, p ref) (bool, error) {
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return false, err
+		}
+		return shared.hasChildren(ctx, p)
 	}
+	defer o.mu.Unlock()
 	o.childReads[p.id] = struct{}{}
 	changed := o.links[p.id]
 	for _, linked := range changed {
@@ -449,46 +544,68 @@ func (o *optTx) willCheckChildren(string) {}
 
 func (o *optTx) maxName() int { return bolt.MaxKeySize }
 
-// needsSerial marks the member for the serial path.
-func (o *optTx) needsSerial() error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
+// serially returns the shared transaction, promoting o first if needed.
+func (o *optTx) serially() (*boltTx, error) {
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		return shared, err
+	}
+	return o.promote()
+}
+
+func (o *optTx) scan(ctx context.Context, fn func(string, *record, error) error) error {
+	bt, err := o.serially()
+	if err != nil {
 		return err
 	}
-	o.serial = true
-	return errNeedsSerial
+	return bt.scan(ctx, fn)
 }
 
-// A walk must see the transaction's own writes in order: the serial path
-// does that.
-func (o *optTx) scan(context.Context, func(string, *record, error) error) error {
-	return o.needsSerial()
+func (o *optTx) scanLinks(ctx context.Context, fn func(ref, ref, error) error) error {
+	bt, err := o.serially()
+	if err != nil {
+		return err
+	}
+	return bt.scanLinks(ctx, fn)
 }
 
-func (o *optTx) scanLinks(context.Context, func(ref, ref, error) error) error {
-	return o.needsSerial()
+func (o *optTx) idLimit(ctx context.Context) (uint64, error) {
+	bt, err := o.serially()
+	if err != nil {
+		return 0, err
+	}
+	return bt.idLimit(ctx)
 }
 
-func (o *optTx) idLimit(context.Context) (uint64, error) { return 0, o.needsSerial() }
-
-func (o *optTx) raiseIDs(context.Context, uint64) error { return o.needsSerial() }
+func (o *optTx) raiseIDs(ctx context.Context, id uint64) error {
+	bt, err := o.serially()
+	if err != nil {
+		return err
+	}
+	return bt.raiseIDs(ctx, id)
+}
 
 func (o *optTx) layoutDamage() error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return err
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		return shared.layoutDamage()
 	}
+	defer o.mu.Unlock()
 	return o.snap.layoutDamage()
 }
 
-func (o *optTx) nextID(context.Context) (uint64, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
-		return 0, err
+func (o *optTx) nextID(ctx context.Context) (uint64, error) {
+	shared, err := o.enter()
+	if shared != nil || err != nil {
+		if err != nil {
+			return 0, err
+		}
+		return shared.nextID(ctx)
 	}
+	defer o.mu.Unlock()
 	if err := o.eng.writeRefusal(); err != nil {
 		return 0, err
 	}
@@ -513,27 +630,15 @@ func (o *optTx) rollback() error {
 
 // apply replays o's writes on bt, the group's shared transaction.
 func (o *optTx) apply(bt *boltTx) error {
-	ctx := context.Background()
 	if o.maxID > 0 {
 		// The bucket's sequence covers every ID stored (Check's
 		// invariant, and containerd's allocator if it opens the file).
-		if err := bt.raiseIDs(ctx, o.maxID); err != nil {
+		if err := bt.raiseIDs(context.Background(), o.maxID); err != nil {
 			return err
 		}
 	}
 	for _, op := range o.ops {
-		var err error
-		switch op.kind {
-		case opPut:
-			err = bt.put(op.name, op.r)
-		case opDelete:
-			err = bt.delete(op.name)
-		case opLink:
-			err = bt.link(op.parent, op.child)
-		case opUnlink:
-			err = bt.unlink(op.parent, op.child)
-		}
-		if err != nil {
+		if err := applyOp(bt, op); err != nil {
 			return fmt.Errorf("applying the transaction: %w", err)
 		}
 	}
@@ -544,82 +649,80 @@ func (o *optTx) apply(bt *boltTx) error {
 // its ctx). It reads o's snapshot, which is what a read-only transaction
 // begun then sees, rather than begin a second bbolt read transaction on
 // the same goroutine (which a writer growing the file would wait for,
-// while it waits for the first: a deadlock). Its reads join o's read set.
+// while it waits for the first: a deadlock). Its reads join o's read set;
+// a whole-store read makes any commit since the snapshot invalidate o.
+// Once o is promoted, it reads the shared transaction.
 func (o *optTx) nestedReader() engineTx { return &optReader{o} }
 
 type optReader struct{ o *optTx }
 
-func (r *optReader) use(fn func(o *optTx) error) error {
+// use runs fn on the snapshot, or on the shared transaction once o is
+// promoted.
+func (r *optReader) use(fn func(bt *boltTx) error, note func(o *optTx)) error {
 	o := r.o
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if err := o.open(); err != nil {
+	shared, err := o.enter()
+	if err != nil {
 		return err
 	}
-	return fn(o)
+	if shared != nil {
+		return fn(shared)
+	}
+	note(o)
+	snap := o.snap
+	o.mu.Unlock()
+	return fn(snap)
 }
 
-// readAll marks o as having read the whole store.
-func (o *optTx) readAll() { o.serial = true }
-
 func (r *optReader) get(ctx context.Context, name string) (rec *record, err error) {
-	err = r.use(func(o *optTx) error {
-		o.reads[name] = struct{}{}
-		rec, err = o.snap.get(ctx, name)
+	err = r.use(func(bt *boltTx) error {
+		rec, err = bt.get(ctx, name)
 		return err
-	})
+	}, func(o *optTx) { o.reads[name] = struct{}{} })
 	return rec, err
 }
 
 func (r *optReader) getMany(ctx context.Context, names lookupNames) (out [maxLookup]*record, err error) {
-	err = r.use(func(o *optTx) error {
+	err = r.use(func(bt *boltTx) error {
+		out, err = bt.getMany(ctx, names)
+		return err
+	}, func(o *optTx) {
 		for _, name := range names {
 			if name != "" {
 				o.reads[name] = struct{}{}
 			}
 		}
-		out, err = o.snap.getMany(ctx, names)
-		return err
 	})
 	return out, err
 }
 
 func (r *optReader) hasChildren(ctx context.Context, p ref) (has bool, err error) {
-	err = r.use(func(o *optTx) error {
-		o.childReads[p.id] = struct{}{}
-		has, err = o.snap.hasChildren(ctx, p)
+	err = r.use(func(bt *boltTx) error {
+		has, err = bt.hasChildren(ctx, p)
 		return err
-	})
+	}, func(o *optTx) { o.childReads[p.id] = struct{}{} })
 	return has, err
 }
 
-// Whole-store reads of a nested reader see a consistent snapshot, but no
-// read set covers them: the member takes the serial path.
+func readsAll(o *optTx) { o.readAll = true }
+
 func (r *optReader) scan(ctx context.Context, fn func(string, *record, error) error) error {
-	if err := r.use(func(o *optTx) error { o.readAll(); return nil }); err != nil {
-		return err
-	}
-	return r.o.snap.scan(ctx, fn)
+	return r.use(func(bt *boltTx) error { return bt.scan(ctx, fn) }, readsAll)
 }
 
 func (r *optReader) scanLinks(ctx context.Context, fn func(ref, ref, error) error) error {
-	if err := r.use(func(o *optTx) error { o.readAll(); return nil }); err != nil {
-		return err
-	}
-	return r.o.snap.scanLinks(ctx, fn)
+	return r.use(func(bt *boltTx) error { return bt.scanLinks(ctx, fn) }, readsAll)
 }
 
 func (r *optReader) idLimit(ctx context.Context) (limit uint64, err error) {
-	err = r.use(func(o *optTx) error {
-		o.readAll()
-		limit, err = o.snap.idLimit(ctx)
+	err = r.use(func(bt *boltTx) error {
+		limit, err = bt.idLimit(ctx)
 		return err
-	})
+	}, readsAll)
 	return limit, err
 }
 
 func (r *optReader) layoutDamage() error {
-	return r.use(func(o *optTx) error { return o.snap.layoutDamage() })
+	return r.use(func(bt *boltTx) error { return bt.layoutDamage() }, func(*optTx) {})
 }
 
 func (r *optReader) willCheckChildren(string) {}
@@ -645,11 +748,22 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 	}
 	err = e.runOptimistic(fn, o)
 	var p *callbackPanic
-	if errors.As(err, &p) {
+	panicked := errors.As(err, &p)
+	if o.promoted {
+		// The member went on serially; runOptimistic settled its share.
+		<-o.joined.gc.done
+		return groupOutcome(err, o.joined.gc)
+	}
+	if m := o.joined; m != nil {
+		// Abandoned at promotion (restartSerially, or the callback
+		// recovered that and returned): run again in the group joined.
+		return e.finishMember(fn, m.bt, m.gc, m.first)
+	}
+	if panicked {
 		e.par.release(o)
 		panic(p.value)
 	}
-	if !o.serial && (err != nil || len(o.ops) == 0) {
+	if err != nil || len(o.ops) == 0 {
 		// Nothing to apply: serializable at the snapshot, which is
 		// durable.
 		e.par.release(o)
@@ -660,34 +774,65 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 		e.par.release(o)
 		return err
 	}
-	if !o.serial && e.par.validate(o) {
+	if e.par.validate(o) {
 		err := o.apply(bt)
 		e.group.settle(gc, bt, first, err == nil)
 		<-gc.done
-		if err != nil {
-			return err
-		}
-		if gc.err != nil {
-			return fmt.Errorf("commit failed: %w", gc.err)
-		}
-		return nil
+		return groupOutcome(err, gc)
 	}
 	e.par.release(o)
 	return e.finishMember(fn, bt, gc, first)
 }
 
-// runOptimistic runs fn on o and closes o's snapshot however fn ends; a
-// panic comes back as a callbackPanic, and a runtime.Goexit goes on after
-// o is forgotten.
+// groupOutcome is what a member whose share ended with err returns once
+// its group's commit gc is over; a panic goes on.
+func groupOutcome(err error, gc *groupCommit) error {
+	var p *callbackPanic
+	if errors.As(err, &p) {
+		panic(p.value)
+	}
+	if err != nil {
+		return err
+	}
+	if gc.err != nil {
+		return fmt.Errorf("commit failed: %w", gc.err)
+	}
+	return nil
+}
+
+// runOptimistic runs fn on o and ends o however fn ends: a panic comes
+// back as a callbackPanic, and a runtime.Goexit goes on after o is
+// forgotten. A member promoted during fn has its share settled here (as
+// runMember does); one abandoned at promotion is left to runParallel,
+// unless the goroutine is exiting.
 func (e *boltEngine) runOptimistic(fn func(engineTx) error, o *optTx) (err error) {
 	returned := false
 	defer func() {
 		o.close()
-		if !returned {
+		m := o.joined
+		switch {
+		case m != nil && o.promoted:
+			e.group.settle(m.gc, m.bt, m.first, returned && err == nil && o.applyErr == nil)
+			if !returned {
+				<-m.gc.done
+			}
+			if returned && err == nil {
+				err = o.applyErr
+			}
+		case m != nil && !returned:
+			e.group.settle(m.gc, m.bt, m.first, false)
+			<-m.gc.done
+		case !returned:
 			e.par.release(o)
 		}
 	}()
 	err = runGuarded(fn, o)
+	var p *callbackPanic
+	if errors.As(err, &p) {
+		if _, ok := p.value.(restartSerially); ok {
+			err = nil
+		}
+	}
 	returned = true
 	return err
 }
