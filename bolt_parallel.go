@@ -277,7 +277,7 @@ type optTx struct {
 	links      map[uint64]map[uint64]bool // parent ID -> child ID -> linked (false: unlinked)
 	ops        []optOp                    // the writes, in order
 	reads      map[string]struct{}        // names read or written
-	childReads map[uint64]struct{}        // parents whose children were checked or changed
+	childReads map[uint64]struct{}        // parents whose children were checked
 	readAll    bool                       // a nested reader read the whole snapshot
 	maxID      uint64                     // highest ID drawn
 
@@ -439,8 +439,8 @@ func (o *optTx) getMany(ctx context.Context, names lookupNames) (out [maxLookup]
 	return out, nil
 }
 
-// write records one write; name and parent, when set, join the read set
-// too (a blind write is validated as a read).
+// write records one write; a record's name joins the read set too (a
+// blind write is validated as a read).
 func (o *optTx) write(op optOp) error {
 	shared, err := o.enter()
 	if shared != nil || err != nil {
@@ -468,8 +468,10 @@ func (o *optTx) write(op optOp) error {
 		if o.links[op.parent.id] == nil {
 			o.links[op.parent.id] = map[uint64]bool{}
 		}
+		// A link is keyed by its child's ID, which only this
+		// transaction holds (or has read by name): links of other
+		// children of the same parent do not conflict with it.
 		o.links[op.parent.id][op.child.id] = op.kind == opLink
-		o.childReads[op.parent.id] = struct{}{}
 	}
 	o.ops = append(o.ops, op)
 	return nil
