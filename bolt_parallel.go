@@ -50,10 +50,15 @@ import (
 // a serial store gives (two creates of one name: one success, one
 // AlreadyExists), never a conflict, and a callback runs at most twice.
 //
-// Validation uses a log of the write sets applied, numbered in order. A
-// snapshot is begun under commitMu (read), which every bbolt commit of the
-// store holds for writing: so a snapshot is exactly the state after the
-// last commit that returned, whose log number (durable) it records.
+// Validation uses a log of the write sets applied, numbered in order; a
+// bbolt writer logs its write set before its commit. A snapshot records
+// the number of the last write set of a commit that had returned (durable)
+// before it begins its read transaction, so it has seen at least those
+// writes: validating against every write set numbered after it may find a
+// write the snapshot saw (the member then runs again, needlessly) but never
+// misses one it did not see. (A snapshot may thus see a commit whose fsync
+// is still under way, as any bbolt reader may: bbolt shows the new meta
+// page as soon as it is written.)
 // TransactionContext transactions stay ordinary bbolt transactions; in this
 // mode they log their write sets too, and draw IDs from the allocator.
 
@@ -62,9 +67,6 @@ type boltParallel struct {
 	// ids is the highest ID handed out; seeded at open from the
 	// snapshots bucket's sequence.
 	ids atomic.Uint64
-	// commitMu is held for writing around every bbolt commit, for
-	// reading while an optimistic snapshot begins.
-	commitMu sync.RWMutex
 
 	mu      sync.Mutex
 	seq     uint64          // number of the last write set logged
@@ -201,14 +203,14 @@ func (p *boltParallel) validate(o *optTx) bool {
 }
 
 // commitParallel commits b's bbolt transaction in parallel mode: its write
-// set (if not logged yet) is logged first, and the commit holds commitMu.
+// set (if not logged yet) is logged first, and the write sets logged so
+// far (all of this writer's: bbolt has one writer at a time) count as
+// durable once the commit returned.
 func (b *boltTx) commitParallel(commit func() error) error {
 	p := b.eng.par
 	p.logWrites(b.ws)
 	b.ws = nil
 	upto := p.lastSeq()
-	p.commitMu.Lock()
-	defer p.commitMu.Unlock()
 	defer p.committed(upto)
 	return commit()
 }
@@ -290,28 +292,16 @@ type optTx struct {
 	applyErr error
 }
 
-// beginOptimistic starts an optimistic transaction on a snapshot of the
-// last commit that returned.
+// beginOptimistic starts an optimistic transaction on a snapshot that
+// holds at least every commit that returned.
 func (e *boltEngine) beginOptimistic() (*optTx, error) {
 	if err := e.writeRefusal(); err != nil {
 		return nil, err
 	}
 	p := e.par
-	p.commitMu.RLock()
-	defer p.commitMu.RUnlock()
-	var tx *bolt.Tx
-	err := e.guarded(nil, func() (err error) {
-		tx, err = e.db.Begin(false)
-		return boltErr(err)
-	})
-	if err != nil {
-		return nil, err
-	}
-	bt, err := e.newBoltTx(tx)
-	if err != nil {
-		return nil, err
-	}
-	o := &optTx{eng: e, snap: bt, reads: map[string]struct{}{}, childReads: map[uint64]struct{}{}}
+	o := &optTx{eng: e, reads: map[string]struct{}{}, childReads: map[uint64]struct{}{}}
+	// The number first, then the read transaction: it sees at least
+	// what the number says (see the top of this file).
 	p.mu.Lock()
 	o.snapSeq = p.durable
 	if p.active == nil {
@@ -319,6 +309,18 @@ func (e *boltEngine) beginOptimistic() (*optTx, error) {
 	}
 	p.active[o] = true
 	p.mu.Unlock()
+	var tx *bolt.Tx
+	err := e.guarded(nil, func() (err error) {
+		tx, err = e.db.Begin(false)
+		return boltErr(err)
+	})
+	if err == nil {
+		o.snap, err = e.newBoltTx(tx)
+	}
+	if err != nil {
+		p.release(o)
+		return nil, err
+	}
 	return o, nil
 }
 

@@ -68,7 +68,7 @@ func TestBoltParallelCallbacksRunSideBySide(t *testing.T) {
 	serial := writers * each * work
 	t.Logf("%d callbacks of %v: %v (serially at least %v); at most %d at once", writers*each, work, elapsed, serial, most.Load())
 	assert.Greater(t, most.Load(), int32(writers/2), "callbacks ran side by side")
-	assert.Less(t, elapsed, serial/4)
+	assert.Less(t, elapsed, serial/3)
 	ids, err := idMap(ms)
 	require.NoError(t, err)
 	assert.Len(t, ids, writers*each)
