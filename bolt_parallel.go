@@ -345,7 +345,9 @@ func (o *optTx) close() {
 // o runs on its snapshot (mu held; the caller unlocks).
 func (o *optTx) enter() (shared *boltTx, err error) {
 	o.mu.Lock()
-	if o.closed {
+	if o.closed || (o.joined != nil && !o.promoted) {
+		// Ended, or abandoned at promotion (a callback that recovered
+		// restartSerially goes on without a transaction).
 		o.mu.Unlock()
 		return nil, ErrTransactionDone
 	}

@@ -438,3 +438,110 @@ func TestBoltParallelWalkAfterAStaleReadRunsAgain(t *testing.T) {
 	}))
 	requireCheckClean(t, ms)
 }
+
+// TestBoltParallelPromotedCallbackFails: a callback that walked (and so
+// went on on the group's transaction) and then fails, panics or calls
+// runtime.Goexit has its writes undone, and a writer alongside commits.
+func TestBoltParallelPromotedCallbackFails(t *testing.T) {
+	ms := openParallel(t)
+	ctx := context.Background()
+	walk := func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil })
+	}
+	errFail := errors.New("fail")
+	for _, end := range []string{"error", "panic", "goexit"} {
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			call := func() error {
+				return ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "doomed-"+end, ""); err != nil {
+						return err
+					}
+					if err := walk(ctx); err != nil {
+						return err
+					}
+					time.Sleep(2 * time.Millisecond)
+					switch end {
+					case "panic":
+						panic("boom")
+					case "goexit":
+						runtime.Goexit()
+					}
+					return errFail
+				})
+			}
+			switch end {
+			case "panic":
+				assert.PanicsWithValue(t, "boom", func() { _ = call() })
+			case "goexit":
+				done := make(chan struct{})
+				go func() { defer close(done); _ = call() }()
+				<-done
+			default:
+				assert.ErrorIs(t, call(), errFail)
+			}
+		})
+		wg.Go(func() {
+			assert.NoError(t, ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+				time.Sleep(time.Millisecond)
+				_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "kept-"+end, "")
+				return err
+			}))
+		})
+		wg.Wait()
+	}
+	ids, err := idMap(ms)
+	require.NoError(t, err)
+	names := map[string]bool{}
+	for _, n := range ids {
+		names[n] = true
+	}
+	assert.Equal(t, map[string]bool{"kept-error": true, "kept-panic": true, "kept-goexit": true}, names)
+	requireCheckClean(t, ms)
+}
+
+// TestBoltParallelRecoveredRestart: a callback abandoned at promotion that
+// recovers the panic finds its transaction done, and runs again serially.
+func TestBoltParallelRecoveredRestart(t *testing.T) {
+	ms := openParallel(t)
+	ctx := context.Background()
+	update(t, ms, func(ctx context.Context) error { return commitLayer(ctx, "x", "") })
+	read, changed := make(chan struct{}), make(chan struct{})
+	runs := 0
+	var afterRecover error
+	done := make(chan error, 1)
+	go func() {
+		done <- ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+			runs++
+			if _, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "x", Labels: map[string]string{"by": "a"}}, "labels.by"); err != nil {
+				return err
+			}
+			if runs == 1 {
+				close(read)
+				<-changed
+				func() {
+					defer func() { _ = recover() }()
+					_ = storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil })
+				}()
+				_, _, _, afterRecover = storage.GetInfo(ctx, "x")
+				return nil
+			}
+			return storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil })
+		})
+	}()
+	<-read
+	update(t, ms, func(ctx context.Context) error {
+		_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "x", Labels: map[string]string{"other": "b"}}, "labels.other")
+		return err
+	})
+	close(changed)
+	require.NoError(t, <-done)
+	assert.Equal(t, 2, runs)
+	assert.ErrorIs(t, afterRecover, storage.ErrTransactionDone)
+	require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err := storage.GetInfo(ctx, "x")
+		assert.Equal(t, map[string]string{"by": "a", "other": "b"}, info.Labels)
+		return err
+	}))
+	requireCheckClean(t, ms)
+}

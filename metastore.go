@@ -57,7 +57,11 @@ type MetaStore interface {
 	// then goes on on the caller's goroutine. On bbolt, concurrent writable
 	// calls share commits (see bolt_group.go); a callback that fails, panics
 	// or calls runtime.Goexit has its writes undone and the others' commit
-	// goes on.
+	// goes on. A bbolt store opened WithParallelCallbacks runs concurrent
+	// writable callbacks side by side, and runs one again (serially, at
+	// most once more) when a concurrent commit changed what it read; see
+	// WithParallelCallbacks. TransactionContext transactions are serial on
+	// bbolt in either mode.
 	//
 	// On bbolt a writable transaction cannot begin while the caller holds
 	// another transaction of the same store: it would wait for itself. A

@@ -60,6 +60,12 @@ func openBolt(root string) (storage.MetaStore, error) {
 	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 }
 
+// openBoltParallel opens a bbolt store whose WithTransaction callbacks run
+// side by side (storage.WithParallelCallbacks).
+func openBoltParallel(root string) (storage.MetaStore, error) {
+	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"), storage.WithParallelCallbacks())
+}
+
 func openEtcd(_ string) (storage.MetaStore, error) {
 	c, err := sharedEtcd()
 	if err != nil {
@@ -103,6 +109,11 @@ func TestNativeBolt(t *testing.T) {
 	testsuite.SnapshotterSuite(t, "NativeBolt", newBolt)
 }
 
+func TestNativeBoltParallel(t *testing.T) {
+	requireRoot(t)
+	testsuite.SnapshotterSuite(t, "NativeBoltParallel", factory(openBoltParallel))
+}
+
 func TestNativeEtcd(t *testing.T) {
 	requireRoot(t)
 	if _, err := sharedEtcd(); err != nil {
@@ -117,6 +128,7 @@ var engines = []struct {
 	open func(root string) (storage.MetaStore, error)
 }{
 	{"Bolt", openBolt},
+	{"BoltParallel", openBoltParallel},
 	{"Etcd", openEtcd},
 }
 
