@@ -58,7 +58,9 @@ import (
 // write the snapshot saw (the member then runs again, needlessly) but never
 // misses one it did not see. (A snapshot may thus see a commit whose fsync
 // is still under way, as any bbolt reader may: bbolt shows the new meta
-// page as soon as it is written.)
+// page as soon as it is written. A member that applies nothing therefore
+// waits, before it returns, for the commit that was under way when its
+// snapshot began: an answer never rests on writes that are not durable.)
 // TransactionContext transactions stay ordinary bbolt transactions; in this
 // mode they log their write sets too, and draw IDs from the allocator.
 
@@ -69,10 +71,15 @@ type boltParallel struct {
 	ids atomic.Uint64
 
 	mu      sync.Mutex
-	seq     uint64          // number of the last write set logged
-	durable uint64          // number of the last write set of a commit that returned
-	log     []loggedWrites  // write sets a snapshot may not have seen, in order
-	active  map[*optTx]bool // optimistic members not yet validated
+	seq     uint64 // number of the last write set logged
+	durable uint64 // number of the last write set of a commit that returned
+	// committing is the number of the last write set of the last commit
+	// begun; a snapshot may see up to it.
+	committing uint64
+	// durableCond is signalled (with mu) when durable grows.
+	durableCond *sync.Cond
+	log         []loggedWrites  // write sets a snapshot may not have seen, in order
+	active      map[*optTx]bool // optimistic members not yet validated
 }
 
 type loggedWrites struct {
@@ -168,6 +175,30 @@ func (p *boltParallel) committed(upto uint64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.durable = max(p.durable, upto)
+	if p.durableCond != nil {
+		p.durableCond.Broadcast()
+	}
+}
+
+// committingUpTo records that a commit of the write sets up to upto
+// begins: snapshots begun from now on may see them.
+func (p *boltParallel) committingUpTo(upto uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.committing = max(p.committing, upto)
+}
+
+// waitDurable waits until the commits of the write sets up to seq have
+// returned.
+func (p *boltParallel) waitDurable(seq uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.durableCond == nil {
+		p.durableCond = sync.NewCond(&p.mu)
+	}
+	for p.durable < seq {
+		p.durableCond.Wait()
+	}
 }
 
 // release forgets an optimistic member that will not be validated.
@@ -211,6 +242,7 @@ func (b *boltTx) commitParallel(commit func() error) error {
 	p.logWrites(b.ws)
 	b.ws = nil
 	upto := p.lastSeq()
+	p.committingUpTo(upto)
 	defer p.committed(upto)
 	return commit()
 }
@@ -272,6 +304,10 @@ type optTx struct {
 	eng     *boltEngine
 	snap    *boltTx // read-only: the snapshot
 	snapSeq uint64
+	// maySee is the number up to which the snapshot may hold writes
+	// (commits under way when it began): a member that applies nothing
+	// waits for them to be durable.
+	maySee uint64
 
 	mu         sync.Mutex
 	closed     bool
@@ -304,6 +340,7 @@ func (e *boltEngine) beginOptimistic() (*optTx, error) {
 	// what the number says (see the top of this file).
 	p.mu.Lock()
 	o.snapSeq = p.durable
+	o.maySee = max(p.durable, p.committing)
 	if p.active == nil {
 		p.active = map[*optTx]bool{}
 	}
@@ -767,12 +804,14 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 	}
 	if panicked {
 		e.par.release(o)
+		e.par.waitDurable(o.maySee)
 		panic(p.value)
 	}
 	if err != nil || len(o.ops) == 0 {
-		// Nothing to apply: serializable at the snapshot, which is
-		// durable.
+		// Nothing to apply: serializable at the snapshot, once what
+		// it may hold is durable.
 		e.par.release(o)
+		e.par.waitDurable(o.maySee)
 		return err
 	}
 	bt, gc, first, err := e.joinGroup()
@@ -830,6 +869,7 @@ func (e *boltEngine) runOptimistic(fn func(engineTx) error, o *optTx) (err error
 			<-m.gc.done
 		case !returned:
 			e.par.release(o)
+			e.par.waitDurable(o.maySee)
 		}
 	}()
 	err = runGuarded(fn, o)
