@@ -48,6 +48,9 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	// Statistics are never read; keeping them costs contention.
 	options.NoStatistics = true
 	options.Timeout = DefaultBoltTimeout
+	settings := &boltOptions{parallel: boltParallelDefault}
+	boltOptionsOf.Store(&options, settings)
+	defer boltOptionsOf.Delete(&options)
 	for _, opt := range opts {
 		if err := opt(&options); err != nil {
 			return nil, err
@@ -78,7 +81,15 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 			return nil, fmt.Errorf("failed to make %s durable: %w", dbfile, boltErr(err))
 		}
 	}
-	return newMetaStore(&boltEngine{db: db, path: dbfile}), nil
+	eng := &boltEngine{db: db, path: dbfile}
+	if settings.parallel && !options.ReadOnly {
+		eng.par = &boltParallel{}
+		if err := eng.seedIDs(); err != nil {
+			_ = db.Close()
+			return nil, err
+		}
+	}
+	return newMetaStore(eng), nil
 }
 
 // syncDir fsyncs a directory, making the names in it durable.
@@ -114,6 +125,9 @@ type boltEngine struct {
 	// damaged is set once a panic of bbolt in a writable transaction was
 	// recovered: every later write is refused with it (see markDamaged).
 	damaged atomic.Pointer[error]
+	// par is set in parallel mode (WithParallelCallbacks): see
+	// bolt_parallel.go.
+	par *boltParallel
 }
 
 func (e *boltEngine) begin(_ context.Context, writable bool) (engineTx, error) {
@@ -145,6 +159,9 @@ func (e *boltEngine) guarded(tx *boltTx, fn func() error) (err error) {
 // it does not hold bbolt's locks.
 func (e *boltEngine) newBoltTx(tx *bolt.Tx) (*boltTx, error) {
 	bt := &boltTx{tx: tx, eng: e, writable: tx.Writable()}
+	if e.par != nil && bt.writable {
+		bt.ws = &writeSet{}
+	}
 	if err := e.guarded(bt, bt.lookupLayout); err != nil {
 		_ = bt.rollback()
 		return nil, err
@@ -225,6 +242,9 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
+	// ws, in parallel mode, collects what a writable transaction writes,
+	// for validating optimistic transactions (bolt_parallel.go).
+	ws *writeSet
 
 	eng      *boltEngine
 	writable bool
@@ -241,7 +261,13 @@ func (b *boltTx) commit(context.Context) error {
 		_ = b.rollback()
 		return err
 	}
-	err := b.eng.guarded(b, func() error { return boltErr(b.tx.Commit()) })
+	commit := func() error { return b.eng.guarded(b, func() error { return boltErr(b.tx.Commit()) }) }
+	var err error
+	if b.eng.par != nil {
+		err = b.commitParallel(commit)
+	} else {
+		err = commit()
+	}
 	if b.broken != nil {
 		// The panic left the transaction open, holding the writer's lock.
 		_ = b.rollback()
@@ -340,6 +366,7 @@ func (b *boltTx) put(name string, r *record) (err error) {
 		return err
 	}
 	b.undo.bucketChanged(b.snaps, name)
+	b.ws.addName(name)
 	sb := b.snaps.Bucket([]byte(name))
 	fresh := sb == nil
 	if fresh {
@@ -374,6 +401,7 @@ func (b *boltTx) delete(name string) (err error) {
 		return b.damage
 	}
 	b.undo.bucketChanged(b.snaps, name)
+	b.ws.addName(name)
 	return boltErr(b.snaps.DeleteBucket([]byte(name)))
 }
 
@@ -388,6 +416,7 @@ func (b *boltTx) link(parent, child ref) (err error) {
 	}
 	k := parentLinkKey(parent.id, child.id)
 	b.undo.keyChanged(b.parents, k)
+	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Put(k, []byte(child.name)))
 }
 
@@ -402,6 +431,7 @@ func (b *boltTx) unlink(parent, child ref) (err error) {
 	}
 	k := parentLinkKey(parent.id, child.id)
 	b.undo.keyChanged(b.parents, k)
+	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Delete(k))
 }
 
@@ -516,6 +546,21 @@ func (b *boltTx) nextID(context.Context) (_ uint64, err error) {
 	if err := b.ensureBuckets(); err != nil {
 		return 0, err
 	}
+	if p := b.eng.par; p != nil {
+		// Parallel mode: every writer draws from the one allocator,
+		// and the sequence covers every ID stored.
+		id, err := p.nextID()
+		if err != nil {
+			return 0, err
+		}
+		if b.snaps.Sequence() < id {
+			b.undo.sequenceChanged(b.snaps)
+			if err := b.snaps.SetSequence(id); err != nil {
+				return 0, boltErr(err)
+			}
+		}
+		return id, nil
+	}
 	b.undo.sequenceChanged(b.snaps)
 	id, err := b.snaps.NextSequence()
 	return id, boltErr(err)
@@ -529,6 +574,9 @@ func (b *boltTx) raiseIDs(_ context.Context, id uint64) (err error) {
 	defer b.eng.guard(prev, b, &err, nil)
 	if err := b.ensureBuckets(); err != nil {
 		return err
+	}
+	if p := b.eng.par; p != nil {
+		p.raise(id)
 	}
 	if b.snaps.Sequence() >= id {
 		return nil

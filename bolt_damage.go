@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
+	"unsafe"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -264,14 +265,24 @@ func openBolt(path string, options *bolt.Options) (db *bolt.DB, err error) {
 func (b *boltTx) checkPages() (found []string, err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)
-	var sink byte
+	// A damaged element may give a key or value a length that reaches
+	// past the file: its first and last bytes may both be mapped (the
+	// last one by something else) while bytes between are not, and
+	// bbolt's check reads them all. So every key and value must lie
+	// within the file's pages, which a read transaction maps.
+	size := b.tx.Size()
+	if st, err := os.Stat(b.eng.path); err == nil {
+		size = min(size, st.Size())
+	}
+	m := mapped{lo: b.tx.DB().Info().Data}
+	m.hi = m.lo + uintptr(size)
 	if err := b.tx.ForEach(func(_ []byte, bk *bolt.Bucket) error {
-		sink ^= touchBucket(bk)
-		return nil
+		m.touchBucket(bk)
+		return m.err
 	}); err != nil {
 		return nil, boltErr(err)
 	}
-	_ = sink
+	_ = m.sink
 	for e := range b.tx.Check() {
 		found = append(found, e.Error())
 	}
@@ -281,21 +292,43 @@ func (b *boltTx) checkPages() (found []string, err error) {
 	return found, nil
 }
 
+// mapped is the memory map of a read transaction's pages, [lo, hi).
+type mapped struct {
+	lo, hi uintptr
+	sink   byte
+	err    error
+}
+
+// within reports whether b, when it starts in the map, ends in it too.
+// One that starts elsewhere is a copy bbolt made (of an unaligned inline
+// bucket), not the map's.
+func (m *mapped) within(b []byte) bool {
+	if len(b) == 0 {
+		return true
+	}
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	return p < m.lo || p >= m.hi || uintptr(len(b)) <= m.hi-p
+}
+
 // touchBucket reads the first and last byte of every key and value under
-// bk, so that every page bbolt's check will read has been read.
-func touchBucket(bk *bolt.Bucket) (x byte) {
+// bk, so that every page bbolt's check will read has been read, after
+// checking that each lies within the file's pages.
+func (m *mapped) touchBucket(bk *bolt.Bucket) {
 	_ = bk.ForEach(func(k, v []byte) error {
+		if !m.within(k) || !m.within(v) {
+			m.err = fmt.Errorf("a key or value reaches past the file's pages (its length is damaged): %w", ErrCorrupt)
+			return m.err
+		}
 		if len(k) > 0 {
-			x ^= k[0] ^ k[len(k)-1]
+			m.sink ^= k[0] ^ k[len(k)-1]
 		}
 		if v == nil {
 			if sub := bk.Bucket(k); sub != nil {
-				x ^= touchBucket(sub)
+				m.touchBucket(sub)
 			}
 		} else if len(v) > 0 {
-			x ^= v[0] ^ v[len(v)-1]
+			m.sink ^= v[0] ^ v[len(v)-1]
 		}
-		return nil
+		return m.err
 	})
-	return x
 }

@@ -46,6 +46,20 @@ type groupCommit struct {
 // runInGroup runs fn as one caller's share of a group commit and returns
 // when that share is durable or has failed.
 func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
+	if e.par != nil {
+		return e.runParallel(fn)
+	}
+	bt, gc, first, err := e.joinGroup()
+	if err != nil {
+		return err
+	}
+	return e.finishMember(fn, bt, gc, first)
+}
+
+// joinGroup waits for the group's lock and returns, with it held, the
+// shared transaction (begun if there is none), its commit, and whether
+// the caller is its first member. On an error the lock is not held.
+func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 	g := &e.group
 	g.waiting.Add(1)
 	g.mu.Lock()
@@ -61,7 +75,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		}
 		if err != nil {
 			g.mu.Unlock()
-			return fmt.Errorf("failed to start transaction: %w", err)
+			return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 		}
 		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
 	}
@@ -75,7 +89,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 		close(gc.done)
 		g.commit = nil
 		g.mu.Unlock()
-		return fmt.Errorf("failed to start transaction: %w", err)
+		return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 	}
 	// Until a callback succeeds the transaction holds nobody's writes, so a
 	// failure drops it whole and needs no undo log.
@@ -83,8 +97,14 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	if !first {
 		bt.undo = &undoLog{}
 	}
+	return bt, gc, first, nil
+}
 
-	err = g.runMember(fn, bt, gc, first)
+// finishMember runs fn as a member of the group joined (joinGroup) and
+// returns when the group's commit is over.
+func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) error {
+	g := &e.group
+	err := g.runMember(fn, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
 	<-gc.done
@@ -137,6 +157,10 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 		g.abandon(bt, fmt.Errorf("group commit aborted: %w", bt.broken))
 	case ok:
 		gc.members++
+		if p := bt.eng.par; p != nil {
+			p.logWrites(bt.ws)
+			bt.ws = nil
+		}
 	case first:
 		g.abandon(bt, nil)
 	default:
@@ -179,7 +203,7 @@ func (p *callbackPanic) Error() string { return fmt.Sprintf("callback panicked: 
 
 // runGuarded runs fn, turning a panic into an error so that the panicking
 // caller's writes are undone and the shared transaction stays usable.
-func runGuarded(fn func(engineTx) error, bt *boltTx) (err error) {
+func runGuarded(fn func(engineTx) error, bt engineTx) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = &callbackPanic{p}

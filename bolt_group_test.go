@@ -81,6 +81,11 @@ func TestBoltGroupCommitIsolatesFailingCallbacks(t *testing.T) {
 	wg.Wait()
 
 	for name, n := range runs {
+		if storage.ParallelCallbacks(ms) {
+			// Parallel callbacks may run again (serially) once.
+			assert.LessOrEqual(t, n, 2, "callback of %s ran at most twice", name)
+			continue
+		}
 		assert.Equal(t, 1, n, "callback of %s ran once", name)
 	}
 	require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
@@ -96,8 +101,9 @@ func TestBoltGroupCommitIsolatesFailingCallbacks(t *testing.T) {
 			return err
 		})
 		assert.Equal(t, wants, got, "exactly the successful callers' snapshots exist")
-		// Undone creates gave their IDs back, as rollbacks would have.
-		for i := 1; i <= len(wants)+1; i++ {
+		// Undone creates gave their IDs back, as rollbacks would have
+		// (with parallel callbacks, drawn IDs are skipped).
+		for i := 1; i <= len(wants)+1 && !storage.ParallelCallbacks(ms); i++ {
 			assert.True(t, ids[fmt.Sprint(i)], "ID %d is in use", i)
 		}
 		_, info, _, _ := storage.GetInfo(ctx, "base")
@@ -128,6 +134,10 @@ func TestBoltGroupCommitUndoLeavesTheFileAsARollbackWould(t *testing.T) {
 		s, err = storage.CreateSnapshot(ctx, snapshots.KindActive, "first", "")
 		return err
 	})
+	if storage.ParallelCallbacks(ms) {
+		assert.Equal(t, "2", s.ID, "parallel callbacks skip a drawn ID")
+		return
+	}
 	assert.Equal(t, "1", s.ID)
 }
 
@@ -246,8 +256,9 @@ func TestBoltGroupCommitSurvivesACallbackThatExitsItsGoroutine(t *testing.T) {
 					return err
 				})
 				assert.Equal(t, committed, got, "exactly the writes of the callers that returned are there")
-				// The undone create gave its ID back, as a rollback does.
-				for i := 1; i <= len(committed)+1; i++ {
+				// The undone create gave its ID back, as a rollback does
+				// (with parallel callbacks, drawn IDs are skipped).
+				for i := 1; i <= len(committed)+1 && !storage.ParallelCallbacks(ms); i++ {
 					assert.True(t, ids[fmt.Sprint(i)], "ID %d is in use", i)
 				}
 				return err

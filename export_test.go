@@ -1,7 +1,28 @@
 package storage
 
-import "time"
+import (
+	"os"
+	"time"
+)
 
 // SetCloseTimeout shortens how long Close of ms waits for transactions in
 // flight, for tests of a stuck one.
 func SetCloseTimeout(ms MetaStore, d time.Duration) { ms.(*metaStore).closeTimeout = d }
+
+// SNAPMETA_TEST_BOLT_PARALLEL=1 runs every test in parallel mode: every
+// bbolt store opens as if WithParallelCallbacks were given.
+func init() {
+	if os.Getenv("SNAPMETA_TEST_BOLT_PARALLEL") == "1" {
+		boltParallelDefault = true
+	}
+}
+
+// ParallelCallbacks reports whether ms is a bbolt store in parallel mode.
+func ParallelCallbacks(ms MetaStore) bool {
+	e, ok := ms.(*metaStore).eng.(*boltEngine)
+	return ok && e.par != nil
+}
+
+// ParallelByDefault reports whether this run opens every bbolt store in
+// parallel mode (SNAPMETA_TEST_BOLT_PARALLEL=1).
+func ParallelByDefault() bool { return boltParallelDefault }

@@ -15,12 +15,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/anishathalye/porcupine"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/snapmeta/storage"
@@ -763,9 +765,9 @@ func linMinimize(history []porcupine.Operation, budget time.Duration) (claims, w
 
 // linOpenBolt opens a bbolt store in a fresh directory, closed at the end
 // of the test.
-func linOpenBolt(t *testing.T) storage.MetaStore {
+func linOpenBolt(t *testing.T, opts ...storage.BoltOpt) storage.MetaStore {
 	t.Helper()
-	ms, err := storage.NewBoltMetaStore(filepath.Join(t.TempDir(), "metadata.db"))
+	ms, err := storage.NewBoltMetaStore(filepath.Join(t.TempDir(), "metadata.db"), opts...)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = ms.Close() })
 	return ms
@@ -799,8 +801,21 @@ func linSeed(t *testing.T) uint64 {
 }
 
 func TestLinearizabilityBolt(t *testing.T) {
+	linBolt(t)
+}
+
+// TestLinearizabilityBoltParallel runs the same workload on a store with
+// parallel callbacks: optimistic callbacks race with one another and with
+// ordinary transactions.
+func TestLinearizabilityBoltParallel(t *testing.T) {
+	for round := range 3 {
+		t.Run(fmt.Sprint(round), func(t *testing.T) { linBolt(t, storage.WithParallelCallbacks()) })
+	}
+}
+
+func linBolt(t *testing.T, opts ...storage.BoltOpt) {
 	seed := linSeed(t)
-	ms := linOpenBolt(t)
+	ms := linOpenBolt(t, opts...)
 	clients := make([]linClient, 6)
 	for i := range clients {
 		// Half the clients write by hand half the time: ordinary bbolt
@@ -822,7 +837,82 @@ func TestLinearizabilityBolt(t *testing.T) {
 // the refusal's reason does not exist (and, were the commit to fail, never
 // will).
 func TestSerializabilityBoltRefusedCallbackWaitsForGroupCommit(t *testing.T) {
-	ms := linOpenBolt(t)
+	for _, mode := range []struct {
+		name string
+		opts []storage.BoltOpt
+	}{{"group", nil}, {"parallel", []storage.BoltOpt{storage.WithParallelCallbacks()}}} {
+		t.Run(mode.name, func(t *testing.T) { linRefusedCallbackWaits(t, mode.opts...) })
+	}
+	t.Run("parallel, validated against the open group", linRefusedCallbackWaitsParallel)
+}
+
+// linRefusedCallbackWaitsParallel is the same schedule for parallel
+// callbacks: A holds the group open on the shared transaction (a walk puts
+// it there) after creating k; B creates k on its snapshot, where k does not
+// exist yet, so its validation fails against A's open write and it runs
+// again serially: AlreadyExists, returned only after A's commit; C, behind,
+// keeps the group open a while.
+func linRefusedCallbackWaitsParallel(t *testing.T) {
+	ms := linOpenBolt(t, storage.WithParallelCallbacks())
+	ctx := context.Background()
+	create := func(ctx context.Context) error {
+		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "k", "")
+		return err
+	}
+	walk := func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil })
+	}
+	created, release, doneA := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	var once sync.Once
+	go func() {
+		doneA <- ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+			if err := walk(ctx); err != nil {
+				return err
+			}
+			err := create(ctx)
+			once.Do(func() { close(created) })
+			<-release
+			return err
+		})
+	}()
+	<-created
+	runsB := atomic.Int32{}
+	doneB, doneC := make(chan error, 1), make(chan error, 1)
+	go func() {
+		doneB <- ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+			runsB.Add(1)
+			return create(ctx)
+		})
+	}()
+	time.Sleep(50 * time.Millisecond)
+	go func() {
+		doneC <- ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+			if err := walk(ctx); err != nil {
+				return err
+			}
+			time.Sleep(300 * time.Millisecond)
+			return nil
+		})
+	}()
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+
+	errB := <-doneB
+	require.True(t, errdefs.IsAlreadyExists(errB), "B: %v", errB)
+	assert.Equal(t, int32(2), runsB.Load(), "B ran again after its validation failed")
+	var errRead error
+	require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, _, _, errRead = storage.GetInfo(ctx, "k")
+		return nil
+	}))
+	require.NoError(t, <-doneA)
+	require.NoError(t, <-doneC)
+	require.NoError(t, errRead, "B returned AlreadyExists for k, so a reader that starts after B returned must find k")
+}
+
+func linRefusedCallbackWaits(t *testing.T, opts ...storage.BoltOpt) {
+	ms := linOpenBolt(t, opts...)
+	parallel := storage.ParallelCallbacks(ms)
 	ctx := context.Background()
 	create := func(ctx context.Context) error {
 		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "k", "")
@@ -830,10 +920,11 @@ func TestSerializabilityBoltRefusedCallbackWaitsForGroupCommit(t *testing.T) {
 	}
 	// A creates k and holds the group open until B and C queue behind it.
 	created, release, doneA := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	var once sync.Once
 	go func() {
 		doneA <- ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 			err := create(ctx)
-			close(created)
+			once.Do(func() { close(created) })
 			<-release
 			return err
 		})
@@ -854,6 +945,15 @@ func TestSerializabilityBoltRefusedCallbackWaitsForGroupCommit(t *testing.T) {
 	close(release)
 
 	errB := <-doneB
+	if parallel {
+		// A's create waits in its callback, on its snapshot, so B's
+		// create (side by side) wins, and A runs again: AlreadyExists.
+		require.NoError(t, errB, "B")
+		errA := <-doneA
+		require.True(t, errdefs.IsAlreadyExists(errA), "A: %v", errA)
+		require.NoError(t, <-doneC)
+		return
+	}
 	require.True(t, errdefs.IsAlreadyExists(errB), "B: %v", errB)
 	var errRead error
 	require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {

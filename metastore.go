@@ -57,7 +57,11 @@ type MetaStore interface {
 	// then goes on on the caller's goroutine. On bbolt, concurrent writable
 	// calls share commits (see bolt_group.go); a callback that fails, panics
 	// or calls runtime.Goexit has its writes undone and the others' commit
-	// goes on.
+	// goes on. A bbolt store opened WithParallelCallbacks runs concurrent
+	// writable callbacks side by side, and runs one again (serially, at
+	// most once more) when a concurrent commit changed what it read; see
+	// WithParallelCallbacks. TransactionContext transactions are serial on
+	// bbolt in either mode.
 	//
 	// On bbolt a writable transaction cannot begin while the caller holds
 	// another transaction of the same store: it would wait for itself. A
@@ -197,6 +201,13 @@ type retryBeginner interface {
 	beginRetry(ctx context.Context, lost error) engineTx // nil: begin afresh
 }
 
+// nestedReaders is an engine transaction that serves the read-only
+// transactions nested in it itself (bbolt's optimistic transactions: see
+// optTx.nestedReader).
+type nestedReaders interface {
+	nestedReader() engineTx
+}
+
 func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost error) (context.Context, Transactor, error) {
 	if err := s.enter(ctx, writable); err != nil {
 		return ctx, nil, err
@@ -204,6 +215,13 @@ func (s *metaStore) transactionContext(ctx context.Context, writable bool, lost 
 	var etx engineTx
 	if rb, ok := s.eng.(retryBeginner); ok && lost != nil && writable {
 		etx = rb.beginRetry(ctx, lost)
+	}
+	if !writable {
+		if outer := s.openTransaction(ctx); outer != nil {
+			if nr, ok := outer.tx.(nestedReaders); ok {
+				etx = nr.nestedReader()
+			}
+		}
 	}
 	if etx == nil {
 		var err error

@@ -22,3 +22,11 @@ func TestBoltMetaStoreSuite(t *testing.T) {
 		return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 	})
 }
+
+// TestBoltParallelMetaStoreSuite runs the conformance suite against the
+// bbolt engine with parallel callbacks.
+func TestBoltParallelMetaStoreSuite(t *testing.T) {
+	testsuite.MetaStoreSuite(t, "bolt-parallel", func(_ testing.TB, root string) (storage.MetaStore, error) {
+		return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"), storage.WithParallelCallbacks())
+	})
+}

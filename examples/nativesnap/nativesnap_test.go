@@ -60,6 +60,12 @@ func openBolt(root string) (storage.MetaStore, error) {
 	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 }
 
+// openBoltParallel opens a bbolt store whose WithTransaction callbacks run
+// side by side (storage.WithParallelCallbacks).
+func openBoltParallel(root string) (storage.MetaStore, error) {
+	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"), storage.WithParallelCallbacks())
+}
+
 func openEtcd(_ string) (storage.MetaStore, error) {
 	c, err := sharedEtcd()
 	if err != nil {
@@ -103,6 +109,11 @@ func TestNativeBolt(t *testing.T) {
 	testsuite.SnapshotterSuite(t, "NativeBolt", newBolt)
 }
 
+func TestNativeBoltParallel(t *testing.T) {
+	requireRoot(t)
+	testsuite.SnapshotterSuite(t, "NativeBoltParallel", factory(openBoltParallel))
+}
+
 func TestNativeEtcd(t *testing.T) {
 	requireRoot(t)
 	if _, err := sharedEtcd(); err != nil {
@@ -117,6 +128,7 @@ var engines = []struct {
 	open func(root string) (storage.MetaStore, error)
 }{
 	{"Bolt", openBolt},
+	{"BoltParallel", openBoltParallel},
 	{"Etcd", openEtcd},
 }
 
@@ -602,5 +614,135 @@ func TestEtcdOtherHostChangesParent(t *testing.T) {
 	info, err := sn.Stat(context.Background(), "base")
 	if err != nil || info.Labels["touched"] != "yes" {
 		t.Errorf("Stat(base) = %+v, %v; want the other host's label", info, err)
+	}
+}
+
+// TestBoltParallelDriverUnderConcurrency runs the driver on a bbolt store
+// with parallel callbacks while its Prepares race: many at once on one
+// parent, several for one key, and with removals of their parents. Every
+// answer is a serial store's (one Prepare of a key succeeds, the others get
+// AlreadyExists; a parent is removed exactly when no Prepare on it
+// succeeded), every successful Prepare's directory exists, no directory is
+// left that no snapshot owns, and the store checks clean.
+func TestBoltParallelDriverUnderConcurrency(t *testing.T) {
+	root := t.TempDir()
+	ms, err := openBoltParallel(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, err := nativesnap.New(root, ms)
+	if err != nil {
+		_ = ms.Close()
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	ctx := context.Background()
+	layer := func(name, parent string) error {
+		if _, err := sn.Prepare(ctx, name+"-a", parent); err != nil {
+			return err
+		}
+		return sn.Commit(ctx, name, name+"-a")
+	}
+	if err := layer("base", ""); err != nil {
+		t.Fatal(err)
+	}
+	const parents = 4
+	for p := range parents {
+		if err := layer(fmt.Sprintf("p%d", p), "base"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var (
+		wg              sync.WaitGroup
+		sameOK, sameDup atomic.Int32
+		onParent        [parents]atomic.Int32
+		removed         [parents]atomic.Bool
+	)
+	gate := make(chan struct{})
+	for i := range 16 {
+		wg.Go(func() {
+			<-gate
+			if err := layer(fmt.Sprintf("l%d", i), "base"); err != nil {
+				t.Errorf("layer %d: %v", i, err)
+			}
+		})
+	}
+	for range 6 {
+		wg.Go(func() {
+			<-gate
+			_, err := sn.Prepare(ctx, "same", "base")
+			switch {
+			case err == nil:
+				sameOK.Add(1)
+			case errdefs.IsAlreadyExists(err):
+				sameDup.Add(1)
+			default:
+				t.Errorf("Prepare(same): %v", err)
+			}
+		})
+	}
+	for p := range parents {
+		parent := fmt.Sprintf("p%d", p)
+		wg.Go(func() {
+			<-gate
+			err := sn.Remove(ctx, parent)
+			switch {
+			case err == nil:
+				removed[p].Store(true)
+			case errdefs.IsFailedPrecondition(err):
+			default:
+				t.Errorf("Remove(%s): %v", parent, err)
+			}
+		})
+		for c := range 3 {
+			wg.Go(func() {
+				<-gate
+				_, err := sn.Prepare(ctx, fmt.Sprintf("%s-c%d", parent, c), parent)
+				switch {
+				case err == nil:
+					onParent[p].Add(1)
+				case errdefs.IsNotFound(err):
+				default:
+					t.Errorf("Prepare on %s: %v", parent, err)
+				}
+			})
+		}
+	}
+	close(gate)
+	wg.Wait()
+	if sameOK.Load() != 1 || sameDup.Load() != 5 {
+		t.Errorf("Prepare(same): %d succeeded, %d AlreadyExists; want 1 and 5", sameOK.Load(), sameDup.Load())
+	}
+	for p := range parents {
+		if removed[p].Load() != (onParent[p].Load() == 0) {
+			t.Errorf("p%d: removed %v with %d children prepared", p, removed[p].Load(), onParent[p].Load())
+		}
+	}
+	var ids map[string]string
+	if err := ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		ids, err = storage.IDMap(ctx)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(filepath.Join(root, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	onDisk := map[string]bool{}
+	for _, e := range entries {
+		onDisk[e.Name()] = true
+		if _, ok := ids[e.Name()]; !ok {
+			t.Errorf("directory %s belongs to no snapshot", e.Name())
+		}
+	}
+	for id, name := range ids {
+		if !onDisk[id] {
+			t.Errorf("snapshot %s (ID %s) has no directory", name, id)
+		}
+	}
+	problems, err := storage.Check(ctx, ms)
+	if err != nil || len(problems) > 0 {
+		t.Fatalf("Check: %v %v", problems, err)
 	}
 }

@@ -63,6 +63,12 @@ func openBolt(root string) (storage.MetaStore, error) {
 	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"))
 }
 
+// openBoltParallel opens a bbolt store whose WithTransaction callbacks run
+// side by side (storage.WithParallelCallbacks).
+func openBoltParallel(root string) (storage.MetaStore, error) {
+	return storage.NewBoltMetaStore(filepath.Join(root, "metadata.db"), storage.WithParallelCallbacks())
+}
+
 func openEtcd(_ string) (storage.MetaStore, error) {
 	c, err := sharedEtcd()
 	if err != nil {
@@ -105,6 +111,11 @@ func TestOverlayBolt(t *testing.T) {
 	testsuite.SnapshotterSuite(t, "overlayfs", factory(openBolt))
 }
 
+func TestOverlayBoltParallel(t *testing.T) {
+	requireRoot(t)
+	testsuite.SnapshotterSuite(t, "overlayfs", factory(openBoltParallel))
+}
+
 func TestOverlayEtcd(t *testing.T) {
 	requireRoot(t)
 	if _, err := sharedEtcd(); err != nil {
@@ -122,6 +133,7 @@ var engines = []struct {
 	open func(root string) (storage.MetaStore, error)
 }{
 	{"Bolt", openBolt},
+	{"BoltParallel", openBoltParallel},
 	{"Etcd", openEtcd},
 }
 
