@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -182,12 +183,12 @@ func (e *etcdEngine) openView(ctx context.Context) (*etcdHost, error) {
 	if err != nil {
 		return nil, err
 	}
-	mode := resp.Responses[0].GetResponseRange().GetKvs()
+	scoped, err := e.modeOf(resp.Responses[0].GetResponseRange().GetKvs())
 	switch {
-	case len(mode) == 0:
+	case err != nil:
+		return nil, err
+	case !scoped:
 		return nil, fmt.Errorf("etcd root %q is not host-scoped: %w", e.root, ErrScopeMismatch)
-	case string(mode[0].Value) != modeHosts:
-		return nil, fmt.Errorf("etcd root %q has unknown mode %q: %w", e.root, mode[0].Value, ErrCorrupt)
 	case len(resp.Responses[1].GetResponseRange().GetKvs()) == 0:
 		return nil, fmt.Errorf("host %q has never opened etcd root %q (or was released): %w", e.opts.host, e.root, errdefs.ErrNotFound)
 	}
@@ -200,33 +201,35 @@ func (e *etcdEngine) checkUnscoped(ctx context.Context) error {
 	if e.opts.host != "" || e.unscopedChecked.Load() {
 		return nil
 	}
-	mode, err := e.readMode(ctx)
-	if err != nil {
-		return err
-	}
-	if mode != "" {
-		return fmt.Errorf("etcd root %q is host-scoped: open it with a host identity (WithHost, or WithHostView to inspect): %w", e.root, ErrScopeMismatch)
-	}
-	e.unscopedChecked.Store(true)
-	return nil
-}
-
-func (e *etcdEngine) readMode(ctx context.Context) (string, error) {
 	var resp *clientv3.GetResponse
 	err := e.call(ctx, func(ctx context.Context) (err error) {
 		resp, err = e.kv.Get(ctx, e.keys.mode())
 		return err
 	})
 	if err != nil {
-		return "", err
+		return err
 	}
-	if len(resp.Kvs) == 0 {
-		return "", nil
+	scoped, err := e.modeOf(resp.Kvs)
+	if err != nil {
+		return err
 	}
-	if v := string(resp.Kvs[0].Value); v != modeHosts {
-		return "", fmt.Errorf("etcd root %q has unknown mode %q: %w", e.root, v, ErrCorrupt)
+	if scoped {
+		return fmt.Errorf("etcd root %q is host-scoped: open it with a host identity (WithHost, or WithHostView to inspect): %w", e.root, ErrScopeMismatch)
 	}
-	return modeHosts, nil
+	e.unscopedChecked.Store(true)
+	return nil
+}
+
+// modeOf reads the mode key as etcd returned it: whether the root is
+// host-scoped; a value this package never writes is ErrCorrupt.
+func (e *etcdEngine) modeOf(kvs []*mvccpb.KeyValue) (scoped bool, err error) {
+	if len(kvs) == 0 {
+		return false, nil
+	}
+	if v := string(kvs[0].Value); v != modeHosts {
+		return false, fmt.Errorf("etcd root %q has unknown mode %q: %w", e.root, v, ErrCorrupt)
+	}
+	return true, nil
 }
 
 // claimHostScoped makes the root host-scoped, in one Txn that holds only
@@ -248,11 +251,8 @@ func (e *etcdEngine) claimHostScoped(ctx context.Context) error {
 	if resp.Succeeded {
 		return nil
 	}
-	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
-		if string(kvs[0].Value) == modeHosts {
-			return nil
-		}
-		return fmt.Errorf("etcd root %q has unknown mode %q: %w", e.root, kvs[0].Value, ErrCorrupt)
+	if scoped, err := e.modeOf(resp.Responses[0].GetResponseRange().GetKvs()); scoped || err != nil {
+		return err
 	}
 	return fmt.Errorf("etcd root %q holds snapshots without host scopes; a root serves one containerd, or many hosts from the start: %w", e.root, ErrScopeMismatch)
 }
@@ -350,15 +350,22 @@ func (h *etcdHost) release() error {
 // HostOf returns the host whose scope ms is, for a store opened WithHost
 // or WithHostView, also behind a wrapper that passes TransactionContext
 // on; ok is false for any other store (bbolt, etcd without host scopes,
-// another package's MetaStore, a closed store). It begins and rolls back a
-// read-only transaction: on a host-scoped store that costs no request (on
-// an etcd store without host scopes, the store's first transaction reads
-// the root's mode). A driver calls it once, to know whether to share
-// layers.
+// another package's MetaStore, a wrapped store that is closed). A store of
+// this package is asked nothing; behind a wrapper it begins and rolls back
+// a read-only transaction, which costs no request on a host-scoped store
+// (on an etcd store without host scopes, the store's first transaction
+// reads the root's mode).
 func HostOf(ms MetaStore) (host string, ok bool) {
 	if ms == nil {
 		return "", false
 	}
+	if m, ours := ms.(*metaStore); ours {
+		if e, isEtcd := m.eng.(*etcdEngine); isEtcd && e.host != nil {
+			return e.host.name, true
+		}
+		return "", false
+	}
+	// Behind a wrapper: ask a transaction.
 	ctx, cancel := context.WithTimeout(context.Background(), DefaultEtcdRequestTimeout)
 	defer cancel()
 	_, tr, err := ms.TransactionContext(ctx, false)
@@ -414,8 +421,8 @@ func ListHosts(ctx context.Context, cli *clientv3.Client, root string) (hosts []
 	if err != nil {
 		return nil, false, err
 	}
-	if len(resp.Responses[0].GetResponseRange().GetKvs()) == 0 {
-		return nil, false, nil
+	if scoped, err := e.modeOf(resp.Responses[0].GetResponseRange().GetKvs()); !scoped || err != nil {
+		return nil, false, err
 	}
 	byName := map[string]*HostInfo{}
 	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/stretchr/testify/assert"
@@ -22,7 +21,7 @@ func TestEtcdHostScopeRoundTrips(t *testing.T) {
 	counting := storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} })
 	a := openEtcd(t, root, storage.WithHost("a"), counting)
 	assert.Equal(t, int64(2), n.Load(), "opening WithHost: the root's mode and the lock (the lease grant is a third)")
-	b := openEtcd(t, root, storage.WithHost("b"), storage.WithHostTTL(2*time.Second), counting)
+	b := openEtcd(t, root, storage.WithHost("b"), counting)
 
 	cost := func(ms storage.MetaStore, fn func(ctx context.Context) error) int64 {
 		t.Helper()

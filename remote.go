@@ -78,6 +78,10 @@ func CommitRemote(ctx context.Context, key, name string, usage snapshots.Usage, 
 // another host's layer, nil when there is nothing to bind and the driver
 // prepares key itself, or the error that stopped it.
 func PrepareRemote(ctx context.Context, ms MetaStore, key, parent string, opts ...snapshots.Opt) error {
+	// The label first: it costs no transaction, and most Prepares have none.
+	if ref, err := RemoteRef(opts...); err != nil || ref == "" {
+		return err
+	}
 	if _, scoped := HostOf(ms); !scoped {
 		return nil
 	}

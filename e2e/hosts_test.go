@@ -49,9 +49,13 @@ func TestContainerdHostsNative(t *testing.T)  { testHosts(t, "native") }
 
 func TestContainerdHostsCollidingNamesOverlay(t *testing.T) { testCollidingNames(t, "overlay") }
 
-// hostTTL is the daemons' --host-ttl: short, so that a killed daemon's
-// host is gone soon.
-const hostTTL = 2 * time.Second
+// hostTTL is host A's --host-ttl: short, so that A's host is gone soon
+// after its daemon is killed. B, which must stay alive through every
+// step however loaded the machine is, keeps a long one (liveTTL).
+const (
+	hostTTL = 3 * time.Second
+	liveTTL = time.Minute
+)
 
 // hostsRoot is the etcd root the hosts share.
 const hostsRoot = "e2e/hosts"
@@ -80,13 +84,13 @@ func newHosts(t *testing.T, driver string) *hostPair {
 			return storage.NewEtcdStore(hostsRoot, &cfg, storage.WithHostView(host))
 		}
 	}
-	start := func(host string) *env {
+	start := func(host string, ttl time.Duration) *env {
 		return startEnv(t, driver, etcdStore, &sharedSetup{
 			root: root, storeFlags: flags, openStore: view(host),
-			daemonArgs: []string{"--host", host, "--host-ttl", hostTTL.String()},
+			daemonArgs: []string{"--host", host, "--host-ttl", ttl.String()},
 		})
 	}
-	return &hostPair{a: start("A"), b: start("B"), etcd: c}
+	return &hostPair{a: start("A", hostTTL), b: start("B", liveTTL), etcd: c}
 }
 
 // step runs fn as a step of the test (see env.step), with both hosts'
