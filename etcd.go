@@ -173,6 +173,9 @@ type etcdEngine struct {
 	// unscopedChecked is set once a store without a host has found its
 	// root is not host-scoped (checkUnscoped).
 	unscopedChecked atomic.Bool
+	// noStream is set once the server or a KV wrapper refused a
+	// RangeStream: long scans then page to the end.
+	noStream atomic.Bool
 
 	// ids is this store's reserved block of IDs, shared by its
 	// transactions.

@@ -2,13 +2,18 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/containerd/errdefs"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -472,9 +477,17 @@ func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err e
 	})
 }
 
-// scanRange reads [start, end) from etcd in pages, every page at the
-// transaction's revision. It neither sees buffered writes nor guards the
-// range: callers do.
+// streamAfterPages is how many pages' worth of keys may remain after a
+// page before scanRange streams them instead.
+const streamAfterPages = 8
+
+// scanRange reads [start, end) from etcd at the transaction's revision: in
+// pages, or, when more than streamAfterPages pages remain after the first
+// and the server offers it (etcd 3.7 and later), the rest in one stream.
+// etcd counts the whole rest of the range for every page it answers, so
+// paging alone costs time in the square of the range's length; the stream
+// keeps it in proportion, with memory still bounded by a chunk. It neither
+// sees buffered writes nor guards the range: callers do.
 func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *mvccpb.KeyValue) error) error {
 	for from := start; ; {
 		var resp *clientv3.GetResponse
@@ -495,7 +508,82 @@ func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *m
 			return nil
 		}
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		// Count is what the range held from this page on.
+		if resp.Count-int64(len(resp.Kvs)) > streamAfterPages*t.e.opts.pageSize && !t.e.noStream.Load() {
+			err := t.streamRange(ctx, from, end, fn)
+			if !errors.Is(err, errNoStream) {
+				return err
+			}
+			t.e.noStream.Store(true)
+		}
 	}
+}
+
+// errNoStream: the server (older than etcd 3.7) or a KV wrapper does not
+// offer RangeStream.
+var errNoStream = errors.New("etcd offers no range stream")
+
+// streamRange reads [from, end) in one RangeStream at the transaction's
+// revision, which a page read pinned before. The request timeout bounds
+// each wait for a chunk, not the whole stream nor fn. It returns
+// errNoStream, having called fn for nothing, when the stream is not
+// offered.
+func (t *etcdTx) streamRange(ctx context.Context, from, end string, fn func(kv *mvccpb.KeyValue) error) error {
+	if t.e.closed.Load() {
+		return ErrClosed
+	}
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	ch, err := t.e.kv.GetStream(sctx, from, t.readOpts(clientv3.WithRange(end))...)
+	if err != nil {
+		return t.e.streamErr(sctx, err)
+	}
+	defer func() {
+		cancel(nil)
+		// The client's goroutine ends once its last send is taken.
+		for range ch {
+		}
+	}()
+	timeout := t.e.opts.requestTimeout
+	var timer *time.Timer
+	if timeout > 0 {
+		timer = time.AfterFunc(timeout, func() { cancel(errRequestTimeout) })
+		defer timer.Stop()
+	}
+	for {
+		if timer != nil {
+			timer.Reset(timeout)
+		}
+		r, ok := <-ch
+		if timer != nil {
+			timer.Stop()
+		}
+		if !ok {
+			return nil
+		}
+		if err := r.Err(); err != nil {
+			return t.e.streamErr(sctx, err)
+		}
+		if t.e.closed.Load() {
+			return ErrClosed
+		}
+		for _, kv := range r.Kvs {
+			if err := fn(kv); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// streamErr maps an error of streamRange as call does.
+func (e *etcdEngine) streamErr(sctx context.Context, err error) error {
+	switch {
+	case status.Code(err) == codes.Unimplemented:
+		return fmt.Errorf("%w: %w", errNoStream, err)
+	case context.Cause(sctx) == errRequestTimeout:
+		return fmt.Errorf("etcd did not answer within %v: %w: %w", e.opts.requestTimeout, errdefs.ErrUnavailable, err)
+	}
+	return mapEtcdErr(err)
 }
 
 func (t *etcdTx) rollback() error {
