@@ -3,13 +3,17 @@ package storage_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,8 +31,20 @@ import (
 // creating them, of a whole-store Walk, of Check, of an export (Walk
 // encoding JSON Lines) and of a migrate (Walk into Import on a new store),
 // and the time of one GetSnapshot on a random active; plus the peak heap
-// of the walk. Flat ns/snapshot across sizes means cost that grows with the
-// work; a bounded peak heap means memory bounded by a page, not the store.
+// of the walk, Check and export. Flat ns/snapshot across sizes means cost
+// that grows with the work; a bounded peak heap means memory bounded by a
+// page, not the store.
+//
+// The store is built with CreateSnapshot and CommitActive, as drivers
+// write: on bbolt by one writer in transactions of 1000 layers, on etcd by
+// 8 writers in transactions of 40 (etcd's 128 operations per transaction),
+// after which the etcd history is compacted. "create" is the build's wall
+// time per snapshot.
+//
+// With SNAPMETA_BENCH_ETCD_PROCESS=1 the etcd server runs in a child
+// process (this test binary, see TestMain), so that its CPU and heap
+// (1M snapshots keep over 1 GiB of it live) are not counted here; the
+// create step then reports the server's resident memory (server-rss-MiB).
 func BenchmarkScale(b *testing.B) {
 	sizes := []int{10_000, 100_000}
 	if v := os.Getenv("SNAPMETA_BENCH_SCALE"); v != "" {
@@ -39,23 +55,27 @@ func BenchmarkScale(b *testing.B) {
 			sizes = append(sizes, n)
 		}
 	}
-	engines := []struct {
-		name string
-		open func(b *testing.B, tag string) storage.MetaStore
-	}{
-		{"bolt", func(b *testing.B, _ string) storage.MetaStore {
+	type engine struct {
+		name    string
+		open    func(b *testing.B, tag string) storage.MetaStore
+		build   scaleBuilder
+		compact func(b *testing.B) // after the build
+		server  func() float64     // the server's resident MiB, NaN when unknown
+	}
+	engines := []engine{
+		{name: "bolt", open: func(b *testing.B, _ string) storage.MetaStore {
 			ms, err := storage.NewBoltMetaStore(filepath.Join(b.TempDir(), "metadata.db"))
 			require.NoError(b, err)
 			b.Cleanup(func() { _ = ms.Close() })
 			return ms
-		}},
-		{"etcd", func(b *testing.B, tag string) storage.MetaStore {
-			cfg := benchEtcdServer(b).ClientConfig()
+		}, build: scaleBuilder{perTx: 1000, writers: 1}},
+		{name: "etcd", open: func(b *testing.B, tag string) storage.MetaStore {
+			cfg := scaleEtcdConfig(b)
 			ms, err := storage.NewEtcdStore(fmt.Sprintf("bench/scale/%s/%d", tag, time.Now().UnixNano()), &cfg)
 			require.NoError(b, err)
 			b.Cleanup(func() { _ = ms.Close() })
 			return ms
-		}},
+		}, build: scaleBuilder{perTx: 40, writers: 8}, compact: scaleEtcdCompact, server: scaleEtcdRSS},
 	}
 	for _, n := range sizes {
 		for _, eng := range engines {
@@ -68,21 +88,36 @@ func BenchmarkScale(b *testing.B) {
 				// building again on each of its rounds would need as many
 				// stores.
 				start := time.Now()
-				actives := scaleBuild(b, ms, n)
+				actives := eng.build.build(b, ms, n)
 				built := time.Since(start)
+				if eng.compact != nil {
+					eng.compact(b)
+				}
 				b.Run("create", func(b *testing.B) {
 					for b.Loop() {
 					}
 					perSnapshot(b, built)
+					if eng.server != nil {
+						if rss := eng.server(); !math.IsNaN(rss) {
+							b.ReportMetric(rss, "server-rss-MiB")
+						}
+					}
 				})
 				b.Run("GetSnapshot", func(b *testing.B) {
+					// Lookups of random actives, each in its own
+					// transaction, 200 per round so that -benchtime 1x
+					// still averages; ns/snapshot is one lookup's time.
+					const lookups = 200
 					for b.Loop() {
-						key := actives[rand.IntN(len(actives))]
-						require.NoError(b, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
-							_, err := storage.GetSnapshot(ctx, key)
-							return err
-						}))
+						for range lookups {
+							key := actives[rand.IntN(len(actives))]
+							require.NoError(b, ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
+								_, err := storage.GetSnapshot(ctx, key)
+								return err
+							}))
+						}
 					}
+					b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*lookups), "ns/snapshot")
 				})
 				b.Run("walk", func(b *testing.B) {
 					h := startHeapPeak()
@@ -98,6 +133,7 @@ func BenchmarkScale(b *testing.B) {
 					h.report(b)
 				})
 				b.Run("Check", func(b *testing.B) {
+					h := startHeapPeak()
 					for b.Loop() {
 						start := time.Now()
 						problems, err := storage.Check(context.Background(), ms)
@@ -105,8 +141,10 @@ func BenchmarkScale(b *testing.B) {
 						require.Empty(b, problems)
 						perSnapshot(b, time.Since(start))
 					}
+					h.report(b)
 				})
 				b.Run("export", func(b *testing.B) {
+					h := startHeapPeak()
 					for b.Loop() {
 						start := time.Now()
 						enc := json.NewEncoder(io.Discard)
@@ -115,6 +153,7 @@ func BenchmarkScale(b *testing.B) {
 						}))
 						perSnapshot(b, time.Since(start))
 					}
+					h.report(b)
 				})
 				b.Run("migrate", func(b *testing.B) {
 					for b.Loop() {
@@ -129,45 +168,67 @@ func BenchmarkScale(b *testing.B) {
 	}
 }
 
-// scaleBuild fills ms with n snapshots: committed layers in chains of 10
-// and an active on every tenth layer, in transactions of 40 creates (etcd
-// takes 128 operations per transaction). It returns the actives' names.
-func scaleBuild(b *testing.B, ms storage.MetaStore, n int) []string {
-	const perTx = 40
-	var actives []string
-	for lo := 0; lo < n; lo += perTx {
-		hi := min(lo+perTx, n)
-		err := ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
-			for i := lo; i < hi; i++ {
-				name := fmt.Sprintf("s%08d", i)
-				switch {
-				case i%10 == 9:
-					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, fmt.Sprintf("s%08d", i-1)); err != nil {
-						return err
+// scaleBuilder fills a store: writers goroutines, each with its share of
+// the transactions of perTx snapshots (a multiple of 10, so that a chain
+// never spans two).
+type scaleBuilder struct {
+	perTx, writers int
+}
+
+// build fills ms with n snapshots: committed layers in chains of 10 and an
+// active on every tenth layer. It returns the actives' names.
+func (sb scaleBuilder) build(b *testing.B, ms storage.MetaStore, n int) []string {
+	txs := (n + sb.perTx - 1) / sb.perTx
+	var next atomic.Int64
+	errs := make([]error, sb.writers)
+	var wg sync.WaitGroup
+	for w := range sb.writers {
+		wg.Go(func() {
+			for {
+				tx := int(next.Add(1)) - 1
+				if tx >= txs {
+					return
+				}
+				lo, hi := tx*sb.perTx, min((tx+1)*sb.perTx, n)
+				errs[w] = ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+					for i := lo; i < hi; i++ {
+						if err := scaleCreate(ctx, i); err != nil {
+							return err
+						}
 					}
-				default:
-					parent := ""
-					if i%10 != 0 {
-						parent = fmt.Sprintf("s%08d", i-1)
-					}
-					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name+"-x", parent); err != nil {
-						return err
-					}
-					if _, err := storage.CommitActive(ctx, name+"-x", name, snapshots.Usage{Size: 4096, Inodes: 2}); err != nil {
-						return err
-					}
+					return nil
+				})
+				if errs[w] != nil {
+					return
 				}
 			}
-			return nil
 		})
-		require.NoError(b, err)
-		for i := lo; i < hi; i++ {
-			if i%10 == 9 {
-				actives = append(actives, fmt.Sprintf("s%08d", i))
-			}
-		}
+	}
+	wg.Wait()
+	require.NoError(b, errors.Join(errs...))
+	var actives []string
+	for i := 9; i < n; i += 10 {
+		actives = append(actives, fmt.Sprintf("s%08d", i))
 	}
 	return actives
+}
+
+// scaleCreate creates snapshot i of the store scaleBuilder fills.
+func scaleCreate(ctx context.Context, i int) error {
+	name := fmt.Sprintf("s%08d", i)
+	if i%10 == 9 {
+		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, fmt.Sprintf("s%08d", i-1))
+		return err
+	}
+	parent := ""
+	if i%10 != 0 {
+		parent = fmt.Sprintf("s%08d", i-1)
+	}
+	if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name+"-x", parent); err != nil {
+		return err
+	}
+	_, err := storage.CommitActive(ctx, name+"-x", name, snapshots.Usage{Size: 4096, Inodes: 2})
+	return err
 }
 
 // scaleMigrate copies src into dst as snapmeta migrate does: one paged walk,

@@ -15,13 +15,22 @@ import (
 // TestMain stops the shared embedded etcd (and the benchmarks') after the
 // tests and fails the run
 // if any goroutine outlives them: every store and client must be closed.
+//
+// With SNAPMETA_BENCH_ETCD_CHILD set, the binary is instead the etcd server
+// of a parent's BenchmarkScale (bench_etcdproc_test.go).
 func TestMain(m *testing.M) {
+	if dir := os.Getenv(benchEtcdChildEnv); dir != "" {
+		os.Exit(runBenchEtcdChild(dir))
+	}
 	code := m.Run()
 	if sharedEtcd != nil {
 		sharedEtcd.Close()
 	}
 	if benchEtcd != nil {
 		benchEtcd.Close()
+	}
+	if benchEtcdProc != nil {
+		benchEtcdProc.stop()
 	}
 	if code == 0 {
 		if err := goleak.Find(etcdtest.GoleakIgnores...); err != nil {
