@@ -584,7 +584,8 @@ func boltParallelImpl() boltImpl {
 }
 
 // BenchmarkBoltPrepareCommitWithWork is a driver's Prepare and Commit of
-// a snapshot from 16 goroutines at once, where Prepare's callback does the
+// a snapshot from 1, 4, 16 and 64 goroutines at once (writers=N; issue 16's
+// target is at 16), where Prepare's callback does the
 // driver's filesystem work: 2 ms of sleep (work=sleep2ms), or the write of
 // a 4 KiB file and its fsync (work=fsync). Each operation is two write
 // transactions (Prepare: create the active and work; Commit: commit it);
@@ -597,7 +598,6 @@ func BenchmarkBoltPrepareCommitWithWork(b *testing.B) {
 	for j, impl := range impls {
 		stores[j] = openBoltBench(b, impl)
 	}
-	const writers = 16
 	works := []struct {
 		name string
 		do   func(dir string, i int) error
@@ -614,27 +614,31 @@ func BenchmarkBoltPrepareCommitWithWork(b *testing.B) {
 	}
 	for _, work := range works {
 		b.Run("work="+work.name, func(b *testing.B) {
-			for _, s := range stores {
-				b.Run("impl="+s.name, func(b *testing.B) {
-					b.ReportAllocs()
-					round, parent := s.parents(b, b.N)
-					dir := b.TempDir()
-					ctx := context.Background()
-					runWriters(b, writers, func(_ int, i int) error {
-						key := fmt.Sprintf("%s-prepare-%d", round, i)
-						err := s.withTx(ctx, true, func(ctx context.Context) error {
-							if err := s.create(ctx, snapshots.KindActive, key, parent(i)); err != nil {
-								return err
-							}
-							return work.do(dir, i)
+			for _, writers := range []int{1, 4, 16, 64} {
+				b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
+					for _, s := range stores {
+						b.Run("impl="+s.name, func(b *testing.B) {
+							b.ReportAllocs()
+							round, parent := s.parents(b, b.N)
+							dir := b.TempDir()
+							ctx := context.Background()
+							runWriters(b, writers, func(_ int, i int) error {
+								key := fmt.Sprintf("%s-prepare-%d", round, i)
+								err := s.withTx(ctx, true, func(ctx context.Context) error {
+									if err := s.create(ctx, snapshots.KindActive, key, parent(i)); err != nil {
+										return err
+									}
+									return work.do(dir, i)
+								})
+								if err != nil {
+									return err
+								}
+								return s.withTx(ctx, true, func(ctx context.Context) error {
+									return s.commit(ctx, key, fmt.Sprintf("%s-layer-%d", round, i), snapshots.Usage{Size: 4096, Inodes: 2})
+								})
+							})
 						})
-						if err != nil {
-							return err
-						}
-						return s.withTx(ctx, true, func(ctx context.Context) error {
-							return s.commit(ctx, key, fmt.Sprintf("%s-layer-%d", round, i), snapshots.Usage{Size: 4096, Inodes: 2})
-						})
-					})
+					}
 				})
 			}
 		})
