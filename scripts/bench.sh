@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs the benchmarks (bench_test.go) and writes docs/benchmarks.md and
-# docs/write-throughput.svg from their output.
+# Runs the benchmarks (bench_test.go) and writes docs/benchmarks.md and its
+# charts (docs/write-throughput.svg, docs/parallel-callbacks.svg,
+# docs/etcd-clients.svg, docs/scale.svg) from their output.
 #
 #   scripts/bench.sh                      # -count 5, default -benchtime
 #   COUNT=1 BENCHTIME=200ms scripts/bench.sh
 #   BENCH='Bolt' scripts/bench.sh         # a subset (a -bench regexp)
 #   BENCH_INPUT=old.txt scripts/bench.sh  # re-render from saved output, no run
 #   scripts/bench.sh -cpu 2               # extra arguments go to go test
+#   SCALE=10000,100000,1000000 scripts/bench.sh   # BenchmarkScale again, into docs/scale.txt
 #
 # Environment: COUNT (5), BENCHTIME (go's default, 1s), BENCH (.),
 # CLUSTER_BENCH (the etcd benchmarks run again on a 3-member cluster; empty
@@ -17,6 +19,10 @@
 # command.txt beside it is used when there), BENCHSTAT_VERSION (pinned
 # below). Run it on a quiet machine: every sub-benchmark is compared with
 # its reference in the same process, but noise still widens the intervals.
+# SCALE (unset: the scale section is rendered from docs/scale.txt, kept in
+# the repository because a run to 1M snapshots takes most of an hour) runs
+# BenchmarkScale at those sizes, its etcd server in a child process, and
+# rewrites docs/scale.txt.
 # A full run (-count 5) takes some 15 to 30 minutes on two cores (COUNT=3
 # BENCHTIME=300ms took 4 minutes, building the 100k snapshots included).
 set -euo pipefail
@@ -77,9 +83,37 @@ elif [ -n "$CLUSTER_BENCH" ]; then
 	echo "+ SNAPMETA_BENCH_ETCD_MEMBERS=3 ${cmd3[*]}" >&2
 	SNAPMETA_BENCH_ETCD_MEMBERS=3 "${cmd3[@]}" 2>&1 | tee "$raw3"
 fi
+chart=$out_dir/benchchart
+go build -o "$chart" ./scripts/benchchart
 ratios3="(not run: CLUSTER_BENCH was empty)"
+cluster3=()
 if [ -s "$raw3" ]; then
-	ratios3=$(go run ./scripts/benchchart table "$raw3")
+	ratios3=$("$chart" table -targets=false "$raw3")
+	cluster3=(-cluster3 "$raw3")
+fi
+
+# BenchmarkScale: its saved output, or a new run with SCALE set.
+scale_raw=docs/scale.txt
+if [ -n "${SCALE:-}" ] && [ -z "${BENCH_INPUT:-}" ]; then
+	scale_cmd=(go test -run '^$' -bench '^BenchmarkScale$' -benchtime 1x -benchmem -timeout "$TIMEOUT" .)
+	scale_line="SNAPMETA_BENCH_ETCD_PROCESS=1 SNAPMETA_BENCH_SCALE=$SCALE $(printf '%q ' "${scale_cmd[@]}")"
+	echo "+ $scale_line" >&2
+	{
+		echo "# ${scale_line% }"
+		SNAPMETA_BENCH_ETCD_PROCESS=1 SNAPMETA_BENCH_SCALE=$SCALE "${scale_cmd[@]}" 2>&1
+	} | tee "$out_dir/scale.txt"
+	cp "$out_dir/scale.txt" "$scale_raw"
+fi
+scale_args=()
+scale_section="(no docs/scale.txt: run with SCALE=10000,100000,1000000)"
+if [ -s "$scale_raw" ]; then
+	scale_args=(-scale "$scale_raw")
+	"$chart" scale -o docs/scale.svg "$scale_raw"
+	scale_section="$(head -1 "$scale_raw" | sed 's/^# *//; s/.*/Command: `&`/')
+
+$("$chart" scale -table "$scale_raw")
+
+![cost per snapshot against the store's size](scale.svg)"
 fi
 
 # benchstat: one table per engine, snapmeta next to its reference.
@@ -103,8 +137,17 @@ else
 	echo "benchstat ($BENCHSTAT) was not reachable when this was written." >"$benchstat_out"
 fi
 
-ratios=$(go run ./scripts/benchchart table "$raw")
-go run ./scripts/benchchart svg -o docs/write-throughput.svg "$raw"
+ratios=$("$chart" table "${cluster3[@]}" "${scale_args[@]}" "$raw")
+"$chart" svg -o docs/write-throughput.svg "$raw"
+# A partial run may lack a chart's benchmarks: say so in place of it.
+parallel_chart="(not run: BenchmarkBoltPrepareCommitWithWork)"
+if "$chart" parallel -o docs/parallel-callbacks.svg "$raw"; then
+	parallel_chart="![Prepare+Commit with work in the callback against writers](parallel-callbacks.svg)"
+fi
+clients_chart="(not run: BenchmarkEtcdClients)"
+if "$chart" clients -o docs/etcd-clients.svg "${cluster3[@]}" "$raw"; then
+	clients_chart="![etcd Prepare+Commit against clients](etcd-clients.svg)"
+fi
 
 cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
 {
@@ -158,6 +201,9 @@ holds even where absolute times do not:
 ## Snapmeta against the references
 
 Medians over the runs; a ratio below 1 means snapmeta takes less time.
+\`snapmeta-parallel\` is the bbolt store with \`WithParallelCallbacks\`,
+\`snapmeta-cache\` the etcd store with its watch-fed cache; both are
+compared with the same reference. The table ends with issue 16's targets.
 
 $ratios
 
@@ -172,6 +218,28 @@ $ratios3
 
 ![write throughput against concurrent writers](write-throughput.svg)
 
+## Callbacks that do work (bbolt)
+
+A driver's Prepare (create the active, then the callback's work) and
+Commit, each a write transaction, from N goroutines at once.
+
+$parallel_chart
+
+## etcd clients
+
+Prepare+Commit of a layer from N clients, each with its own connection and
+store.
+
+$clients_chart
+
+## Scale
+
+BenchmarkScale (bench_scale_test.go): per snapshot, the time of building
+the store, of one GetSnapshot, of a whole-store Walk, Check, export and
+migrate, at each size. Its output is kept in \`docs/scale.txt\`.
+
+$scale_section
+
 ## benchstat
 
 \`benchstat -col /impl\`, reference first: the "vs base" column is
@@ -181,4 +249,4 @@ $(cat "$benchstat_out")
 EOF
 } >docs/benchmarks.md
 
-echo "wrote docs/benchmarks.md and docs/write-throughput.svg; raw output in $raw" >&2
+echo "wrote docs/benchmarks.md and its charts; raw output in $raw" >&2

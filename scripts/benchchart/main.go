@@ -1,14 +1,19 @@
 // Command benchchart turns the output of the storage benchmarks
-// (go test -bench, any -count) into a write-throughput chart and a table of
-// ratios against the references. It has no dependencies.
+// (go test -bench, any -count) into charts and tables of ratios against the
+// references. It has no dependencies.
 //
-//	benchchart svg   [-o out.svg] [bench.txt ...]   line chart: tx/s against concurrent writers
-//	benchchart table [bench.txt ...]                markdown: medians, ratios, targets
+//	benchchart table    [-cluster3 f] [-scale f] [-targets=false] [bench.txt ...]
+//	                    markdown: medians, ratios, then issue 16's targets
+//	benchchart svg      [-o out.svg] [bench.txt ...]   tx/s against concurrent writers
+//	benchchart parallel [-o out.svg] [bench.txt ...]   Prepare+Commit with work, against writers
+//	benchchart clients  [-o out.svg] [-cluster3 f] [bench.txt ...]   etcd Prepare+Commit against clients
+//	benchchart scale    [-o out.svg] [-table] [scale.txt ...]   ns/snapshot against the store's size
 //
 // With no file it reads standard input. Every sub-benchmark named
-// .../impl=<name> is compared with the reference of its benchmark: impl=
-// containerd for the Bolt benchmarks, impl=raw for the Etcd ones. Values are
-// medians over the runs (-count).
+// .../impl=<name>[/...] is compared with the reference of its benchmark:
+// impl=containerd for the Bolt benchmarks, impl=raw for the Etcd ones.
+// Values are medians over the runs (-count). -cluster3 names the output of
+// the etcd benchmarks on a 3-member cluster, -scale BenchmarkScale's.
 package main
 
 import (
@@ -29,12 +34,20 @@ func main() {
 	if len(os.Args) < 2 {
 		usage()
 	}
-	switch os.Args[1] {
-	case "svg":
-		fs := flag.NewFlagSet("svg", flag.ExitOnError)
-		out := fs.String("o", "", "write the SVG to this file (default standard output)")
-		_ = fs.Parse(os.Args[2:])
-		res := mustRead(fs.Args())
+	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	out := fs.String("o", "", "write the SVG to this file (default standard output)")
+	cluster3 := fs.String("cluster3", "", "output of the etcd benchmarks on a 3-member cluster")
+	scale := fs.String("scale", "", "output of BenchmarkScale")
+	withTargets := fs.Bool("targets", true, "table: end with issue 16's targets")
+	scaleTable := fs.Bool("table", false, "scale: write the markdown table instead of the chart")
+	_ = fs.Parse(os.Args[2:])
+	optional := func(file string) *results {
+		if file == "" {
+			return nil
+		}
+		return mustRead([]string{file})
+	}
+	svg := func(draw func(io.Writer) error) {
 		w := io.Writer(os.Stdout)
 		if *out != "" {
 			f, err := os.Create(*out)
@@ -42,18 +55,41 @@ func main() {
 			defer f.Close()
 			w = f
 		}
-		check(writeSVG(w, res))
+		check(draw(w))
+	}
+	switch os.Args[1] {
+	case "svg":
+		res := mustRead(fs.Args())
+		svg(func(w io.Writer) error { return writeSVG(w, res) })
+	case "parallel":
+		res := mustRead(fs.Args())
+		svg(func(w io.Writer) error { return writeParallelSVG(w, res) })
+	case "clients":
+		res, r3 := mustRead(fs.Args()), optional(*cluster3)
+		svg(func(w io.Writer) error { return writeClientsSVG(w, res, r3) })
+	case "scale":
+		res := mustRead(fs.Args())
+		if *scaleTable {
+			check(writeScaleTable(os.Stdout, res))
+			return
+		}
+		svg(func(w io.Writer) error { return writeScaleSVG(w, res) })
 	case "table":
-		fs := flag.NewFlagSet("table", flag.ExitOnError)
-		_ = fs.Parse(os.Args[2:])
-		check(writeTable(os.Stdout, mustRead(fs.Args())))
+		res := mustRead(fs.Args())
+		check(writeTable(os.Stdout, res))
+		if *withTargets {
+			writeTargets(os.Stdout, issue16Targets(res, optional(*cluster3), optional(*scale)))
+		}
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: benchchart svg [-o out.svg] [bench.txt ...]\n       benchchart table [bench.txt ...]")
+	fmt.Fprintln(os.Stderr, `usage: benchchart table [-cluster3 f] [-scale f] [-targets=false] [bench.txt ...]
+       benchchart svg|parallel [-o out.svg] [bench.txt ...]
+       benchchart clients [-o out.svg] [-cluster3 f] [bench.txt ...]
+       benchchart scale [-o out.svg] [-table] [scale.txt ...]`)
 	os.Exit(2)
 }
 
@@ -69,10 +105,11 @@ func check(err error) {
 type results struct {
 	order []string
 	vals  map[string]map[string][]float64
+	names map[string]map[string]string // group, impl -> name
 }
 
 func mustRead(files []string) *results {
-	res := &results{vals: map[string]map[string][]float64{}}
+	res := &results{vals: map[string]map[string][]float64{}, names: map[string]map[string]string{}}
 	if len(files) == 0 {
 		check(res.parse(os.Stdin))
 		return res
@@ -107,6 +144,12 @@ func (r *results) parse(rd io.Reader) error {
 			m = map[string][]float64{}
 			r.vals[name] = m
 			r.order = append(r.order, name)
+			if g, impl := splitImpl(name); impl != "" {
+				if r.names[g] == nil {
+					r.names[g] = map[string]string{}
+				}
+				r.names[g][impl] = name
+			}
 		}
 		for i := 2; i+1 < len(f); i += 2 {
 			v, err := strconv.ParseFloat(f[i], 64)
@@ -136,13 +179,42 @@ func (r *results) get(name, unit string) float64 {
 	return median(r.vals[name][unit])
 }
 
-// splitImpl splits "BenchmarkX/a=1/impl=y" into "BenchmarkX/a=1" and "y".
+// splitImpl takes the impl=<name> element out of a benchmark's name:
+// "BenchmarkX/a=1/impl=y" gives "BenchmarkX/a=1" and "y",
+// "BenchmarkX/impl=y/file" gives "BenchmarkX/file" and "y".
 func splitImpl(name string) (group, impl string) {
-	i := strings.LastIndex(name, "/impl=")
+	i := strings.Index(name, "/impl=")
 	if i < 0 {
 		return name, ""
 	}
-	return name[:i], name[i+len("/impl="):]
+	rest := name[i+len("/impl="):]
+	if j := strings.IndexByte(rest, '/'); j >= 0 {
+		return name[:i] + rest[j:], rest[:j]
+	}
+	return name[:i], rest
+}
+
+// name is the full name of group's sub-benchmark for impl, "" when absent.
+func (r *results) name(group, impl string) string {
+	return r.names[group][impl]
+}
+
+// getImpl is the median of unit for group's impl, NaN when absent.
+func (r *results) getImpl(group, impl, unit string) float64 {
+	return r.get(r.name(group, impl), unit)
+}
+
+// impls lists group's implementations other than its reference, in the
+// order they ran.
+func (r *results) impls(group string) []string {
+	var out []string
+	for _, name := range r.order {
+		g, impl := splitImpl(name)
+		if g == group && impl != "" && impl != reference(group) && !slices.Contains(out, impl) {
+			out = append(out, impl)
+		}
+	}
+	return out
 }
 
 func reference(group string) string {
@@ -152,6 +224,9 @@ func reference(group string) string {
 	return "containerd"
 }
 
+// ours is this package's default mode; snapmeta-parallel (bbolt,
+// WithParallelCallbacks) and snapmeta-cache (etcd, the watch-fed cache)
+// are compared with the same references.
 const ours = "snapmeta"
 
 // ---------------------------------------------------------------------------
@@ -200,8 +275,10 @@ func pair(ref, our float64, f func(float64) string) string {
 }
 
 // extraUnits are reported besides time and allocations, when present.
-var extraUnits = []string{"tx/s", "roundtrips/op", "peak-heap-MiB", "peak-live-MiB", "base-live-MiB"}
+var extraUnits = []string{"tx/s", "roundtrips/op", "peak-heap-MiB", "peak-live-MiB", "base-live-MiB", "file-MiB", "used-MiB"}
 
+// writeTable writes one row per implementation of each benchmark against
+// its reference.
 func writeTable(w io.Writer, r *results) error {
 	var groups []string
 	seen := map[string]bool{}
@@ -213,275 +290,28 @@ func writeTable(w io.Writer, r *results) error {
 		seen[g] = true
 		groups = append(groups, g)
 	}
-	fmt.Fprintln(w, "| benchmark | vs | time/op (ref → snapmeta) | time ratio | allocs/op (ref → snapmeta) | B/op (ref → snapmeta) | other (ref → snapmeta) |")
+	fmt.Fprintln(w, "| benchmark | impl vs ref | time/op (ref → impl) | time ratio | allocs/op (ref → impl) | B/op (ref → impl) | other (ref → impl) |")
 	fmt.Fprintln(w, "| --- | --- | --- | ---: | --- | --- | --- |")
 	for _, g := range groups {
 		ref := reference(g)
-		rn, on := g+"/impl="+ref, g+"/impl="+ours
-		rt, ot := r.get(rn, "ns/op"), r.get(on, "ns/op")
-		var other []string
-		for _, u := range extraUnits {
-			rv, ov := r.get(rn, u), r.get(on, u)
-			if math.IsNaN(rv) && math.IsNaN(ov) {
-				continue
+		for _, impl := range r.impls(g) {
+			rn, on := r.name(g, ref), r.name(g, impl)
+			rt, ot := r.get(rn, "ns/op"), r.get(on, "ns/op")
+			var other []string
+			for _, u := range extraUnits {
+				rv, ov := r.get(rn, u), r.get(on, u)
+				if math.IsNaN(rv) && math.IsNaN(ov) {
+					continue
+				}
+				other = append(other, u+" "+pair(rv, ov, fmtNum))
 			}
-			other = append(other, u+" "+pair(rv, ov, fmtNum))
+			fmt.Fprintf(w, "| %s | %s vs %s | %s | %s | %s | %s | %s |\n",
+				strings.TrimPrefix(g, "Benchmark"), impl, ref, pair(rt, ot, fmtTime), fmtRatio(ot/rt),
+				pair(r.get(rn, "allocs/op"), r.get(on, "allocs/op"), fmtNum),
+				pair(r.get(rn, "B/op"), r.get(on, "B/op"), fmtNum),
+				strings.Join(other, "; "))
 		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n",
-			strings.TrimPrefix(g, "Benchmark"), ref, pair(rt, ot, fmtTime), fmtRatio(ot/rt),
-			pair(r.get(rn, "allocs/op"), r.get(on, "allocs/op"), fmtNum),
-			pair(r.get(rn, "B/op"), r.get(on, "B/op"), fmtNum),
-			strings.Join(other, "; "))
 	}
 	fmt.Fprintln(w)
-	return writeTargets(w, r)
-}
-
-// A target is one figure of the issue, checked against the medians.
-type target struct {
-	what  string
-	goal  string
-	value func(r *results) (float64, string) // the figure and how to show it
-	met   func(v float64) bool
-}
-
-func timeRatio(group string) func(r *results) (float64, string) {
-	return func(r *results) (float64, string) {
-		v := r.get(group+"/impl="+ours, "ns/op") / r.get(group+"/impl="+reference(group), "ns/op")
-		return v, fmtRatio(v) + " time"
-	}
-}
-
-func throughputRatio(group string) func(r *results) (float64, string) {
-	return func(r *results) (float64, string) {
-		v := r.get(group+"/impl="+reference(group), "ns/op") / r.get(group+"/impl="+ours, "ns/op")
-		return v, fmtRatio(v) + " throughput"
-	}
-}
-
-// worstTimeRatio is the largest time ratio among the groups present.
-func worstTimeRatio(groups ...string) func(r *results) (float64, string) {
-	return func(r *results) (float64, string) {
-		worst, at := math.NaN(), ""
-		for _, g := range groups {
-			v, _ := timeRatio(g)(r)
-			if !math.IsNaN(v) && (math.IsNaN(worst) || v > worst) {
-				worst, at = v, strings.TrimPrefix(g, "Benchmark")
-			}
-		}
-		return worst, fmt.Sprintf("%s time (worst: %s)", fmtRatio(worst), at)
-	}
-}
-
-var targets = []target{
-	{"bbolt, 1 writer, vs containerd", "≤ 1.05x time", timeRatio("BenchmarkBoltWriteTx/writers=1"), func(v float64) bool { return v <= 1.05 }},
-	{"bbolt, 16 writers, vs containerd", "≥ 5x throughput", throughputRatio("BenchmarkBoltWriteTx/writers=16"), func(v float64) bool { return v >= 5 }},
-	{"bbolt GetSnapshot, depth 128, vs containerd", "≤ 0.25x time", timeRatio("BenchmarkBoltGetSnapshot/depth=128"), func(v float64) bool { return v <= 0.25 }},
-	{"etcd create+commit, 32 clients, vs raw", "≥ 0.70x throughput", throughputRatio("BenchmarkEtcdClients/clients=32"), func(v float64) bool { return v >= 0.70 }},
-	{"etcd read-only ops vs one raw Get", "≤ 1.2x time", worstTimeRatio(
-		"BenchmarkEtcdStatActive", "BenchmarkEtcdStatCommitted",
-		"BenchmarkEtcdGetSnapshot/depth=1", "BenchmarkEtcdGetSnapshot/depth=32", "BenchmarkEtcdGetSnapshot/depth=128"),
-		func(v float64) bool { return v <= 1.2 }},
-	{"etcd walk of 100k snapshots, peak heap", "< 64 MiB", func(r *results) (float64, string) {
-		n := "BenchmarkEtcdWalk100k/impl=" + ours
-		v := r.get(n, "peak-heap-MiB")
-		raw := "BenchmarkEtcdWalk100k/impl=raw"
-		return v, fmt.Sprintf("%s MiB HeapInuse, %s MiB live (raw: %s, %s; live heap before: %s MiB)",
-			fmtNum(v), fmtNum(r.get(n, "peak-live-MiB")),
-			fmtNum(r.get(raw, "peak-heap-MiB")), fmtNum(r.get(raw, "peak-live-MiB")), fmtNum(r.get(n, "base-live-MiB")))
-	}, func(v float64) bool { return v < 64 }},
-}
-
-func writeTargets(w io.Writer, r *results) error {
-	fmt.Fprintln(w, "| target | goal | measured | met |")
-	fmt.Fprintln(w, "| --- | --- | --- | --- |")
-	for _, t := range targets {
-		v, shown := t.value(r)
-		met := "no"
-		switch {
-		case math.IsNaN(v):
-			met, shown = "not measured", "–"
-		case t.met(v):
-			met = "yes"
-		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", t.what, t.goal, shown, met)
-	}
 	return nil
-}
-
-// ---------------------------------------------------------------------------
-// Chart.
-// ---------------------------------------------------------------------------
-
-type point struct{ x, y float64 }
-
-type series struct {
-	label  string
-	color  string
-	dashed bool
-	points []point
-}
-
-var concurrency = regexp.MustCompile(`/(?:writers|clients)=(\d+)$`)
-
-// throughput collects tx/s (from ns/op) against the concurrency of the
-// group prefix's sub-benchmarks for one implementation.
-func (r *results) throughput(prefix, impl string) []point {
-	var pts []point
-	for _, name := range r.order {
-		g, im := splitImpl(name)
-		if im != impl || !strings.HasPrefix(g, prefix) {
-			continue
-		}
-		m := concurrency.FindStringSubmatch(g)
-		if m == nil {
-			continue
-		}
-		x, _ := strconv.ParseFloat(m[1], 64)
-		if ns := r.get(name, "ns/op"); ns > 0 {
-			pts = append(pts, point{x, 1e9 / ns})
-		}
-	}
-	sort.Slice(pts, func(i, j int) bool { return pts[i].x < pts[j].x })
-	return pts
-}
-
-func writeSVG(w io.Writer, r *results) error {
-	all := []series{
-		{"containerd's store (bbolt)", "#d9822b", false, r.throughput("BenchmarkBoltWriteTx/", "containerd")},
-		{"snapmeta, bbolt engine", "#2b6cb0", false, r.throughput("BenchmarkBoltWriteTx/", ours)},
-		{"snapmeta, etcd engine", "#2f855a", false, r.throughput("BenchmarkEtcdClients/", ours)},
-		{"raw etcd calls (reference)", "#68d391", true, r.throughput("BenchmarkEtcdClients/", "raw")},
-	}
-	var ss []series
-	for _, s := range all {
-		if len(s.points) > 0 {
-			ss = append(ss, s)
-		}
-	}
-	if len(ss) == 0 {
-		return fmt.Errorf("no BenchmarkBoltWriteTx or BenchmarkEtcdClients results")
-	}
-
-	const (
-		width, height          = 760, 440
-		left, right, top, bott = 80, 220, 56, 56
-		pw, ph                 = width - left - right, height - top - bott
-	)
-	xmin, xmax := math.Inf(1), math.Inf(-1)
-	ymin, ymax := math.Inf(1), math.Inf(-1)
-	for _, s := range ss {
-		for _, p := range s.points {
-			xmin, xmax = math.Min(xmin, p.x), math.Max(xmax, p.x)
-			ymin, ymax = math.Min(ymin, p.y), math.Max(ymax, p.y)
-		}
-	}
-	if xmax == xmin {
-		xmax = xmin * 2
-	}
-	// x: log2 of the concurrency. y: log10 when the values span more than
-	// a factor of 30, else linear from zero.
-	logY := ymax/ymin > 30
-	var yticks []float64
-	var ylo, yhi float64
-	if logY {
-		ylo, yhi = math.Pow(10, math.Floor(math.Log10(ymin))), math.Pow(10, math.Ceil(math.Log10(ymax)))
-		for d := ylo; d <= yhi*1.0001; d *= 10 {
-			for _, m := range []float64{1, 2, 5} {
-				if v := d * m; v >= ylo && v <= yhi*1.0001 {
-					yticks = append(yticks, v)
-				}
-			}
-		}
-	} else {
-		step := niceStep(ymax / 5)
-		ylo, yhi = 0, math.Ceil(ymax/step)*step
-		for v := 0.0; v <= yhi+step/2; v += step {
-			yticks = append(yticks, v)
-		}
-	}
-	px := func(x float64) float64 {
-		return left + pw*(math.Log2(x)-math.Log2(xmin))/(math.Log2(xmax)-math.Log2(xmin))
-	}
-	py := func(y float64) float64 {
-		if logY {
-			return top + ph*(1-(math.Log10(y)-math.Log10(ylo))/(math.Log10(yhi)-math.Log10(ylo)))
-		}
-		return top + ph*(1-(y-ylo)/(yhi-ylo))
-	}
-
-	var b strings.Builder
-	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">`+"\n", width, height, width, height)
-	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", width, height)
-	fmt.Fprintf(&b, `<text x="%d" y="22" font-size="15" font-weight="bold">Write throughput: create+commit transactions</text>`+"\n", left)
-	fmt.Fprintf(&b, `<text x="%d" y="40" fill="#555">bbolt: fsync per commit; etcd: one embedded member (no fsync), one client per writer</text>`+"\n", left)
-	// Grid and y axis.
-	for _, v := range yticks {
-		y := py(v)
-		fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e2e2e2"/>`+"\n", left, y, left+pw, y)
-		fmt.Fprintf(&b, `<text x="%d" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", left-6, y, fmtNum(v))
-	}
-	// x ticks: every concurrency measured.
-	var xs []float64
-	for _, s := range ss {
-		for _, p := range s.points {
-			if !slices.Contains(xs, p.x) {
-				xs = append(xs, p.x)
-			}
-		}
-	}
-	sort.Float64s(xs)
-	for _, x := range xs {
-		X := px(x)
-		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#e2e2e2"/>`+"\n", X, top, X, top+ph)
-		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle">%s</text>`+"\n", X, top+ph+18, fmtNum(x))
-	}
-	fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="#888"/>`+"\n", left, top, pw, ph)
-	fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">concurrent writers (goroutines for bbolt, clients for etcd)</text>`+"\n", left+pw/2, height-14)
-	scale := "linear"
-	if logY {
-		scale = "log scale"
-	}
-	fmt.Fprintf(&b, `<text transform="translate(18 %d) rotate(-90)" text-anchor="middle">transactions per second (%s)</text>`+"\n", top+ph/2, scale)
-	// Series.
-	for i, s := range ss {
-		var pts []string
-		for _, p := range s.points {
-			pts = append(pts, fmt.Sprintf("%.1f,%.1f", px(p.x), py(p.y)))
-		}
-		dash := ""
-		if s.dashed {
-			dash = ` stroke-dasharray="6 4"`
-		}
-		fmt.Fprintf(&b, `<polyline points="%s" fill="none" stroke="%s" stroke-width="2.5"%s/>`+"\n", strings.Join(pts, " "), s.color, dash)
-		for _, p := range s.points {
-			fmt.Fprintf(&b, `<circle cx="%.1f" cy="%.1f" r="4" fill="%s"><title>%s, %s: %s tx/s</title></circle>`+"\n",
-				px(p.x), py(p.y), s.color, xmlEscape(s.label), fmtNum(p.x), fmtNum(p.y))
-		}
-		// Legend.
-		ly := top + 10 + i*22
-		fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="2.5"%s/>`+"\n", left+pw+16, ly, left+pw+40, ly, s.color, dash)
-		fmt.Fprintf(&b, `<text x="%d" y="%d" dominant-baseline="middle">%s</text>`+"\n", left+pw+46, ly, xmlEscape(s.label))
-	}
-	b.WriteString("</svg>\n")
-	_, err := io.WriteString(w, b.String())
-	return err
-}
-
-// niceStep rounds a raw tick step up to 1, 2 or 5 times a power of ten.
-func niceStep(raw float64) float64 {
-	if raw <= 0 {
-		return 1
-	}
-	p := math.Pow(10, math.Floor(math.Log10(raw)))
-	for _, m := range []float64{1, 2, 5, 10} {
-		if m*p >= raw {
-			return m * p
-		}
-	}
-	return 10 * p
-}
-
-func xmlEscape(s string) string {
-	return strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;").Replace(s)
 }
