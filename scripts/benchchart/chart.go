@@ -26,7 +26,8 @@ type chart struct {
 	title, subtitle string
 	xlabel, ylabel  string
 	xBase           float64
-	yUnit           string // in each point's tooltip
+	yUnit           string               // in each point's tooltip
+	yFmt            func(float64) string // the y ticks' labels; fmtNum when nil
 	series          []series
 }
 
@@ -91,11 +92,23 @@ func writeChart(w io.Writer, c chart) error {
 	}
 
 	const (
-		width, left, right, top, bott = 760, 80, 230, 56, 56
-		legendStep                    = 20
+		left, top, bott, pw = 80, 56, 56, 450
+		legendStep          = 20
 	)
+	// The legend's width follows its longest label (about 7 px a
+	// character at 12 px).
+	longest := 0
+	for _, s := range ss {
+		longest = max(longest, len([]rune(s.label)))
+	}
+	right := 56 + 7*longest
+	width := left + pw + right
 	height := max(440, top+10+len(ss)*legendStep+bott)
-	pw, ph := width-left-right, height-top-bott
+	ph := height - top - bott
+	yFmt := c.yFmt
+	if yFmt == nil {
+		yFmt = fmtNum
+	}
 	xmin, xmax := math.Inf(1), math.Inf(-1)
 	ymin, ymax := math.Inf(1), math.Inf(-1)
 	for _, s := range ss {
@@ -146,7 +159,7 @@ func writeChart(w io.Writer, c chart) error {
 	for _, v := range yticks {
 		y := py(v)
 		fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e2e2e2"/>`+"\n", left, y, left+pw, y)
-		fmt.Fprintf(&b, `<text x="%d" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", left-6, y, fmtNum(v))
+		fmt.Fprintf(&b, `<text x="%d" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", left-6, y, yFmt(v))
 	}
 	// x ticks: every x measured.
 	var xs []float64

@@ -101,9 +101,10 @@ func writeScaleSVG(w io.Writer, r *results) error {
 		title:    "Cost per snapshot against the store's size",
 		subtitle: "flat lines: cost grows with the work; bbolt solid, etcd dashed",
 		xlabel:   "snapshots in the store (log scale)",
-		ylabel:   "time per snapshot, ns",
+		ylabel:   "time per snapshot",
 		xBase:    10,
 		yUnit:    "ns/snapshot",
+		yFmt:     fmtTime,
 		series:   ss,
 	})
 }
