@@ -65,8 +65,9 @@ func (p Problem) String() string {
 // record lies outside the scopes.
 //
 // The error is for a store that cannot be read at all, or a MetaStore not
-// made by this package (class NotImplemented). Check holds every record's
-// identity in memory: some tens of bytes per snapshot.
+// made by this package (class NotImplemented). Check holds every record in
+// memory, labels left out: some hundreds of bytes per snapshot (about 550
+// live at a million snapshots on bbolt).
 func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	tctx, tr, err := ms.TransactionContext(ctx, false)
 	if err != nil {

@@ -50,7 +50,9 @@ const (
 )
 
 // WithPageSize sets how many keys WalkInfo and IDMap read per request; it
-// bounds their memory.
+// bounds their memory. A range with more than 8 pages left after its first
+// is read in one stream instead, whose chunks etcd sizes (up to about its
+// --max-request-bytes each).
 func WithPageSize(n int) EtcdOpt {
 	return func(o *etcdOptions) error {
 		if n <= 0 {

@@ -20,7 +20,10 @@ import (
 // usage that GetInfo would add, for the cost of the walk alone:
 //
 //   - etcd: one round trip per page of WithPageSize records (1000 by
-//     default), every page at the transaction's revision;
+//     default), every page at the transaction's revision; when more than 8
+//     pages are left after the first, the rest in one stream (etcd 3.7's
+//     RangeStream; older servers page to the end), since etcd counts the
+//     rest of the range for every page;
 //   - bbolt: one cursor pass over the snapshots.
 //
 // Filters are checked before anything is read: one that does not parse, or
