@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/etcdtest"
 )
 
@@ -49,14 +49,6 @@ func runBenchEtcdChild(dir string) int {
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	return 0
 }
-
-// benchEtcdProc is the child etcd of this process, started once by
-// scaleEtcdConfig and stopped by TestMain.
-var (
-	benchEtcdProcOnce sync.Once
-	benchEtcdProc     *etcdChild
-	benchEtcdProcErr  error
-)
 
 type etcdChild struct {
 	cmd      *exec.Cmd
@@ -123,33 +115,50 @@ func (c *etcdChild) rssMiB() float64 {
 	return math.NaN()
 }
 
-// scaleEtcdConfig is the client configuration of BenchmarkScale's etcd:
-// the child process with SNAPMETA_BENCH_ETCD_PROCESS=1, else the
-// benchmarks' in-process server.
-func scaleEtcdConfig(b *testing.B) clientv3.Config {
+// scaleEtcd is BenchmarkScale's etcd for one size: a child process of its
+// own with SNAPMETA_BENCH_ETCD_PROCESS=1, stopped at the cleanup of the
+// benchmark that started it, else the benchmarks' in-process server.
+type scaleEtcd struct {
+	cfg   clientv3.Config
+	child *etcdChild // nil in process
+}
+
+func newScaleEtcd(b *testing.B) scaleEngine {
 	b.Helper()
 	if os.Getenv("SNAPMETA_BENCH_ETCD_PROCESS") == "" {
-		return benchEtcdServer(b).ClientConfig()
+		return &scaleEtcd{cfg: benchEtcdServer(b).ClientConfig()}
 	}
-	benchEtcdProcOnce.Do(func() { benchEtcdProc, benchEtcdProcErr = startEtcdChild() })
-	require.NoError(b, benchEtcdProcErr)
-	return clientv3.Config{Endpoints: []string{benchEtcdProc.endpoint}, DialTimeout: 10 * time.Second, Logger: zap.NewNop()}
+	child, err := startEtcdChild()
+	require.NoError(b, err)
+	b.Cleanup(child.stop)
+	return &scaleEtcd{
+		cfg:   clientv3.Config{Endpoints: []string{child.endpoint}, DialTimeout: 10 * time.Second, Logger: zap.NewNop()},
+		child: child,
+	}
 }
 
-// scaleEtcdRSS is the child server's resident MiB; NaN in process, where
+func (s *scaleEtcd) open(b *testing.B, tag string) storage.MetaStore {
+	cfg := s.cfg
+	ms, err := storage.NewEtcdStore(fmt.Sprintf("bench/scale/%s/%d", tag, time.Now().UnixNano()), &cfg)
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = ms.Close() })
+	return ms
+}
+
+// serverMiB is the child's resident MiB; NaN in process, where
 // base-live-MiB shows the server's heap.
-func scaleEtcdRSS() float64 {
-	if benchEtcdProc == nil {
+func (s *scaleEtcd) serverMiB() float64 {
+	if s.child == nil {
 		return math.NaN()
 	}
-	return benchEtcdProc.rssMiB()
+	return s.child.rssMiB()
 }
 
-// scaleEtcdCompact compacts the etcd history up to now, so that the
-// build's overwritten and deleted keys do not count against the quota of
-// what follows (migrate doubles the store).
-func scaleEtcdCompact(b *testing.B) {
-	cli, err := clientv3.New(scaleEtcdConfig(b))
+// afterBuild compacts the etcd history up to now, so that the build's
+// overwritten and deleted keys do not count against the quota of what
+// follows (migrate doubles the store).
+func (s *scaleEtcd) afterBuild(b *testing.B) {
+	cli, err := clientv3.New(s.cfg)
 	require.NoError(b, err)
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)

@@ -44,9 +44,11 @@ import (
 // time per snapshot.
 //
 // With SNAPMETA_BENCH_ETCD_PROCESS=1 the etcd server runs in a child
-// process (this test binary, see TestMain), so that its CPU and heap
-// (1M snapshots keep over 1 GiB of it live) are not counted here; the
-// create step then reports the server's resident memory (server-rss-MiB).
+// process (this test binary, see TestMain), a new one for each size, so
+// that its CPU and heap are not counted here and no size's data weighs on
+// the next; the create step then reports the server's resident memory
+// (server-rss-MiB). Without it, every size shares the benchmarks'
+// in-process server.
 func BenchmarkScale(b *testing.B) {
 	v := os.Getenv("SNAPMETA_BENCH_SCALE")
 	if v == "" {
@@ -58,32 +60,19 @@ func BenchmarkScale(b *testing.B) {
 		require.NoError(b, err, "SNAPMETA_BENCH_SCALE")
 		sizes = append(sizes, n)
 	}
-	type engine struct {
-		name    string
-		open    func(b *testing.B, tag string) storage.MetaStore
-		build   scaleBuilder
-		compact func(b *testing.B) // after the build
-		server  func() float64     // the server's resident MiB, NaN when unknown
-	}
-	engines := []engine{
-		{name: "bolt", open: func(b *testing.B, _ string) storage.MetaStore {
-			ms, err := storage.NewBoltMetaStore(filepath.Join(b.TempDir(), "metadata.db"))
-			require.NoError(b, err)
-			b.Cleanup(func() { _ = ms.Close() })
-			return ms
-		}, build: scaleBuilder{perTx: 1000, writers: 1}},
-		{name: "etcd", open: func(b *testing.B, tag string) storage.MetaStore {
-			cfg := scaleEtcdConfig(b)
-			ms, err := storage.NewEtcdStore(fmt.Sprintf("bench/scale/%s/%d", tag, time.Now().UnixNano()), &cfg)
-			require.NoError(b, err)
-			b.Cleanup(func() { _ = ms.Close() })
-			return ms
-		}, build: scaleBuilder{perTx: 40, writers: 8}, compact: scaleEtcdCompact, server: scaleEtcdRSS},
+	engines := []struct {
+		name  string
+		start func(b *testing.B) scaleEngine
+		build scaleBuilder
+	}{
+		{"bolt", func(*testing.B) scaleEngine { return scaleBolt{} }, scaleBuilder{perTx: 1000, writers: 1}},
+		{"etcd", newScaleEtcd, scaleBuilder{perTx: 40, writers: 8}},
 	}
 	for _, n := range sizes {
 		for _, eng := range engines {
 			b.Run(fmt.Sprintf("n=%d/engine=%s", n, eng.name), func(b *testing.B) {
-				ms := eng.open(b, "src")
+				srv := eng.start(b)
+				ms := srv.open(b, "src")
 				perSnapshot := func(b *testing.B, d time.Duration) {
 					b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/snapshot")
 				}
@@ -93,17 +82,13 @@ func BenchmarkScale(b *testing.B) {
 				start := time.Now()
 				actives := eng.build.build(b, ms, n)
 				built := time.Since(start)
-				if eng.compact != nil {
-					eng.compact(b)
-				}
+				srv.afterBuild(b)
 				b.Run("create", func(b *testing.B) {
 					for b.Loop() {
 					}
 					perSnapshot(b, built)
-					if eng.server != nil {
-						if rss := eng.server(); !math.IsNaN(rss) {
-							b.ReportMetric(rss, "server-rss-MiB")
-						}
+					if rss := srv.serverMiB(); !math.IsNaN(rss) {
+						b.ReportMetric(rss, "server-rss-MiB")
 					}
 				})
 				b.Run("GetSnapshot", func(b *testing.B) {
@@ -169,7 +154,7 @@ func BenchmarkScale(b *testing.B) {
 				})
 				b.Run("migrate", func(b *testing.B) {
 					for b.Loop() {
-						dst := eng.open(b, "dst")
+						dst := srv.open(b, "dst")
 						start := time.Now()
 						scaleMigrate(b, ms, dst)
 						perSnapshot(b, time.Since(start))
@@ -179,6 +164,30 @@ func BenchmarkScale(b *testing.B) {
 		}
 	}
 }
+
+// scaleEngine is an engine of BenchmarkScale, started for one size.
+type scaleEngine interface {
+	// open opens a new empty store, closed at b's cleanup.
+	open(b *testing.B, tag string) storage.MetaStore
+	// afterBuild tidies the engine once the store is built.
+	afterBuild(b *testing.B)
+	// serverMiB is the resident memory of the engine's server, NaN when
+	// unknown or none.
+	serverMiB() float64
+}
+
+type scaleBolt struct{}
+
+func (scaleBolt) open(b *testing.B, _ string) storage.MetaStore {
+	ms, err := storage.NewBoltMetaStore(filepath.Join(b.TempDir(), "metadata.db"))
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = ms.Close() })
+	return ms
+}
+
+func (scaleBolt) afterBuild(*testing.B) {}
+
+func (scaleBolt) serverMiB() float64 { return math.NaN() }
 
 // scaleBuilder fills a store: writers goroutines, each with its share of
 // the transactions of perTx snapshots (a multiple of 10, so that a chain

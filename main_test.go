@@ -29,9 +29,6 @@ func TestMain(m *testing.M) {
 	if benchEtcd != nil {
 		benchEtcd.Close()
 	}
-	if benchEtcdProc != nil {
-		benchEtcdProc.stop()
-	}
 	if code == 0 {
 		if err := goleak.Find(etcdtest.GoleakIgnores...); err != nil {
 			fmt.Fprintf(os.Stderr, "goroutines outlived the tests: %v\n", err)
