@@ -168,3 +168,24 @@ func (s *scaleEtcd) afterBuild(b *testing.B) {
 	_, err = cli.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical())
 	require.NoError(b, err)
 }
+
+// minorFaults is the count of this process's minor page faults, NaN where
+// /proc/self/stat cannot tell.
+func minorFaults() float64 {
+	b, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return math.NaN()
+	}
+	// The fields after the command's closing parenthesis, from the state
+	// (field 3) on: minflt is field 10.
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(f) < 8 {
+		return math.NaN()
+	}
+	n, err := strconv.ParseFloat(f[7], 64)
+	if err != nil {
+		return math.NaN()
+	}
+	return n
+}
