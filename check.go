@@ -66,8 +66,8 @@ func (p Problem) String() string {
 //
 // The error is for a store that cannot be read at all, or a MetaStore not
 // made by this package (class NotImplemented). Check holds every record in
-// memory, labels left out: some hundreds of bytes per snapshot (about 550
-// live at a million snapshots on bbolt).
+// memory, labels left out: some hundreds of bytes per snapshot (at a
+// million snapshots, about 530 live on bbolt and 670 on etcd).
 func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	tctx, tr, err := ms.TransactionContext(ctx, false)
 	if err != nil {
