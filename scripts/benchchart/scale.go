@@ -220,6 +220,7 @@ func scaleTargets(r *results) []target {
 				worst, at, from, to = g, op.name, f, t
 			}
 		}
+		ts = append(ts, heapTargets(r, eng)...)
 		ts = append(ts, target{
 			what: "scale (" + eng + "): ns/snapshot growth, smallest → largest size",
 			goal: "≤ 2x per operation",
@@ -230,4 +231,50 @@ func scaleTargets(r *results) []target {
 		})
 	}
 	return ts
+}
+
+// heapTargets: at the largest size, the peak heap of walk and export, and
+// that of Check, stay under 64 MiB (the 100k walk's target): memory
+// bounded by a page, not by the store.
+func heapTargets(r *results, eng string) []target {
+	heap := r.scale("peak-heap-MiB")
+	at := func(op string) (float64, float64, float64) {
+		byN := heap.vals[eng][op]
+		from, to := math.NaN(), math.NaN()
+		for _, n := range heap.sizes {
+			if _, ok := byN[n]; ok {
+				if math.IsNaN(from) {
+					from = n
+				}
+				to = n
+			}
+		}
+		if math.IsNaN(to) {
+			return math.NaN(), math.NaN(), math.NaN()
+		}
+		return byN[to], byN[from], to
+	}
+	mk := func(what string, ops ...string) target {
+		return target{
+			what: "scale (" + eng + "): " + what + " peak heap at the largest size",
+			goal: "< 64 MiB",
+			value: func() (float64, string) {
+				worst := math.NaN()
+				var parts []string
+				for _, op := range ops {
+					v, first, n := at(op)
+					if math.IsNaN(v) {
+						continue
+					}
+					parts = append(parts, fmt.Sprintf("%s %s MiB at n=%s (%s at the smallest)", op, fmtNum(v), fmtNum(n), fmtNum(first)))
+					if math.IsNaN(worst) || v > worst {
+						worst = v
+					}
+				}
+				return worst, strings.Join(parts, "; ")
+			},
+			met: func(v float64) bool { return v < 64 },
+		}
+	}
+	return []target{mk("walk and export", "walk", "export"), mk("Check", "Check")}
 }
