@@ -17,6 +17,24 @@ func init() {
 	}
 }
 
+// SNAPMETA_TEST_ETCD_CACHE=1 runs every test with every etcd store opened
+// as if WithWatchCache were given.
+func init() {
+	if os.Getenv("SNAPMETA_TEST_ETCD_CACHE") == "1" {
+		etcdCacheDefault = true
+	}
+}
+
+// WatchCacheByDefault reports whether this run opens every etcd store
+// with the watch cache (SNAPMETA_TEST_ETCD_CACHE=1).
+func WatchCacheByDefault() bool { return etcdCacheDefault }
+
+// WatchCached reports whether ms is an etcd store with a watch cache.
+func WatchCached(ms MetaStore) bool {
+	e, ok := ms.(*metaStore).eng.(*etcdEngine)
+	return ok && e.cache != nil
+}
+
 // ParallelCallbacks reports whether ms is a bbolt store in parallel mode.
 func ParallelCallbacks(ms MetaStore) bool {
 	e, ok := ms.(*metaStore).eng.(*boltEngine)
@@ -26,3 +44,13 @@ func ParallelCallbacks(ms MetaStore) bool {
 // ParallelByDefault reports whether this run opens every bbolt store in
 // parallel mode (SNAPMETA_TEST_BOLT_PARALLEL=1).
 func ParallelByDefault() bool { return boltParallelDefault }
+
+// WithoutWatchCache opens an etcd store without the watch cache even in a
+// run that opens every store with it: for tests of the requests a store
+// sends to etcd when it reads etcd itself.
+func WithoutWatchCache() EtcdOpt {
+	return func(o *etcdOptions) error {
+		o.watchCache = false
+		return nil
+	}
+}
