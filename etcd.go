@@ -215,14 +215,16 @@ func (e *etcdEngine) beginRetry(ctx context.Context, lost error) engineTx {
 	}
 	if e.cache != nil {
 		// A copy as new as the revision the guards failed at has what
-		// made them fail.
+		// made them fail; without one in time, the retry reads etcd.
 		t := &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}}, keys: e.keys}
-		if err := t.readFromCopy(ctx, lc.rev); err != nil || t.snap == nil {
+		if err := t.readFromCopy(ctx, lc.rev); err != nil {
 			return nil
 		}
-		return t
+		if t.snap != nil {
+			return t
+		}
 	}
-	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}, keys: e.keys}
+	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs, copyChosen: true}, keys: e.keys}
 }
 
 func (e *etcdEngine) close() error {

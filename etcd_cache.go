@@ -106,9 +106,15 @@ type watchCache struct {
 	asking atomic.Bool
 	// keys is how many keys the newest copy holds.
 	keys atomic.Int64
+	// held is locked while a watch response is applied and published;
+	// tests lock it to hold the copy back.
+	held sync.Mutex
 
 	streamCtx context.Context // carries the watch stream's metadata
 	cancel    context.CancelFunc
+	// stopFollowing ends the watch being followed (nil between watches),
+	// for a copy found lagging: the cache lists again.
+	stopFollowing context.CancelFunc
 	done      chan struct{}
 }
 
@@ -202,36 +208,48 @@ var errWatchEnded = errors.New("etcd closed the watch")
 func (c *watchCache) follow(rev int64, tree *btree.BTreeG[*cachedKV]) error {
 	ctx, cancel := context.WithCancel(c.streamCtx)
 	defer cancel()
+	c.mu.Lock()
+	c.stopFollowing = cancel
+	c.mu.Unlock()
 	wch := c.cli.Watch(ctx, c.start, clientv3.WithRange(c.end), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
 			return err
 		}
-		if resp.IsProgressNotify() {
-			c.asking.Store(false)
-			if resp.Header.Revision > rev {
-				rev = resp.Header.Revision
-				c.publish(rev, tree)
-			}
-			continue
-		}
-		if len(resp.Events) == 0 {
-			continue
-		}
-		for _, ev := range resp.Events {
-			if ev.Type == mvccpb.DELETE {
-				tree.Delete(&cachedKV{key: string(ev.Kv.Key)})
-			} else {
-				tree.ReplaceOrInsert(cachedOf(ev.Kv))
-			}
-			rev = max(rev, ev.Kv.ModRevision)
-		}
-		c.publish(rev, tree)
+		c.held.Lock()
+		rev = c.apply(rev, tree, resp)
+		c.held.Unlock()
 	}
 	if err := c.streamCtx.Err(); err != nil {
 		return err
 	}
 	return errWatchEnded
+}
+
+// apply applies one watch response to tree and publishes the result; it
+// returns the revision the tree is complete up to.
+func (c *watchCache) apply(rev int64, tree *btree.BTreeG[*cachedKV], resp clientv3.WatchResponse) int64 {
+	if resp.IsProgressNotify() {
+		c.asking.Store(false)
+		if resp.Header.Revision > rev {
+			rev = resp.Header.Revision
+			c.publish(rev, tree)
+		}
+		return rev
+	}
+	if len(resp.Events) == 0 {
+		return rev
+	}
+	for _, ev := range resp.Events {
+		if ev.Type == mvccpb.DELETE {
+			tree.Delete(&cachedKV{key: string(ev.Kv.Key)})
+		} else {
+			tree.ReplaceOrInsert(cachedOf(ev.Kv))
+		}
+		rev = max(rev, ev.Kv.ModRevision)
+	}
+	c.publish(rev, tree)
+	return rev
 }
 
 // publish makes a copy of tree, complete up to rev, the one transactions
@@ -254,6 +272,16 @@ func (c *watchCache) unpublish() {
 	c.changed = make(chan struct{})
 	c.mu.Unlock()
 	c.asking.Store(false)
+}
+
+// relist ends the watch being followed; the cache lists again.
+func (c *watchCache) relist() {
+	c.mu.Lock()
+	stop := c.stopFollowing
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
 }
 
 // state returns the newest copy and the channel closed when it changes.
@@ -293,6 +321,11 @@ func (c *watchCache) at(ctx context.Context, rev int64, progress bool) (*cacheSt
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timeout:
+			if progress {
+				// etcd was asked for the revision and the copy did
+				// not reach it: the watch lags or is stuck.
+				c.relist()
+			}
 			return nil, nil
 		}
 	}
@@ -359,6 +392,7 @@ func (c *watchCache) String() string {
 // before the copy was chosen does not carry, so it is an internal error
 // rather than a read at another revision.
 func (t *etcdTx) readCopy(ops []clientv3.Op) ([]*etcdserverpb.RangeResponse, error) {
+	t.confirmed = false
 	out := make([]*etcdserverpb.RangeResponse, len(ops))
 	for i, op := range ops {
 		r, ok := t.e.cache.answer(t.snap, op)
@@ -412,10 +446,10 @@ func (t *etcdTx) readFromCopy(ctx context.Context, need int64) error {
 }
 
 // unconfirmed tells whether the transaction's answers so far came from a
-// copy that may be behind etcd: a writable transaction's, which asked etcd
-// nothing.
+// copy that may be behind etcd and were not confirmed since: a writable
+// transaction's, which asked etcd nothing.
 func (t *etcdTx) unconfirmed() bool {
-	return t.snap != nil && t.writable && (len(t.reads) > 0 || len(t.ranges) > 0)
+	return t.snap != nil && t.writable && !t.confirmed && (len(t.reads) > 0 || len(t.ranges) > 0)
 }
 
 // readNothing tells whether the transaction has read and written nothing
@@ -438,6 +472,7 @@ func (t *etcdTx) checkRefusal(ctx context.Context, refusal error, rerun func() e
 		}
 		err := t.send(ctx, false)
 		if err == nil {
+			t.confirmed = true
 			return refusal
 		}
 		var lc *lostCommit

@@ -54,3 +54,23 @@ func WithoutWatchCache() EtcdOpt {
 		return nil
 	}
 }
+
+// HoldWatchCache holds ms's watch cache back: no watch response is applied
+// until release is called.
+func HoldWatchCache(ms MetaStore) (release func()) {
+	c := ms.(*metaStore).eng.(*etcdEngine).cache
+	c.held.Lock()
+	return c.held.Unlock
+}
+
+// CopyHolds reports whether the newest copy of ms's watch cache holds a
+// record named name.
+func CopyHolds(ms MetaStore, name string) bool {
+	e := ms.(*metaStore).eng.(*etcdEngine)
+	s, _ := e.cache.state()
+	if s == nil {
+		return false
+	}
+	_, ok := s.tree.Get(&cachedKV{key: e.keys.snapshot(name)})
+	return ok
+}
