@@ -115,7 +115,7 @@ type watchCache struct {
 	// stopFollowing ends the watch being followed (nil between watches),
 	// for a copy found lagging: the cache lists again.
 	stopFollowing context.CancelFunc
-	done      chan struct{}
+	done          chan struct{}
 }
 
 // degree of the B-tree: wide nodes keep it shallow; a clone's first write

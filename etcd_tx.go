@@ -48,10 +48,10 @@ type etcdTxState struct {
 	// confirmed is set while everything read from the copy has been
 	// confirmed against etcd (see checkRefusal).
 	confirmed bool
-	reads      readSet // point reads
-	ranges     rangeSet
-	peeks      map[string]childPeek
-	writes     map[string][]byte // buffered writes; nil value deletes
+	reads     readSet // point reads
+	ranges    rangeSet
+	peeks     map[string]childPeek
+	writes    map[string][]byte // buffered writes; nil value deletes
 	// prefetched holds keys as etcd held them at rev, handed over by the
 	// lost commit this transaction retries; a read takes them from here
 	// instead of asking etcd.
