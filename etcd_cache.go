@@ -18,10 +18,10 @@ import (
 // The watch-fed cache (WithWatchCache).
 //
 // One goroutine per store lists the root's keys at one revision and then
-// follows a watch from the next, applying every event to a B-tree and
-// publishing, after each watch response, an immutable copy (a lazy
-// copy-on-write clone) tagged with the revision it is complete up to.
-// Transactions read one published copy: a consistent state of the root at
+// follows a watch from the next, applying every event to a B-tree. A
+// transaction reads an immutable copy of the tree (a copy-on-write clone,
+// made when one is first asked for after a change) tagged with the
+// revision it is complete up to: a consistent state of the root at
 // that revision, exactly what etcd would answer to reads at it. So every
 // read is noted and guarded as if etcd had answered it, and a copy that is
 // behind etcd can make a commit lose its guards (a conflict, retried by
@@ -82,31 +82,37 @@ type cachedKV struct {
 
 func cachedKVLess(a, b *cachedKV) bool { return a.key < b.key }
 
-// cacheState is one published copy of the root, complete up to rev. Its
+// cacheState is one copy of the root, complete up to rev. Its
 // tree is never written.
 type cacheState struct {
 	rev  int64
 	tree *btree.BTreeG[*cachedKV]
 }
 
-// watchCache follows one root. cur is nil while no copy can be trusted
-// (before the first list, and from a broken watch until the next list).
+// watchCache follows one root.
 type watchCache struct {
 	cli        *clientv3.Client
 	kv         clientv3.KV
 	start, end string // the root's key range
 	page       int64
 
+	// mu guards the live tree, which the watch writes, complete up to
+	// rev (nil when no copy can be trusted: before the first list, and
+	// from a broken watch until the next list); cur, the copy of it
+	// transactions read (nil until one asks); and changed, closed and
+	// replaced whenever they change.
 	mu      sync.Mutex
+	tree    *btree.BTreeG[*cachedKV]
+	rev     int64
 	cur     *cacheState
-	changed chan struct{} // closed and replaced at every publish
+	changed chan struct{}
 
 	// asking is set while a progress request is outstanding, so that
 	// concurrent readers ask once.
 	asking atomic.Bool
 	// keys is how many keys the newest copy holds.
 	keys atomic.Int64
-	// held is locked while a watch response is applied and published;
+	// held is locked while a watch response is applied;
 	// tests lock it to hold the copy back.
 	held sync.Mutex
 
@@ -151,14 +157,14 @@ func (c *watchCache) run() {
 	for c.streamCtx.Err() == nil {
 		rev, tree, err := c.list(c.streamCtx)
 		if err == nil {
-			c.publish(rev, tree)
+			c.install(rev, tree)
 			started := time.Now()
-			err = c.follow(rev, tree)
+			err = c.follow(rev)
 			if time.Since(started) > time.Second {
 				pause = 10 * time.Millisecond
 			}
 		}
-		c.unpublish()
+		c.install(0, nil)
 		if err != nil && c.streamCtx.Err() == nil {
 			select {
 			case <-c.streamCtx.Done():
@@ -203,9 +209,8 @@ func cachedOf(kv *mvccpb.KeyValue) *cachedKV {
 // saying why.
 var errWatchEnded = errors.New("etcd closed the watch")
 
-// follow applies the watch's events from rev+1 on to tree, publishing after
-// every response, until the watch breaks.
-func (c *watchCache) follow(rev int64, tree *btree.BTreeG[*cachedKV]) error {
+// follow applies the watch's events from rev+1 on, until the watch breaks.
+func (c *watchCache) follow(rev int64) error {
 	ctx, cancel := context.WithCancel(c.streamCtx)
 	defer cancel()
 	c.mu.Lock()
@@ -217,7 +222,7 @@ func (c *watchCache) follow(rev int64, tree *btree.BTreeG[*cachedKV]) error {
 			return err
 		}
 		c.held.Lock()
-		rev = c.apply(rev, tree, resp)
+		c.apply(resp)
 		c.held.Unlock()
 	}
 	if err := c.streamCtx.Err(); err != nil {
@@ -226,52 +231,57 @@ func (c *watchCache) follow(rev int64, tree *btree.BTreeG[*cachedKV]) error {
 	return errWatchEnded
 }
 
-// apply applies one watch response to tree and publishes the result; it
-// returns the revision the tree is complete up to.
-func (c *watchCache) apply(rev int64, tree *btree.BTreeG[*cachedKV], resp clientv3.WatchResponse) int64 {
+// apply applies one watch response to the live tree.
+func (c *watchCache) apply(resp clientv3.WatchResponse) {
 	if resp.IsProgressNotify() {
 		c.asking.Store(false)
-		if resp.Header.Revision > rev {
-			rev = resp.Header.Revision
-			c.publish(rev, tree)
+	} else if len(resp.Events) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if resp.IsProgressNotify() {
+		if resp.Header.Revision <= c.rev {
+			return
 		}
-		return rev
-	}
-	if len(resp.Events) == 0 {
-		return rev
-	}
-	for _, ev := range resp.Events {
-		if ev.Type == mvccpb.DELETE {
-			tree.Delete(&cachedKV{key: string(ev.Kv.Key)})
-		} else {
-			tree.ReplaceOrInsert(cachedOf(ev.Kv))
+		c.rev = resp.Header.Revision
+		if c.cur != nil {
+			// Nothing changed up to the new revision: the same tree.
+			c.cur = &cacheState{rev: c.rev, tree: c.cur.tree}
 		}
-		rev = max(rev, ev.Kv.ModRevision)
+	} else {
+		for _, ev := range resp.Events {
+			if ev.Type == mvccpb.DELETE {
+				c.tree.Delete(&cachedKV{key: string(ev.Kv.Key)})
+			} else {
+				c.tree.ReplaceOrInsert(cachedOf(ev.Kv))
+			}
+			c.rev = max(c.rev, ev.Kv.ModRevision)
+		}
+		c.cur = nil
+		c.keys.Store(int64(c.tree.Len()))
 	}
-	c.publish(rev, tree)
-	return rev
+	c.changedLocked()
 }
 
-// publish makes a copy of tree, complete up to rev, the one transactions
-// read.
-func (c *watchCache) publish(rev int64, tree *btree.BTreeG[*cachedKV]) {
-	s := &cacheState{rev: rev, tree: tree.Clone()}
-	c.keys.Store(int64(tree.Len()))
+// install makes tree, complete up to rev, the live tree; a nil tree
+// withdraws the copy (transactions read etcd until the next list).
+func (c *watchCache) install(rev int64, tree *btree.BTreeG[*cachedKV]) {
 	c.mu.Lock()
-	c.cur = s
-	close(c.changed)
-	c.changed = make(chan struct{})
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	c.rev, c.tree, c.cur = rev, tree, nil
+	if tree != nil {
+		c.keys.Store(int64(tree.Len()))
+	} else {
+		c.asking.Store(false)
+	}
+	c.changedLocked()
 }
 
-// unpublish withdraws the copy: transactions read etcd until the next list.
-func (c *watchCache) unpublish() {
-	c.mu.Lock()
-	c.cur = nil
+// changedLocked wakes the transactions waiting for a newer copy.
+func (c *watchCache) changedLocked() {
 	close(c.changed)
 	c.changed = make(chan struct{})
-	c.mu.Unlock()
-	c.asking.Store(false)
 }
 
 // relist ends the watch being followed; the cache lists again.
@@ -285,9 +295,15 @@ func (c *watchCache) relist() {
 }
 
 // state returns the newest copy and the channel closed when it changes.
+// The copy is a lazy clone of the live tree, made when a transaction first
+// asks for the tree as it is: events applied while nobody reads cost no
+// copying.
 func (c *watchCache) state() (*cacheState, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.tree != nil && c.cur == nil {
+		c.cur = &cacheState{rev: c.rev, tree: c.tree.Clone()}
+	}
 	return c.cur, c.changed
 }
 

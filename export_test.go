@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"context"
 	"os"
 	"time"
 )
@@ -73,4 +74,21 @@ func CopyHolds(ms MetaStore, name string) bool {
 	}
 	_, ok := s.tree.Get(&cachedKV{key: e.keys.snapshot(name)})
 	return ok
+}
+
+// WaitWatchCache waits until ms's watch cache holds a copy of its root (the
+// first list has been read), or ctx ends.
+func WaitWatchCache(ctx context.Context, ms MetaStore) error {
+	c := ms.(*metaStore).eng.(*etcdEngine).cache
+	for {
+		s, changed := c.state()
+		if s != nil {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
