@@ -250,7 +250,11 @@ func (c *watchCache) apply(resp clientv3.WatchResponse) {
 			c.cur = &cacheState{rev: c.rev, tree: c.cur.tree}
 		}
 	} else {
+		applied := c.rev
 		for _, ev := range resp.Events {
+			if ev.Kv.ModRevision <= applied {
+				continue // the store's own commit, applied already (applyOwn)
+			}
 			if ev.Type == mvccpb.DELETE {
 				c.tree.Delete(&cachedKV{key: string(ev.Kv.Key)})
 			} else {
@@ -261,6 +265,36 @@ func (c *watchCache) apply(resp clientv3.WatchResponse) {
 		c.cur = nil
 		c.keys.Store(int64(c.tree.Len()))
 	}
+	c.changedLocked()
+}
+
+// applyOwn applies the writes of the store's own commit, at rev, to the
+// live tree when the tree is complete up to the revision before it: the
+// state at rev is then the tree with these writes, and the store's next
+// transaction need not wait for the watch to bring them. Otherwise the
+// watch will.
+func (c *watchCache) applyOwn(rev int64, writes map[string][]byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tree == nil || c.rev != rev-1 {
+		return
+	}
+	for k, v := range writes {
+		if k < c.start || k >= c.end {
+			continue
+		}
+		if v == nil {
+			c.tree.Delete(&cachedKV{key: k})
+			continue
+		}
+		kv := &cachedKV{key: k, value: v, create: rev, mod: rev, version: 1}
+		if old, ok := c.tree.Get(&cachedKV{key: k}); ok {
+			kv.create, kv.version = old.create, old.version+1
+		}
+		c.tree.ReplaceOrInsert(kv)
+	}
+	c.rev, c.cur = rev, nil
+	c.keys.Store(int64(c.tree.Len()))
 	c.changedLocked()
 }
 

@@ -2,6 +2,7 @@ package storage_test
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -154,4 +155,45 @@ func TestEtcdWatchCacheFollowsARestartedServer(t *testing.T) {
 	problems, err := storage.Check(context.Background(), writer)
 	require.NoError(t, err)
 	assert.Empty(t, problems)
+}
+
+// TestEtcdWatchCacheCopyIsEtcdAtItsRevision runs a workload of commits by
+// the cached store itself (whose writes it applies at once when it can)
+// and by another client (which come by the watch), many keys per commit,
+// and compares the copy with etcd at the copy's revision, key by key.
+func TestEtcdWatchCacheCopyIsEtcdAtItsRevision(t *testing.T) {
+	root := uniqueRoot(t)
+	cached := openEtcd(t, root, storage.WithWatchCache())
+	other := openEtcd(t, root, storage.WithoutWatchCache())
+	ctx := context.Background()
+	for round := range 20 {
+		for j, ms := range []storage.MetaStore{cached, other, cached} {
+			update(t, ms, func(ctx context.Context) error {
+				for i := range 4 {
+					name := fmt.Sprintf("r%d-%d-%d", round, j, i)
+					if err := commitLayer(ctx, name, ""); err != nil {
+						return err
+					}
+					if _, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name+"-a", name); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}
+		update(t, other, func(ctx context.Context) error {
+			_, _, err := storage.Remove(ctx, fmt.Sprintf("r%d-0-0-a", round))
+			return err
+		})
+	}
+	require.NoError(t, cached.WithTransaction(ctx, false, func(ctx context.Context) error { return nil }))
+	// A read-only transaction that reads waits for the copy to reach
+	// etcd's revision.
+	require.NoError(t, cached.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, _, _, err := storage.GetInfo(ctx, "r19-1-3")
+		return err
+	}))
+	diff, err := storage.CopyDiff(ctx, cached)
+	require.NoError(t, err)
+	assert.Empty(t, diff)
 }

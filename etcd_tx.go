@@ -628,6 +628,9 @@ func (t *etcdTx) send(ctx context.Context, withWrites bool) error {
 	}
 	if len(ops) > 0 {
 		t.e.noteWrite(resp.Header.Revision)
+		if t.e.cache != nil {
+			t.e.cache.applyOwn(resp.Header.Revision, t.writes)
+		}
 	}
 	if v, raised := t.writes[floorKey]; withWrites && raised && v != nil {
 		// This commit raised the floor: the floor key now has its revision.

@@ -2,8 +2,12 @@ package storage
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // SetCloseTimeout shortens how long Close of ms waits for transactions in
@@ -91,4 +95,39 @@ func WaitWatchCache(ctx context.Context, ms MetaStore) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// CopyDiff compares the newest copy of ms's watch cache with what etcd held
+// at the copy's revision, key by key (value, create and mod revisions,
+// version), and describes every difference.
+func CopyDiff(ctx context.Context, ms MetaStore) ([]string, error) {
+	e := ms.(*metaStore).eng.(*etcdEngine)
+	c := e.cache
+	s, _ := c.state()
+	if s == nil {
+		return nil, errors.New("no copy")
+	}
+	resp, err := e.cli.Get(ctx, c.start, clientv3.WithRange(c.end), clientv3.WithRev(s.rev))
+	if err != nil {
+		return nil, err
+	}
+	var diff []string
+	seen := map[string]bool{}
+	for _, kv := range resp.Kvs {
+		seen[string(kv.Key)] = true
+		got, ok := s.tree.Get(&cachedKV{key: string(kv.Key)})
+		switch {
+		case !ok:
+			diff = append(diff, fmt.Sprintf("%s: missing from the copy", kv.Key))
+		case string(got.value) != string(kv.Value) || got.create != kv.CreateRevision || got.mod != kv.ModRevision || got.version != kv.Version:
+			diff = append(diff, fmt.Sprintf("%s: copy create %d mod %d version %d, etcd %d %d %d", kv.Key, got.create, got.mod, got.version, kv.CreateRevision, kv.ModRevision, kv.Version))
+		}
+	}
+	s.tree.Ascend(func(kv *cachedKV) bool {
+		if !seen[kv.key] {
+			diff = append(diff, fmt.Sprintf("%s: in the copy only", kv.key))
+		}
+		return true
+	})
+	return diff, nil
 }
