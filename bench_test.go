@@ -696,6 +696,10 @@ type etcdBench struct {
 	ms         storage.MetaStore
 	raw        clientv3.KV
 	ourN, rawN atomic.Int64
+	// cached is a store of the same root with the watch cache
+	// (impl=snapmeta-cache), counting into cacheN.
+	cached storage.MetaStore
+	cacheN atomic.Int64
 }
 
 // etcdRounds numbers rounds, so that every round of the process writes
@@ -753,6 +757,11 @@ func openEtcdBench(b *testing.B) *etcdBench {
 	b.Cleanup(func() { _ = ms.Close() })
 	e.ms = ms
 	e.raw = countingKV{KV: cli.KV, n: &e.rawN}
+	cached, err := storage.NewEtcdStoreFromClient(cli, e.root, storage.WithWatchCache(), countingWrapper(&e.cacheN))
+	require.NoError(b, err)
+	require.NoError(b, storage.WaitWatchCache(context.Background(), cached))
+	b.Cleanup(func() { _ = cached.Close() })
+	e.cached = cached
 	return e
 }
 
@@ -978,6 +987,37 @@ func (e *etcdBench) rawCreateCommit(ctx context.Context, kv clientv3.KV, round s
 	return nil
 }
 
+// rawTwoTxns is the physical limit of a driver's Prepare and later Commit
+// of one layer: two guarded Txns and no reads, each checking by compares
+// alone what it depends on (the parent exists and the key does not; the
+// active exists and the name does not).
+func (e *etcdBench) rawTwoTxns(ctx context.Context, kv clientv3.KV, round string, i int, parent string) error {
+	key, name := fmt.Sprintf("%s-extract-%d", round, i), fmt.Sprintf("%s-layer-%d", round, i)
+	k, nk, pk := rawKey(e.rawRoot, key), rawKey(e.rawRoot, name), rawKey(e.rawRoot, parent)
+	link := rawChildPrefix(e.rawRoot, parent) + key
+	w, err := kv.Txn(ctx).If(
+		clientv3.Compare(clientv3.CreateRevision(k), "=", 0),
+		clientv3.Compare(clientv3.CreateRevision(pk), ">", 0),
+	).Then(clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)).Commit()
+	if err != nil {
+		return err
+	}
+	if !w.Succeeded {
+		return errRaw
+	}
+	w, err = kv.Txn(ctx).If(
+		clientv3.Compare(clientv3.CreateRevision(nk), "=", 0),
+		clientv3.Compare(clientv3.CreateRevision(k), ">", 0),
+	).Then(clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)).Commit()
+	if err != nil {
+		return err
+	}
+	if !w.Succeeded {
+		return errRaw
+	}
+	return nil
+}
+
 // rawPrepareThenCommit is the least a driver's Prepare and later Commit of
 // one layer need, as two transactions (the layer is unpacked in between):
 // each reads what it depends on in one request and writes in one guarded
@@ -1124,18 +1164,37 @@ func (e *etcdBench) pair(b *testing.B, raw, ours func(b *testing.B)) {
 	})
 }
 
-// resetTimer resets the timer and both round trip counters.
+// withCache runs ours as impl=snapmeta-cache, on the store with the watch
+// cache, after the raw and our variants (pair).
+func (e *etcdBench) withCache(b *testing.B, ours func(b *testing.B, ms storage.MetaStore)) {
+	b.Run("impl=snapmeta-cache", func(b *testing.B) {
+		b.ReportAllocs()
+		ours(b, e.cached)
+		reportTrips(b, &e.cacheN)
+	})
+}
+
+// resetTimer resets the timer and the round trip counters.
 func (e *etcdBench) resetTimer(b *testing.B) {
 	b.ResetTimer()
 	e.ourN.Store(0)
 	e.rawN.Store(0)
+	e.cacheN.Store(0)
 }
 
-// benchRead compares a read-only transaction of ours with one raw Get of
-// the record it reads.
+// benchRead compares a read-only transaction of ours, without and with the
+// watch cache, with one raw Get of the record it reads.
 func (e *etcdBench) benchRead(b *testing.B, name string, ours func(ctx context.Context) error) {
 	ctx := context.Background()
 	key := etcdSnapshotKey(e.root, name)
+	run := func(b *testing.B, ms storage.MetaStore) {
+		e.resetTimer(b)
+		for range b.N {
+			if err := ms.WithTransaction(ctx, false, ours); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
 	e.pair(b, func(b *testing.B) {
 		e.resetTimer(b)
 		for range b.N {
@@ -1144,14 +1203,8 @@ func (e *etcdBench) benchRead(b *testing.B, name string, ours func(ctx context.C
 				b.Fatal(err, errRaw)
 			}
 		}
-	}, func(b *testing.B) {
-		e.resetTimer(b)
-		for range b.N {
-			if err := e.ms.WithTransaction(ctx, false, ours); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
+	}, func(b *testing.B) { run(b, e.ms) })
+	e.withCache(b, run)
 }
 
 func BenchmarkEtcdStatActive(b *testing.B) {
@@ -1406,23 +1459,68 @@ func BenchmarkEtcdClients(b *testing.B) {
 				})
 				reportTrips(b, &n)
 			})
-			b.Run("impl=snapmeta", func(b *testing.B) {
-				b.ReportAllocs()
-				round := etcdRound()
-				parent := e.ourParents(b, round, b.N)
-				var n atomic.Int64
-				stores := make([]storage.MetaStore, clients)
-				for i := range stores {
-					ms, err := storage.NewEtcdStoreFromClient(clis[i], e.root, countingWrapper(&n))
-					require.NoError(b, err)
-					defer ms.Close()
-					stores[i] = ms
+			// The physical limit, two guarded Txns, without and with a
+			// watch of the root per client: what following the root
+			// costs every write, whoever follows it.
+			for _, watched := range []bool{false, true} {
+				name := "raw2txn"
+				if watched {
+					name += "-watched"
 				}
-				runWriters(b, clients, func(w, i int) error {
-					return ourPrepareThenCommit(ctx, stores[w], round, i, parent(i))
+				b.Run("impl="+name, func(b *testing.B) {
+					b.ReportAllocs()
+					round := etcdRound()
+					parent := e.rawParents(b, round, b.N)
+					var n atomic.Int64
+					kvs := make([]clientv3.KV, clients)
+					for i := range kvs {
+						kvs[i] = countingKV{KV: clis[i].KV, n: &n}
+						if watched {
+							wctx, cancel := context.WithCancel(ctx)
+							defer cancel()
+							wch := clis[i].Watch(wctx, e.rawRoot+"/", clientv3.WithPrefix())
+							go func() {
+								for range wch {
+								}
+							}()
+						}
+					}
+					runWriters(b, clients, func(w, i int) error {
+						return e.rawTwoTxns(ctx, kvs[w], round, i, parent(i))
+					})
+					reportTrips(b, &n)
 				})
-				reportTrips(b, &n)
-			})
+			}
+			for _, impl := range []struct {
+				name string
+				opts []storage.EtcdOpt
+			}{
+				{"snapmeta", nil},
+				{"snapmeta-cache", []storage.EtcdOpt{storage.WithWatchCache()}},
+			} {
+				b.Run("impl="+impl.name, func(b *testing.B) {
+					b.ReportAllocs()
+					round := etcdRound()
+					parent := e.ourParents(b, round, b.N)
+					var n atomic.Int64
+					stores := make([]storage.MetaStore, clients)
+					for i := range stores {
+						ms, err := storage.NewEtcdStoreFromClient(clis[i], e.root, append(impl.opts, countingWrapper(&n))...)
+						require.NoError(b, err)
+						defer ms.Close()
+						stores[i] = ms
+						if storage.WatchCached(ms) {
+							// The copy's first list is not the
+							// benchmark's work.
+							require.NoError(b, storage.WaitWatchCache(ctx, ms))
+						}
+					}
+					runWriters(b, clients, func(w, i int) error {
+						return ourPrepareThenCommit(ctx, stores[w], round, i, parent(i))
+					})
+					reportTrips(b, &n)
+				})
+			}
 		})
 	}
 }

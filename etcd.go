@@ -30,6 +30,8 @@ type etcdOptions struct {
 	host     string
 	hostView bool
 	hostTTL  time.Duration
+	// watchCache keeps a local copy of the root (etcd_cache.go).
+	watchCache bool
 }
 
 func defaultEtcdOptions() etcdOptions {
@@ -38,8 +40,13 @@ func defaultEtcdOptions() etcdOptions {
 		maxTxnOps:      DefaultEtcdMaxTxnOps,
 		requestTimeout: DefaultEtcdRequestTimeout,
 		hostTTL:        DefaultHostTTL,
+		watchCache:     etcdCacheDefault,
 	}
 }
+
+// etcdCacheDefault opens every etcd store with WithWatchCache: the tests'
+// switch (SNAPMETA_TEST_ETCD_CACHE=1), to run them all in that mode.
+var etcdCacheDefault = false
 
 // Defaults of the etcd engine. DefaultEtcdMaxTxnOps is etcd's own default
 // for --max-txn-ops.
@@ -149,6 +156,9 @@ func newEtcdStore(cli *clientv3.Client, own bool, root string, opts []EtcdOpt) (
 		return nil, err
 	}
 	e.host = host
+	if o.watchCache {
+		e.cache = newWatchCache(cli, kv, e.keys.prefix, clientv3.GetPrefixRangeEnd(e.keys.prefix), o.pageSize)
+	}
 	return newMetaStore(e), nil
 }
 
@@ -179,6 +189,12 @@ type etcdEngine struct {
 	// RangeStream: long scans then page to the end.
 	noStream atomic.Bool
 
+	// cache is the watch-fed copy of the root, nil without WithWatchCache;
+	// lastWrite is the revision of the store's last commit, which its next
+	// writable transaction's copy must have reached.
+	cache     *watchCache
+	lastWrite atomic.Int64
+
 	// ids is this store's reserved block of IDs, shared by its
 	// transactions.
 	idMu sync.Mutex
@@ -197,21 +213,59 @@ func (e *etcdEngine) begin(ctx context.Context, writable bool) (engineTx, error)
 
 // beginRetry starts a transaction at the revision of the lost commit,
 // with the keys it read again then (see lostCommit).
-func (e *etcdEngine) beginRetry(_ context.Context, lost error) engineTx {
+func (e *etcdEngine) beginRetry(ctx context.Context, lost error) engineTx {
 	var lc *lostCommit
 	if !errors.As(lost, &lc) || lc.e != e {
 		return nil
 	}
-	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs}, keys: e.keys}
+	if e.cache != nil {
+		// A copy as new as the revision the guards failed at has what
+		// made them fail; without one in time, the retry reads etcd.
+		t := &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}}, keys: e.keys}
+		if err := t.readFromCopy(ctx, lc.rev); err != nil {
+			return nil
+		}
+		if t.snap != nil {
+			return t
+		}
+	}
+	return &etcdTx{etcdTxState: &etcdTxState{e: e, writable: true, reads: readSet{}, rev: lc.rev, prefetched: lc.kvs, copyChosen: true}, keys: e.keys}
 }
 
 func (e *etcdEngine) close() error {
 	e.closed.Store(true)
+	if e.cache != nil {
+		e.cache.close()
+	}
 	err := e.host.release()
 	if e.own {
 		err = errors.Join(err, e.cli.Close())
 	}
 	return err
+}
+
+// currentRevision asks etcd for its revision now: a linearizable read of
+// one key's count.
+func (e *etcdEngine) currentRevision(ctx context.Context) (int64, error) {
+	var resp *clientv3.GetResponse
+	err := e.call(ctx, func(ctx context.Context) (err error) {
+		resp, err = e.kv.Get(ctx, e.keys.mode(), clientv3.WithCountOnly())
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	return resp.Header.Revision, nil
+}
+
+// noteWrite records a commit's revision as the store's last write.
+func (e *etcdEngine) noteWrite(rev int64) {
+	for {
+		last := e.lastWrite.Load()
+		if rev <= last || e.lastWrite.CompareAndSwap(last, rev) {
+			return
+		}
+	}
 }
 
 // errRequestTimeout tells our request timeout from the caller's deadline.

@@ -211,6 +211,14 @@ func cmState(t testing.TB, ms storage.MetaStore) []string {
 }
 
 // cmCommitOnce runs op in one transaction, committed without retry.
+// cmOpen opens a store that reads etcd itself: these tests are about the
+// guards of reads at a revision and the requests a retry sends, and one
+// client commits right after the other's commit returned, which a watch
+// cache's copy need not have seen yet (an extra conflict).
+func cmOpen(t testing.TB, root string) storage.MetaStore {
+	return openEtcd(t, root, storage.WithoutWatchCache())
+}
+
 func cmCommitOnce(ms storage.MetaStore, op cmOp) error {
 	ctx, tx, err := ms.TransactionContext(context.Background(), !op.readOnly)
 	if err != nil {
@@ -244,7 +252,7 @@ func (o cmOutcome) String() string {
 // order other-then-open (open only if it committed) produces.
 func runConflictCase(t *testing.T, open, other cmOp, want cmOutcome) {
 	root := uniqueRoot(t)
-	client1, client2 := openEtcd(t, root), openEtcd(t, root)
+	client1, client2 := cmOpen(t, root), cmOpen(t, root)
 	cmSetup(t, client1)
 
 	ctx, tx, err := client1.TransactionContext(context.Background(), true)
@@ -263,7 +271,7 @@ func runConflictCase(t *testing.T, open, other cmOp, want cmOutcome) {
 	require.NoError(t, err)
 	assert.Empty(t, problems)
 
-	serial := openEtcd(t, uniqueRoot(t))
+	serial := cmOpen(t, uniqueRoot(t))
 	cmSetup(t, serial)
 	require.NoError(t, cmCommitOnce(serial, other))
 	if errCommit == nil {
@@ -384,7 +392,7 @@ func TestEtcdWritableTransactionReadsTwoHundredAncestors(t *testing.T) {
 	require.ErrorIs(t, err, rpctypes.ErrTooManyOps, "the server must refuse 129 compares")
 
 	root := uniqueRoot(t)
-	ms, other := openEtcd(t, root), openEtcd(t, root)
+	ms, other := cmOpen(t, root), cmOpen(t, root)
 	chain := cmChain(t, ms, "L", 200)
 	top := chain[len(chain)-1]
 
@@ -443,7 +451,7 @@ func TestEtcdWritableTransactionReadsTwoHundredAncestors(t *testing.T) {
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				root := uniqueRoot(t)
-				ms, other := openEtcd(t, root), openEtcd(t, root)
+				ms, other := cmOpen(t, root), cmOpen(t, root)
 				for i := 0; i < 290; i += 29 {
 					update(t, ms, func(ctx context.Context) error {
 						for j := i; j < i+29; j++ {
@@ -548,7 +556,7 @@ func TestEtcdRetryTakesTheReadsOfTheLostCommit(t *testing.T) {
 			var n atomic.Int64
 			root := uniqueRoot(t)
 			ms := openEtcd(t, root, storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
-			other := openEtcd(t, root)
+			other := cmOpen(t, root)
 			// The setup runs on the counted store, so its block of IDs is
 			// reserved before counting starts.
 			cmSetup(t, ms)

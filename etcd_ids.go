@@ -124,24 +124,19 @@ func (e *etcdEngine) dropStaleIDBlock(floorModRev, rev int64) {
 }
 
 func (t *etcdTx) idLimit(ctx context.Context) (uint64, error) {
-	var resp *clientv3.TxnResponse
-	err := t.e.call(ctx, func(ctx context.Context) (err error) {
-		resp, err = t.e.kv.Txn(ctx).Then(
-			clientv3.OpGet(t.e.keys.idBlock, t.readOpts()...),
-			clientv3.OpGet(t.e.keys.idFloor, t.readOpts()...),
-		).Commit()
-		return err
+	rs, err := t.readMany(ctx, []clientv3.Op{
+		clientv3.OpGet(t.e.keys.idBlock, t.readOpts()...),
+		clientv3.OpGet(t.e.keys.idFloor, t.readOpts()...),
 	})
 	if err != nil {
 		return 0, err
 	}
-	t.pinRevision(resp.Header.Revision)
 	var blocks uint64
 	var floorValue []byte
-	if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kvs := rs[0].Kvs; len(kvs) > 0 {
 		blocks = uint64(kvs[0].Version)
 	}
-	if kvs := resp.Responses[1].GetResponseRange().GetKvs(); len(kvs) > 0 {
+	if kvs := rs[1].Kvs; len(kvs) > 0 {
 		floorValue = kvs[0].Value
 	}
 	// A floor raised in this transaction (and the IDs taken above it)
@@ -226,15 +221,10 @@ func (t *etcdTx) raiseIDs(ctx context.Context, id uint64) error {
 	k := t.e.keys.idFloor
 	s, ok := t.reads[k]
 	if !ok {
-		var resp *clientv3.GetResponse
-		err := t.e.call(ctx, func(ctx context.Context) (err error) {
-			resp, err = t.e.kv.Get(ctx, k, t.readOpts()...)
-			return err
-		})
+		resp, err := t.readOne(ctx, clientv3.OpGet(k, t.readOpts()...))
 		if err != nil {
 			return err
 		}
-		t.pinRevision(resp.Header.Revision)
 		if len(resp.Kvs) > 0 {
 			s = readOf(resp.Kvs[0])
 		}

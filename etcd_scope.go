@@ -142,15 +142,10 @@ func (t *etcdTx) scopeOwners(ctx context.Context) ([]string, error) {
 	t.readRange(prefix, end)
 	var owners []string
 	for from := prefix; ; {
-		var resp *clientv3.GetResponse
-		err := t.e.call(ctx, func(ctx context.Context) (err error) {
-			resp, err = t.e.kv.Get(ctx, from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(1), clientv3.WithKeysOnly())...)
-			return err
-		})
+		resp, err := t.readOne(ctx, clientv3.OpGet(from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(1), clientv3.WithKeysOnly())...))
 		if err != nil {
 			return nil, err
 		}
-		t.pinRevision(resp.Header.Revision)
 		if len(resp.Kvs) == 0 {
 			return owners, nil
 		}

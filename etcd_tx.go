@@ -43,11 +43,20 @@ type etcdTxState struct {
 	e        *etcdEngine
 	writable bool
 
-	rev    int64   // read revision; 0 until the first read
-	reads  readSet // point reads
-	ranges rangeSet
-	peeks  map[string]childPeek
-	writes map[string][]byte // buffered writes; nil value deletes
+	rev int64 // read revision; 0 until the first read
+	// snap is the watch cache's copy the transaction reads, at rev; nil
+	// when it reads etcd (see etcd_cache.go).
+	snap *cacheState
+	// copyChosen is set once the transaction has chosen between the copy
+	// and etcd, at its first read.
+	copyChosen bool
+	// confirmed is set while everything read from the copy has been
+	// confirmed against etcd (see checkRefusal).
+	confirmed bool
+	reads     readSet // point reads
+	ranges    rangeSet
+	peeks     map[string]childPeek
+	writes    map[string][]byte // buffered writes; nil value deletes
 	// prefetched holds keys as etcd held them at rev, handed over by the
 	// lost commit this transaction retries; a read takes them from here
 	// instead of asking etcd.
@@ -217,6 +226,14 @@ func (t *etcdTx) known(key string, whole bool) (value []byte, known bool) {
 // etcd than a transaction), a Txn of Gets for more, which etcd answers at
 // one revision. The first read's revision becomes the transaction's.
 func (t *etcdTx) readMany(ctx context.Context, ops []clientv3.Op) ([]*etcdserverpb.RangeResponse, error) {
+	if t.e.cache != nil && !t.copyChosen {
+		if err := t.readFromCopy(ctx, 0); err != nil {
+			return nil, err
+		}
+	}
+	if t.snap != nil {
+		return t.readCopy(ops)
+	}
 	if len(ops) == 1 {
 		var resp clientv3.OpResponse
 		err := t.e.call(ctx, func(ctx context.Context) (err error) {
@@ -244,6 +261,15 @@ func (t *etcdTx) readMany(ctx context.Context, ops []clientv3.Op) ([]*etcdserver
 		out[i] = r.GetResponseRange()
 	}
 	return out, nil
+}
+
+// readOne is readMany of one request.
+func (t *etcdTx) readOne(ctx context.Context, op clientv3.Op) (*etcdserverpb.RangeResponse, error) {
+	out, err := t.readMany(ctx, []clientv3.Op{op})
+	if err != nil {
+		return nil, err
+	}
+	return out[0], nil
 }
 
 func (t *etcdTx) peek(name string, kvs []*mvccpb.KeyValue, more bool) {
@@ -334,15 +360,10 @@ func (t *etcdTx) hasChildren(ctx context.Context, p ref) (bool, error) {
 	for {
 		if !ok || (peek.more && len(peek.keys) <= len(deleted)) {
 			limit := int64(len(deleted) + 1)
-			var resp *clientv3.GetResponse
-			err := t.e.call(ctx, func(ctx context.Context) (err error) {
-				resp, err = t.e.kv.Get(ctx, prefix, t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(limit))...)
-				return err
-			})
+			resp, err := t.readOne(ctx, clientv3.OpGet(prefix, t.readOpts(clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithLimit(limit))...))
 			if err != nil {
 				return false, err
 			}
-			t.pinRevision(resp.Header.Revision)
 			t.peek(p.name, resp.Kvs, resp.More)
 			peek, ok = t.peeks[p.name], true
 		}
@@ -490,15 +511,10 @@ const streamAfterPages = 8
 // sees buffered writes nor guards the range: callers do.
 func (t *etcdTx) scanRange(ctx context.Context, start, end string, fn func(kv *mvccpb.KeyValue) error) error {
 	for from := start; ; {
-		var resp *clientv3.GetResponse
-		err := t.e.call(ctx, func(ctx context.Context) (err error) {
-			resp, err = t.e.kv.Get(ctx, from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(t.e.opts.pageSize))...)
-			return err
-		})
+		resp, err := t.readOne(ctx, clientv3.OpGet(from, t.readOpts(clientv3.WithRange(end), clientv3.WithLimit(t.e.opts.pageSize))...))
 		if err != nil {
 			return err
 		}
-		t.pinRevision(resp.Header.Revision)
 		for _, kv := range resp.Kvs {
 			if err := fn(kv); err != nil {
 				return err
@@ -591,20 +607,29 @@ func (t *etcdTx) rollback() error {
 	return nil
 }
 
-// commit sends one Txn: the guards of every read, then every write. When
-// the guards fail, its Else branch reads the point reads again, for the
-// retry (see lostCommit).
+// commit sends one Txn: the guards of every read, then every write. A
+// transaction without writes sends nothing, unless it read a copy of the
+// watch cache that must be confirmed (see etcdTx.unconfirmed).
 func (t *etcdTx) commit(ctx context.Context) error {
-	if len(t.writes) == 0 {
+	if len(t.writes) == 0 && !t.unconfirmed() {
 		return nil
 	}
+	return t.send(ctx, true)
+}
+
+// send sends one Txn: the guards of every read, then, withWrites, every
+// write. When the guards fail, its Else branch reads the point reads again,
+// for the retry (see lostCommit).
+func (t *etcdTx) send(ctx context.Context, withWrites bool) error {
 	limit := t.e.opts.maxTxnOps
 	var ops []clientv3.Op
-	for _, k := range slices.Sorted(maps.Keys(t.writes)) {
-		if v := t.writes[k]; v != nil {
-			ops = append(ops, clientv3.OpPut(k, string(v)))
-		} else {
-			ops = append(ops, clientv3.OpDelete(k))
+	if withWrites {
+		for _, k := range slices.Sorted(maps.Keys(t.writes)) {
+			if v := t.writes[k]; v != nil {
+				ops = append(ops, clientv3.OpPut(k, string(v)))
+			} else {
+				ops = append(ops, clientv3.OpDelete(k))
+			}
 		}
 	}
 	if len(ops) > limit {
@@ -689,7 +714,13 @@ func (t *etcdTx) commit(ctx context.Context) error {
 		}
 		return lost
 	}
-	if v, raised := t.writes[floorKey]; raised && v != nil {
+	if len(ops) > 0 {
+		t.e.noteWrite(resp.Header.Revision)
+		if t.e.cache != nil {
+			t.e.cache.applyOwn(resp.Header.Revision, t.writes)
+		}
+	}
+	if v, raised := t.writes[floorKey]; withWrites && raised && v != nil {
 		// This commit raised the floor: the floor key now has its revision.
 		t.e.dropStaleIDBlock(resp.Header.Revision, resp.Header.Revision)
 	}

@@ -1,8 +1,13 @@
 package storage
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"os"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // SetCloseTimeout shortens how long Close of ms waits for transactions in
@@ -17,6 +22,24 @@ func init() {
 	}
 }
 
+// SNAPMETA_TEST_ETCD_CACHE=1 runs every test with every etcd store opened
+// as if WithWatchCache were given.
+func init() {
+	if os.Getenv("SNAPMETA_TEST_ETCD_CACHE") == "1" {
+		etcdCacheDefault = true
+	}
+}
+
+// WatchCacheByDefault reports whether this run opens every etcd store
+// with the watch cache (SNAPMETA_TEST_ETCD_CACHE=1).
+func WatchCacheByDefault() bool { return etcdCacheDefault }
+
+// WatchCached reports whether ms is an etcd store with a watch cache.
+func WatchCached(ms MetaStore) bool {
+	e, ok := ms.(*metaStore).eng.(*etcdEngine)
+	return ok && e.cache != nil
+}
+
 // ParallelCallbacks reports whether ms is a bbolt store in parallel mode.
 func ParallelCallbacks(ms MetaStore) bool {
 	e, ok := ms.(*metaStore).eng.(*boltEngine)
@@ -26,3 +49,85 @@ func ParallelCallbacks(ms MetaStore) bool {
 // ParallelByDefault reports whether this run opens every bbolt store in
 // parallel mode (SNAPMETA_TEST_BOLT_PARALLEL=1).
 func ParallelByDefault() bool { return boltParallelDefault }
+
+// WithoutWatchCache opens an etcd store without the watch cache even in a
+// run that opens every store with it: for tests of the requests a store
+// sends to etcd when it reads etcd itself.
+func WithoutWatchCache() EtcdOpt {
+	return func(o *etcdOptions) error {
+		o.watchCache = false
+		return nil
+	}
+}
+
+// HoldWatchCache holds ms's watch cache back: no watch response is applied
+// until release is called.
+func HoldWatchCache(ms MetaStore) (release func()) {
+	c := ms.(*metaStore).eng.(*etcdEngine).cache
+	c.held.Lock()
+	return c.held.Unlock
+}
+
+// CopyHolds reports whether the newest copy of ms's watch cache holds a
+// record named name.
+func CopyHolds(ms MetaStore, name string) bool {
+	e := ms.(*metaStore).eng.(*etcdEngine)
+	s, _ := e.cache.state()
+	if s == nil {
+		return false
+	}
+	_, ok := s.tree.Get(&cachedKV{key: e.keys.snapshot(name)})
+	return ok
+}
+
+// WaitWatchCache waits until ms's watch cache holds a copy of its root (the
+// first list has been read), or ctx ends.
+func WaitWatchCache(ctx context.Context, ms MetaStore) error {
+	c := ms.(*metaStore).eng.(*etcdEngine).cache
+	for {
+		s, changed := c.state()
+		if s != nil {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// CopyDiff compares the newest copy of ms's watch cache with what etcd held
+// at the copy's revision, key by key (value, create and mod revisions,
+// version), and describes every difference.
+func CopyDiff(ctx context.Context, ms MetaStore) ([]string, error) {
+	e := ms.(*metaStore).eng.(*etcdEngine)
+	c := e.cache
+	s, _ := c.state()
+	if s == nil {
+		return nil, errors.New("no copy")
+	}
+	resp, err := e.cli.Get(ctx, c.start, clientv3.WithRange(c.end), clientv3.WithRev(s.rev))
+	if err != nil {
+		return nil, err
+	}
+	var diff []string
+	seen := map[string]bool{}
+	for _, kv := range resp.Kvs {
+		seen[string(kv.Key)] = true
+		got, ok := s.tree.Get(&cachedKV{key: string(kv.Key)})
+		switch {
+		case !ok:
+			diff = append(diff, fmt.Sprintf("%s: missing from the copy", kv.Key))
+		case string(got.value) != string(kv.Value) || got.create != kv.CreateRevision || got.mod != kv.ModRevision || got.version != kv.Version:
+			diff = append(diff, fmt.Sprintf("%s: copy create %d mod %d version %d, etcd %d %d %d", kv.Key, got.create, got.mod, got.version, kv.CreateRevision, kv.ModRevision, kv.Version))
+		}
+	}
+	s.tree.Ascend(func(kv *cachedKV) bool {
+		if !seen[kv.key] {
+			diff = append(diff, fmt.Sprintf("%s: in the copy only", kv.key))
+		}
+		return true
+	})
+	return diff, nil
+}

@@ -83,12 +83,11 @@ func relFixture(t *testing.T, a, b, c storage.MetaStore) (free, keep []string) {
 		return err
 	})
 	update(t, a, func(ctx context.Context) error {
-		_, err := storage.BindLayer(ctx, "bound-b", "", "chain-b")
-		require.NoError(t, err)
-		info, err := storage.BindLayer(ctx, "bound-c", "", "chain-c")
-		require.NoError(t, err)
-		_ = info
-		return nil
+		if _, err := storage.BindLayer(ctx, "bound-b", "", "chain-b"); err != nil {
+			return err
+		}
+		_, err := storage.BindLayer(ctx, "bound-c", "", "chain-c")
+		return err
 	})
 	var cID string
 	require.NoError(t, a.WithTransaction(context.Background(), false, func(ctx context.Context) (err error) {

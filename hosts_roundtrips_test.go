@@ -19,9 +19,9 @@ func TestEtcdHostScopeRoundTrips(t *testing.T) {
 	root := uniqueRoot(t)
 	var n atomic.Int64
 	counting := storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} })
-	a := openEtcd(t, root, storage.WithHost("a"), counting)
+	a := openEtcd(t, root, storage.WithHost("a"), storage.WithoutWatchCache(), counting)
 	assert.Equal(t, int64(2), n.Load(), "opening WithHost: the root's mode and the lock (the lease grant is a third)")
-	b := openEtcd(t, root, storage.WithHost("b"), counting)
+	b := openEtcd(t, root, storage.WithHost("b"), storage.WithoutWatchCache(), counting)
 
 	cost := func(ms storage.MetaStore, fn func(ctx context.Context) error) int64 {
 		t.Helper()

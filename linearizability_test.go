@@ -965,14 +965,15 @@ func linRefusedCallbackWaits(t *testing.T, opts ...storage.BoltOpt) {
 	require.NoError(t, errRead, "B returned AlreadyExists for k, so a reader that starts after B returned must find k")
 }
 
-// linEtcdClients opens n stores on cfg, each with its own client, closed at
-// the end of the test; every other one walks in pages of 2.
-func linEtcdClients(t *testing.T, c *etcdtest.Cluster, root string, n int, requestTimeout time.Duration) []linClient {
+// linEtcdClients opens n stores on cfg, each with its own client and
+// extra options, closed at the end of the test; every other one walks in
+// pages of 2.
+func linEtcdClients(t *testing.T, c *etcdtest.Cluster, root string, n int, requestTimeout time.Duration, extra ...storage.EtcdOpt) []linClient {
 	t.Helper()
 	clients := make([]linClient, n)
 	for i := range clients {
 		cfg := c.ClientConfig()
-		opts := []storage.EtcdOpt{storage.WithRequestTimeout(requestTimeout)}
+		opts := append([]storage.EtcdOpt{storage.WithRequestTimeout(requestTimeout)}, extra...)
 		if i%2 == 1 {
 			opts = append(opts, storage.WithPageSize(2))
 		}
@@ -989,6 +990,40 @@ func TestLinearizabilityEtcd(t *testing.T) {
 	c := etcdtest.Start(t)
 	clients := linEtcdClients(t, c, "lin", 5, 5*time.Second)
 	history, stats := linWorkload(t, seed, clients, 150, 10*time.Second, nil)
+	t.Log(stats)
+	linCheckStore(t, clients[0].ms)
+	linAssertLinearizable(t, history)
+}
+
+// TestLinearizabilityEtcdWatchCache runs the workload on stores that read
+// their watch caches' copies: stale copies may cost conflicts and retries,
+// never an answer no serial order gives.
+func TestLinearizabilityEtcdWatchCache(t *testing.T) {
+	seed := linSeed(t)
+	c := etcdtest.Start(t)
+	clients := linEtcdClients(t, c, "lin-cache", 5, 5*time.Second, storage.WithWatchCache())
+	history, stats := linWorkload(t, seed, clients, 150, 10*time.Second, nil)
+	t.Log(stats)
+	linCheckStore(t, clients[0].ms)
+	linAssertLinearizable(t, history)
+}
+
+// TestLinearizabilityEtcdWatchCacheUnderFaults is the faults' workload
+// (see TestLinearizabilityEtcdUnderFaults) on stores with watch caches,
+// whose watches break with the leader and the quorum.
+func TestLinearizabilityEtcdWatchCacheUnderFaults(t *testing.T) {
+	seed := linSeed(t)
+	c := etcdtest.StartCluster(t, 3)
+	clients := linEtcdClients(t, c, "lin-cache-faults", 4, 2*time.Second, storage.WithWatchCache())
+	stop := make(chan struct{})
+	faults := make(chan error, 1)
+	go func() {
+		defer close(stop)
+		faults <- linFaults(c)
+		time.Sleep(2 * time.Second)
+	}()
+	history, stats := linWorkload(t, seed, clients, 0, 4*time.Second, stop)
+	require.NoError(t, <-faults)
 	t.Log(stats)
 	linCheckStore(t, clients[0].ms)
 	linAssertLinearizable(t, history)

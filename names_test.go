@@ -151,7 +151,7 @@ func TestContainerdLongNamesAreReachable(t *testing.T) {
 
 func TestEtcdLookupsOfHugeNamesSendNoRequest(t *testing.T) {
 	var requests atomic.Int64
-	ms := openEtcd(t, uniqueRoot(t), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV {
+	ms := openEtcd(t, uniqueRoot(t), storage.WithoutWatchCache(), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV {
 		return countingKV{KV: kv, n: &requests}
 	}))
 	warmUp(t, ms)

@@ -506,7 +506,8 @@ func TestSecurityPasswordTokenRenewal(t *testing.T) {
 			}
 			return invoker(ctx, method, req, reply, cc, opts...)
 		}))
-	ms, err := storage.NewEtcdStore(root, &cfg)
+	// Without the watch cache: its watch stream may log in on its own.
+	ms, err := storage.NewEtcdStore(root, &cfg, storage.WithoutWatchCache())
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = ms.Close() })
 	update(t, ms, func(ctx context.Context) error { return commitLayer(ctx, "one", "") })

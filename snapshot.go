@@ -414,7 +414,7 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 				return nil
 			}
 			if err := fn(ctx, info); err != nil {
-				return err
+				return callerError{err}
 			}
 			// A callback may end the transaction; the engine cannot go on.
 			if t.done.Load() {

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 
@@ -139,8 +140,46 @@ func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) err
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return op(t.tx)
+	rc, checks := t.tx.(refusalChecker)
+	first := checks && rc.readNothing()
+	err := op(t.tx)
+	var ce callerError
+	if errors.As(err, &ce) {
+		return ce.err
+	}
+	if checks && refused(err) {
+		var rerun func() error
+		if first {
+			rerun = func() error { return op(t.tx) }
+		}
+		return rc.checkRefusal(ctx, err, rerun)
+	}
+	return err
 }
+
+// refused tells whether err is a refusal: an operation that changed
+// nothing because of what it read or was given (see Transactor).
+func refused(err error) bool {
+	return err != nil && (errdefs.IsNotFound(err) || errdefs.IsAlreadyExists(err) ||
+		errdefs.IsInvalidArgument(err) || errdefs.IsFailedPrecondition(err) || errors.Is(err, ErrIDsExhausted))
+}
+
+// refusalChecker is an engine transaction whose reads may come from a copy
+// behind the engine (etcd's watch cache). checkRefusal returns refusal once
+// what the transaction read is confirmed to hold in the engine; when it
+// does not, it runs rerun (non-nil when the refused operation was the
+// transaction's first read) on a newer copy and checks its answer the same
+// way, or returns a Conflict.
+type refusalChecker interface {
+	readNothing() bool
+	checkRefusal(ctx context.Context, refusal error, rerun func() error) error
+}
+
+// callerError carries the error of a caller's callback (a walk's) through
+// use: it is the caller's answer, not a refusal of the store's.
+type callerError struct{ err error }
+
+func (e callerError) Error() string { return e.err.Error() }
 
 // ContextWithTransactor returns a context carrying t, for the package-level
 // functions. MetaStore.TransactionContext does this already; it is for

@@ -69,7 +69,7 @@ func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
 				Host: host, Content: r.Content,
 			}
 			if err := fn(rec); err != nil {
-				return err
+				return callerError{err}
 			}
 			// A callback may end the transaction; the engine cannot go on.
 			if t.done.Load() {

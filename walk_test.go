@@ -71,24 +71,36 @@ func TestWalkHandsOverEveryField(t *testing.T) {
 }
 
 // TestWalkRoundTripsPerPage: on etcd a Walk costs one request per page, not
-// one per snapshot (usage comes with the record).
+// one per snapshot (usage comes with the record); with the watch cache, a
+// walk asks etcd for its revision and reads the rest locally.
 func TestWalkRoundTripsPerPage(t *testing.T) {
-	var n atomic.Int64
-	ms := openEtcd(t, uniqueRoot(t), storage.WithPageSize(10),
-		storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
-	update(t, ms, func(ctx context.Context) error {
-		for i := range 25 {
-			if err := commitLayer(ctx, fmt.Sprintf("layer%02d", i), ""); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	n.Store(0)
-	recs, err := walkAll(t, ms)
-	require.NoError(t, err)
-	assert.Len(t, recs, 25)
-	assert.Equal(t, int64(3), n.Load(), "25 records in pages of 10")
+	for _, tc := range []struct {
+		name  string
+		cache storage.EtcdOpt
+		want  int64
+	}{
+		{"pages of 10 from etcd", storage.WithoutWatchCache(), 3},
+		{"the revision from etcd, pages from the watch cache", storage.WithWatchCache(), 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var n atomic.Int64
+			ms := openEtcd(t, uniqueRoot(t), storage.WithPageSize(10), tc.cache,
+				storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
+			update(t, ms, func(ctx context.Context) error {
+				for i := range 25 {
+					if err := commitLayer(ctx, fmt.Sprintf("layer%02d", i), ""); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			n.Store(0)
+			recs, err := walkAll(t, ms)
+			require.NoError(t, err)
+			assert.Len(t, recs, 25)
+			assert.Equal(t, tc.want, n.Load(), "25 records in pages of 10")
+		})
+	}
 }
 
 // TestFiltersRefuseBadRegexp: a regular expression that does not compile is
