@@ -384,8 +384,8 @@ func (c *watchCache) at(ctx context.Context, rev int64, progress bool) (*cacheSt
 // answer reads op from the copy, as etcd would answer it at s.rev; ok is
 // false for a request the copy cannot answer (a key outside the root, or
 // options the transactions never use), which goes to etcd at s.rev.
-// Count is the number of keys returned, not of the range: no caller reads
-// it.
+// Count is the number of keys returned, not of the rest of the range, so a
+// scan of the copy goes on in pages and never streams (see scanRange).
 func (c *watchCache) answer(s *cacheState, op clientv3.Op) (*etcdserverpb.RangeResponse, bool) {
 	if !op.IsGet() || (op.Rev() != 0 && op.Rev() != s.rev) || op.IsSortSet() || op.IsCountOnly() ||
 		op.MinModRev() != 0 || op.MaxModRev() != 0 || op.MinCreateRev() != 0 || op.MaxCreateRev() != 0 {
