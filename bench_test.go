@@ -846,7 +846,11 @@ func buildEtcdFixture(cli *clientv3.Client) (*etcdFixture, error) {
 
 // buildEtcdWalk creates n views under root, from several stores at once.
 func buildEtcdWalk(b *testing.B, root string, n int) error {
-	cfg := benchEtcdServer(b).ClientConfig()
+	return buildEtcdWalkOn(benchEtcdServer(b).ClientConfig(), root, n)
+}
+
+// buildEtcdWalkOn is buildEtcdWalk on the etcd cfg reaches.
+func buildEtcdWalkOn(cfg clientv3.Config, root string, n int) error {
 	const workers, perTx = 8, 40
 	var (
 		next atomic.Int64
