@@ -196,6 +196,35 @@ func layoutBucket(parent *bolt.Bucket, key []byte) (*bolt.Bucket, error) {
 	return nil, nil
 }
 
+// snapshotBucket is layoutBucket(b.snaps, key), with its seeks that tell
+// a missing bucket from a plain key through the transaction's reused
+// cursor. A writer seeks with it first: it often looks for names that are
+// not there yet (creates), and a bucket found is then opened from bbolt's
+// cache of the transaction's buckets, or by a second seek. A reader opens
+// the bucket first: it mostly finds it.
+func (b *boltTx) snapshotBucket(key []byte) (*bolt.Bucket, error) {
+	if !b.writable {
+		if sb := b.snaps.Bucket(key); sb != nil {
+			return sb, nil
+		}
+	}
+	if k, _ := cursorOf(&b.snapsCur, b.snaps).Seek(key); !bytes.Equal(k, key) {
+		return nil, nil
+	}
+	if sb := b.snaps.Bucket(key); sb != nil {
+		return sb, nil
+	}
+	return nil, fmt.Errorf("a plain key, not a bucket: %w", ErrCorrupt)
+}
+
+// cursorOf returns *cur, made anew when it is not a cursor of bk.
+func cursorOf(cur **bolt.Cursor, bk *bolt.Bucket) *bolt.Cursor {
+	if *cur == nil || (*cur).Bucket() != bk {
+		*cur = bk.Cursor()
+	}
+	return *cur
+}
+
 // parentsBucket returns the parents bucket, looked up on first use: most
 // reads never need it.
 func (b *boltTx) parentsBucket() (*bolt.Bucket, error) {
@@ -242,6 +271,11 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
+	// snapsCur and parentsCur are cursors of snaps and parents reused by
+	// the lookups that need one: a fresh bbolt cursor allocates its path on
+	// every seek. A seek searches afresh from the bucket's root, so a
+	// write between two seeks does not matter.
+	snapsCur, parentsCur *bolt.Cursor
 	// ws, in parallel mode, collects what a writable transaction writes,
 	// for validating optimistic transactions (bolt_parallel.go).
 	ws *writeSet
@@ -342,7 +376,7 @@ func (b *boltTx) read(name string, full bool) (*record, error) {
 	if b.snaps == nil || name == "" {
 		return nil, b.damage
 	}
-	sb, err := layoutBucket(b.snaps, []byte(name))
+	sb, err := b.snapshotBucket([]byte(name))
 	if sb == nil {
 		return nil, snapshotErr(name, err)
 	}
@@ -365,15 +399,19 @@ func (b *boltTx) put(name string, r *record) (err error) {
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
-	b.undo.bucketChanged(b.snaps, name)
 	b.ws.addName(name)
-	sb := b.snaps.Bucket([]byte(name))
-	fresh := sb == nil
-	if fresh {
-		var err error
-		if sb, err = b.snaps.CreateBucket([]byte(name)); err != nil {
-			return snapshotErr(name, boltErr(err))
-		}
+	key := []byte(name)
+	// Creating first costs a new record (the usual case) one seek.
+	sb, err := b.snaps.CreateBucket(key)
+	fresh := err == nil
+	switch {
+	case fresh:
+		b.undo.bucketCreated(b.snaps, key)
+	case errors.Is(err, berrors.ErrBucketExists):
+		sb = b.snaps.Bucket(key)
+		b.undo.bucketChanged(b.snaps, key, sb)
+	default:
+		return snapshotErr(name, boltErr(err))
 	}
 	stored := *r
 	stored.ParentIDs, stored.ChainFrom = b.piece(r)
@@ -400,9 +438,12 @@ func (b *boltTx) delete(name string) (err error) {
 	if b.snaps == nil {
 		return b.damage
 	}
-	b.undo.bucketChanged(b.snaps, name)
+	key := []byte(name)
+	if b.undo != nil {
+		b.undo.bucketChanged(b.snaps, key, b.snaps.Bucket(key))
+	}
 	b.ws.addName(name)
-	return boltErr(b.snaps.DeleteBucket([]byte(name)))
+	return boltErr(b.snaps.DeleteBucket(key))
 }
 
 func (b *boltTx) link(parent, child ref) (err error) {
@@ -415,7 +456,9 @@ func (b *boltTx) link(parent, child ref) (err error) {
 		return err
 	}
 	k := parentLinkKey(parent.id, child.id)
-	b.undo.keyChanged(b.parents, k)
+	if b.undo != nil {
+		b.undo.keyChanged(cursorOf(&b.parentsCur, b.parents), k)
+	}
 	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Put(k, []byte(child.name)))
 }
@@ -430,7 +473,9 @@ func (b *boltTx) unlink(parent, child ref) (err error) {
 		return err
 	}
 	k := parentLinkKey(parent.id, child.id)
-	b.undo.keyChanged(b.parents, k)
+	if b.undo != nil {
+		b.undo.keyChanged(cursorOf(&b.parentsCur, b.parents), k)
+	}
 	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Delete(k))
 }

@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"sync"
@@ -34,12 +35,15 @@ type boltGroup struct {
 	waiting atomic.Int32 // callers waiting for mu: the group is not complete
 	tx      *bolt.Tx     // the open shared transaction, nil between groups
 	commit  *groupCommit
+	// commits and shares count the group commits made and the members'
+	// shares they carried, for tests and benchmarks.
+	commits, shares atomic.Int64
 }
 
 // groupCommit is the outcome of one shared commit.
 type groupCommit struct {
 	members int
-	done    chan struct{}
+	done    sync.WaitGroup // done once the commit is over
 	err     error
 }
 
@@ -77,7 +81,8 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 			g.mu.Unlock()
 			return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 		}
-		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
+		g.tx, g.commit = tx, &groupCommit{}
+		g.commit.done.Add(1)
 	}
 	gc := g.commit
 	bt, err := e.newBoltTx(g.tx)
@@ -86,7 +91,7 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 		// (see newBoltTx): the whole group ends with it.
 		g.tx = nil
 		gc.err = err
-		close(gc.done)
+		gc.done.Done()
 		g.commit = nil
 		g.mu.Unlock()
 		return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
@@ -107,7 +112,7 @@ func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *group
 	err := g.runMember(fn, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
-	<-gc.done
+	gc.done.Wait()
 	var p *callbackPanic
 	if errors.As(err, &p) {
 		panic(p.value)
@@ -134,7 +139,7 @@ func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupComm
 		if !returned {
 			// The goroutine is exiting: wait for the group, as a failed
 			// member returning would.
-			<-gc.done
+			gc.done.Wait()
 		}
 	}()
 	err = runGuarded(fn, bt)
@@ -183,7 +188,11 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	// marks it broken, and the store damaged.
 	bt.tx = tx
 	gc.err = bt.commitOrRollback(gc.members > 0)
-	close(gc.done)
+	if gc.members > 0 {
+		g.commits.Add(1)
+		g.shares.Add(int64(gc.members))
+	}
+	gc.done.Done()
 }
 
 // abandon rolls back the open transaction (bt's) and ends its group with
@@ -191,7 +200,7 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 func (g *boltGroup) abandon(bt *boltTx, err error) {
 	_ = bt.rollback()
 	g.commit.err = err
-	close(g.commit.done)
+	g.commit.done.Done()
 	g.tx, g.commit = nil, nil
 }
 
@@ -216,24 +225,75 @@ func runGuarded(fn func(engineTx) error, bt engineTx) (err error) {
 // Its methods are no-ops on a nil log (an ordinary transaction, which
 // bbolt's rollback reverts).
 type undoLog struct {
-	steps []func() error
+	steps []undoStep
+	// first holds the first steps, so that a member's usual share (a few
+	// writes) allocates no log.
+	first [8]undoStep
 }
 
-func (u *undoLog) add(step func() error) {
-	if u != nil {
-		u.steps = append(u.steps, step)
+// undoStep is one recorded step. Steps are values rather than closures,
+// which would each be an allocation.
+type undoStep struct {
+	op     undoOp
+	bucket *bolt.Bucket
+	key    []byte
+	value  []byte       // undoPut: the previous value
+	seq    uint64       // undoSequence
+	saved  *savedBucket // undoBucket: the previous bucket, nil for none
+	fn     func() error // undoFunc
+}
+
+type undoOp uint8
+
+const (
+	undoFunc      undoOp = iota // run fn
+	undoDelete                  // delete key from bucket
+	undoPut                     // put value at key in bucket
+	undoBucket                  // replace the sub-bucket key of bucket by saved (or by none)
+	undoSequence                // set bucket's sequence to seq
+	undoNewBucket               // delete the sub-bucket key of bucket
+)
+
+func (u *undoLog) add(step undoStep) {
+	if u.steps == nil {
+		u.steps = u.first[:0]
 	}
+	u.steps = append(u.steps, step)
 }
 
 // revert applies the recorded steps, last first.
 func (u *undoLog) revert() error {
 	for i := len(u.steps) - 1; i >= 0; i-- {
-		if err := u.steps[i](); err != nil {
+		if err := u.steps[i].apply(); err != nil {
 			return err
 		}
 	}
 	u.steps = nil
 	return nil
+}
+
+func (s *undoStep) apply() error {
+	switch s.op {
+	case undoDelete:
+		return s.bucket.Delete(s.key)
+	case undoPut:
+		return s.bucket.Put(s.key, s.value)
+	case undoSequence:
+		return s.bucket.SetSequence(s.seq)
+	case undoNewBucket:
+		return s.bucket.DeleteBucket(s.key)
+	case undoBucket:
+		if s.bucket.Bucket(s.key) != nil {
+			if err := s.bucket.DeleteBucket(s.key); err != nil {
+				return err
+			}
+		}
+		if s.saved == nil {
+			return nil
+		}
+		return s.saved.restore(s.bucket, s.key)
+	}
+	return s.fn()
 }
 
 // bucketsCreated remembers which layout buckets do not exist yet.
@@ -243,88 +303,91 @@ func (u *undoLog) bucketsCreated(b *boltTx) {
 	}
 	tx := b.tx
 	if tx.Bucket(bKeyVersion) == nil {
-		u.add(func() error {
+		u.add(undoStep{fn: func() error {
 			b.version, b.snaps, b.parents = nil, nil, nil
 			return tx.DeleteBucket(bKeyVersion)
-		})
+		}})
 		return
 	}
 	v := tx.Bucket(bKeyVersion)
 	for _, name := range []string{KeySnapshots, KeyParents} {
 		if v.Bucket([]byte(name)) == nil {
-			u.add(func() error {
+			u.add(undoStep{fn: func() error {
 				b.snaps, b.parents = nil, nil
 				return v.DeleteBucket([]byte(name))
-			})
+			}})
 		}
 	}
 }
 
-// bucketChanged remembers the whole sub-bucket name of parent (a snapshot),
-// or its absence.
-func (u *undoLog) bucketChanged(parent *bolt.Bucket, name string) {
-	if u == nil {
-		return
+// bucketCreated remembers that the sub-bucket key of parent was just
+// created. key must not change afterwards.
+func (u *undoLog) bucketCreated(parent *bolt.Bucket, key []byte) {
+	if u != nil {
+		u.add(undoStep{op: undoNewBucket, bucket: parent, key: key})
 	}
-	saved := saveBucket(parent.Bucket([]byte(name)))
-	u.add(func() error {
-		if parent.Bucket([]byte(name)) != nil {
-			if err := parent.DeleteBucket([]byte(name)); err != nil {
-				return err
-			}
-		}
-		if saved == nil {
-			return nil
-		}
-		return saved.restore(parent, []byte(name))
-	})
 }
 
-// keyChanged remembers the value of key in b, or its absence.
-func (u *undoLog) keyChanged(b *bolt.Bucket, key []byte) {
+// bucketChanged remembers the sub-bucket key of parent (a snapshot), sb,
+// or its absence (sb nil). key must not change afterwards.
+func (u *undoLog) bucketChanged(parent *bolt.Bucket, key []byte, sb *bolt.Bucket) {
+	if u != nil {
+		u.add(undoStep{op: undoBucket, bucket: parent, key: key, saved: saveBucket(sb)})
+	}
+}
+
+// keyChanged remembers the value of key in the bucket of cur (which it
+// moves), or its absence. key must not change afterwards.
+func (u *undoLog) keyChanged(cur *bolt.Cursor, key []byte) {
 	if u == nil {
 		return
 	}
-	prev := b.Get(key)
-	if prev == nil {
-		u.add(func() error { return b.Delete(key) })
+	b := cur.Bucket()
+	if k, prev := cur.Seek(key); bytes.Equal(k, key) && prev != nil {
+		u.add(undoStep{op: undoPut, bucket: b, key: key, value: bytes.Clone(prev)})
 		return
 	}
-	prev = append([]byte(nil), prev...)
-	u.add(func() error { return b.Put(key, prev) })
+	u.add(undoStep{op: undoDelete, bucket: b, key: key})
 }
 
 // sequenceChanged remembers a bucket's sequence, so an undone create gives
 // its ID back and IDs stay dense, exactly as after a rollback.
 func (u *undoLog) sequenceChanged(b *bolt.Bucket) {
-	if u == nil {
-		return
+	if u != nil {
+		u.add(undoStep{op: undoSequence, bucket: b, seq: b.Sequence()})
 	}
-	seq := b.Sequence()
-	u.add(func() error { return b.SetSequence(seq) })
 }
 
 // savedBucket is a deep copy of a bucket.
 type savedBucket struct {
-	seq  uint64
-	kvs  [][2][]byte
-	subs map[string]*savedBucket
+	seq uint64
+	// data holds the keys and values back to back, which ends delimits:
+	// key i ends at ends[2i], its value at ends[2i+1]. One buffer costs
+	// fewer allocations than a copy of each.
+	data []byte
+	ends []int
+	subs []savedSub
+}
+
+type savedSub struct {
+	name   []byte
+	bucket *savedBucket
 }
 
 func saveBucket(b *bolt.Bucket) *savedBucket {
 	if b == nil {
 		return nil
 	}
-	s := &savedBucket{seq: b.Sequence()}
+	s := &savedBucket{seq: b.Sequence(), data: make([]byte, 0, 512), ends: make([]int, 0, 24)}
 	_ = b.ForEach(func(k, v []byte) error {
 		if v == nil {
-			if s.subs == nil {
-				s.subs = map[string]*savedBucket{}
-			}
-			s.subs[string(k)] = saveBucket(b.Bucket(k))
+			s.subs = append(s.subs, savedSub{bytes.Clone(k), saveBucket(b.Bucket(k))})
 			return nil
 		}
-		s.kvs = append(s.kvs, [2][]byte{append([]byte(nil), k...), append([]byte(nil), v...)})
+		s.data = append(s.data, k...)
+		s.ends = append(s.ends, len(s.data))
+		s.data = append(s.data, v...)
+		s.ends = append(s.ends, len(s.data))
 		return nil
 	})
 	return s
@@ -338,13 +401,16 @@ func (s *savedBucket) restore(parent *bolt.Bucket, name []byte) error {
 	if err := b.SetSequence(s.seq); err != nil {
 		return err
 	}
-	for _, kv := range s.kvs {
-		if err := b.Put(kv[0], kv[1]); err != nil {
+	from := 0
+	for i := 0; i < len(s.ends); i += 2 {
+		k, v := s.data[from:s.ends[i]], s.data[s.ends[i]:s.ends[i+1]]
+		if err := b.Put(k, v); err != nil {
 			return err
 		}
+		from = s.ends[i+1]
 	}
-	for name, sub := range s.subs {
-		if err := sub.restore(b, []byte(name)); err != nil {
+	for _, sub := range s.subs {
+		if err := sub.bucket.restore(b, sub.name); err != nil {
 			return err
 		}
 	}

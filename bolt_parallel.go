@@ -794,7 +794,7 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 	panicked := errors.As(err, &p)
 	if o.promoted {
 		// The member went on serially; runOptimistic settled its share.
-		<-o.joined.gc.done
+		o.joined.gc.done.Wait()
 		return groupOutcome(err, o.joined.gc)
 	}
 	if m := o.joined; m != nil {
@@ -822,7 +822,7 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 	if e.par.validate(o) {
 		err := o.apply(bt)
 		e.group.settle(gc, bt, first, err == nil)
-		<-gc.done
+		gc.done.Wait()
 		return groupOutcome(err, gc)
 	}
 	e.par.release(o)
@@ -859,14 +859,14 @@ func (e *boltEngine) runOptimistic(fn func(engineTx) error, o *optTx) (err error
 		case m != nil && o.promoted:
 			e.group.settle(m.gc, m.bt, m.first, returned && err == nil && o.applyErr == nil)
 			if !returned {
-				<-m.gc.done
+				m.gc.done.Wait()
 			}
 			if returned && err == nil {
 				err = o.applyErr
 			}
 		case m != nil && !returned:
 			e.group.settle(m.gc, m.bt, m.first, false)
-			<-m.gc.done
+			m.gc.done.Wait()
 		case !returned:
 			e.par.release(o)
 			e.par.waitDurable(o.maySee)

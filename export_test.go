@@ -26,3 +26,10 @@ func ParallelCallbacks(ms MetaStore) bool {
 // ParallelByDefault reports whether this run opens every bbolt store in
 // parallel mode (SNAPMETA_TEST_BOLT_PARALLEL=1).
 func ParallelByDefault() bool { return boltParallelDefault }
+
+// GroupCommits returns how many group commits a bbolt store in the default
+// mode made, and how many members' shares they carried.
+func GroupCommits(ms MetaStore) (commits, shares int64) {
+	e := ms.(*metaStore).eng.(*boltEngine)
+	return e.group.commits.Load(), e.group.shares.Load()
+}

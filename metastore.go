@@ -169,7 +169,27 @@ type storeTxKey struct{ s *metaStore }
 // withTransaction returns ctx carrying t, for the package-level functions
 // and for recognising transactions nested in t.
 func (s *metaStore) withTransaction(ctx context.Context, t *transaction) context.Context {
-	return context.WithValue(ContextWithTransactor(ctx, t), storeTxKey{s}, t)
+	return &txContext{Context: ctx, store: s, t: t}
+}
+
+// txContext is a context carrying t under both keys, transactionKey and
+// s's storeTxKey: one allocation where two context.WithValue would be two.
+type txContext struct {
+	context.Context
+	store *metaStore
+	t     *transaction
+}
+
+func (c *txContext) Value(key any) any {
+	switch k := key.(type) {
+	case transactionKey:
+		return c.t
+	case storeTxKey:
+		if k.s == c.store {
+			return c.t
+		}
+	}
+	return c.Context.Value(key)
 }
 
 // openTransaction returns an open transaction of this store that ctx
