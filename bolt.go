@@ -518,6 +518,7 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 	// A read-only one cannot write, and steps on.
 	reseek := b.tx.Writable()
 	var past []byte // the last name reached and a zero byte: the least key after it
+	var rec record  // every record is decoded into it
 	c := b.snaps.Cursor()
 	for k, _ := c.First(); k != nil; {
 		// k lies in bbolt's memory, which fn's writes may change: copy it.
@@ -528,7 +529,9 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 		sb, derr := layoutBucket(b.snaps, k)
 		switch {
 		case sb != nil:
-			r, derr = decodeBolt(sb, true)
+			if derr = decodeBoltInto(&rec, sb, true); derr == nil {
+				r = &rec
+			}
 		case derr == nil:
 			// The cursor reached k, but a lookup of k does not: its page
 			// is damaged (its keys are out of order).
@@ -667,7 +670,16 @@ var errBoltNotValue = errors.New("a bucket, not a value")
 // present but malformed (a bucket where the layout has a value, or the other
 // way round, included), or a missing ID or kind, is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
-	var r record
+	r := new(record)
+	if err := decodeBoltInto(r, sb, full); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// decodeBoltInto is decodeBolt into r, which it overwrites.
+func decodeBoltInto(r *record, sb *bolt.Bucket, full bool) error {
+	*r = record{}
 	var haveID, haveKind, whole, inPieces bool
 	c := sb.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
@@ -713,19 +725,19 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 			r.Labels = decodeBoltLabels(sb.Bucket(bKeyLabels))
 		}
 		if err != nil {
-			return nil, fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)
+			return fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)
 		}
 	}
 	if !haveID {
-		return nil, fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
+		return fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
 	}
 	if whole && inPieces {
-		return nil, fmt.Errorf("bad parent chain: both %q and %q: %w", KeyParentIDs, KeyChainPiece, ErrCorrupt)
+		return fmt.Errorf("bad parent chain: both %q and %q: %w", KeyParentIDs, KeyChainPiece, ErrCorrupt)
 	}
 	if !haveKind {
-		return nil, fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
+		return fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
 	}
-	return &r, nil
+	return nil
 }
 
 func decodeBoltTime(v []byte, t *time.Time) error {
@@ -745,16 +757,32 @@ func decodeBoltVarint(v []byte, x *int64) error {
 }
 
 // decodeBoltLabels reads a labels bucket; containerd may leave an empty one,
-// which is no labels.
+// which is no labels. The keys and values are cut from one string: one
+// allocation rather than two a label.
 func decodeBoltLabels(lb *bolt.Bucket) map[string]string {
-	var labels map[string]string
-	_ = lb.ForEach(func(k, v []byte) error {
-		if labels == nil {
-			labels = map[string]string{}
-		}
-		labels[string(k)] = string(v)
+	var (
+		buf  [512]byte
+		data = buf[:0]
+		idx  [32]int // where each key and each value ends in data, in turn
+		ends = idx[:0]
+	)
+	c := lb.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		data = append(data, k...)
+		ends = append(ends, len(data))
+		data = append(data, v...)
+		ends = append(ends, len(data))
+	}
+	if len(ends) == 0 {
 		return nil
-	})
+	}
+	all := string(data)
+	labels := make(map[string]string, len(ends)/2)
+	from := 0
+	for i := 0; i < len(ends); i += 2 {
+		labels[all[from:ends[i]]] = all[ends[i]:ends[i+1]]
+		from = ends[i+1]
+	}
 	return labels
 }
 
