@@ -883,8 +883,20 @@ func writeBoltLabels(sb *bolt.Bucket, labels map[string]string, fresh bool) erro
 	if err != nil {
 		return err
 	}
+	// bbolt keeps the values until the transaction ends: the keys and
+	// values are cut, capacity-capped, from one buffer.
+	size := 0
 	for k, v := range labels {
-		if err := lb.Put([]byte(k), []byte(v)); err != nil {
+		size += len(k) + len(v)
+	}
+	buf := make([]byte, 0, size)
+	for k, v := range labels {
+		from := len(buf)
+		buf = append(buf, k...)
+		key := buf[from:len(buf):len(buf)]
+		from = len(buf)
+		buf = append(buf, v...)
+		if err := lb.Put(key, buf[from:len(buf):len(buf)]); err != nil {
 			return fmt.Errorf("failed to set label %q: %w", k, err)
 		}
 	}

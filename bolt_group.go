@@ -226,9 +226,9 @@ func runGuarded(fn func(engineTx) error, bt engineTx) (err error) {
 // bbolt's rollback reverts).
 type undoLog struct {
 	steps []undoStep
-	// first holds the first steps, so that a member's usual share (a few
-	// writes) allocates no log.
-	first [8]undoStep
+	// first holds the first steps, so that a member's usual share (a
+	// create or a commit) allocates no more.
+	first [4]undoStep
 }
 
 // undoStep is one recorded step. Steps are values rather than closures,
@@ -378,7 +378,13 @@ func saveBucket(b *bolt.Bucket) *savedBucket {
 	if b == nil {
 		return nil
 	}
-	s := &savedBucket{seq: b.Sequence(), data: make([]byte, 0, 512), ends: make([]int, 0, 24)}
+	// A first pass sizes the buffers: a record is a few small keys.
+	size, n := 0, 0
+	_ = b.ForEach(func(k, v []byte) error {
+		size, n = size+len(k)+len(v), n+1
+		return nil
+	})
+	s := &savedBucket{seq: b.Sequence(), data: make([]byte, 0, size), ends: make([]int, 0, 2*n)}
 	_ = b.ForEach(func(k, v []byte) error {
 		if v == nil {
 			s.subs = append(s.subs, savedSub{bytes.Clone(k), saveBucket(b.Bucket(k))})
