@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -24,7 +25,11 @@ import (
 // with runtime.Goexit) has its writes undone from an undo log before the
 // next callback runs, so it affects no other caller, and no callback ever
 // runs twice; a panic or Goexit then goes on on the caller's goroutine. A
-// lone writer commits at once: there is no batching delay.
+// lone writer commits at once: there is no batching delay. When other
+// writers are in flight, the last member yields the processor once before
+// it decides that nobody is waiting, so that writers already runnable (the
+// previous group's, returning to write again) join the group rather than
+// start the next one: fewer, larger commits.
 
 // maxGroupSize bounds how many callers share one commit, so that a steady
 // stream of writers still commits regularly.
@@ -33,11 +38,16 @@ const maxGroupSize = 128
 type boltGroup struct {
 	mu      sync.Mutex   // held while one callback runs on the open transaction
 	waiting atomic.Int32 // callers waiting for mu: the group is not complete
-	tx      *bolt.Tx     // the open shared transaction, nil between groups
-	commit  *groupCommit
+	// inFlight counts the callers of runInGroup that have not returned.
+	inFlight atomic.Int32
+	tx       *bolt.Tx // the open shared transaction, nil between groups
+	commit   *groupCommit
 	// commits and shares count the group commits made and the members'
 	// shares they carried, for tests and benchmarks.
 	commits, shares atomic.Int64
+	// beforeCommit, set by tests only, runs before each group's commit,
+	// after the group's lock is released.
+	beforeCommit func()
 }
 
 // groupCommit is the outcome of one shared commit.
@@ -53,6 +63,8 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	if e.par != nil {
 		return e.runParallel(fn)
 	}
+	e.group.inFlight.Add(1)
+	defer e.group.inFlight.Add(-1)
 	bt, gc, first, err := e.joinGroup()
 	if err != nil {
 		return err
@@ -177,6 +189,11 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 		}
 	}
 
+	if g.tx != nil && g.waiting.Load() == 0 && gc.members < maxGroupSize && g.inFlight.Load() > int32(gc.members) {
+		// Other writers are about (a lone writer never waits here): let
+		// those that are runnable reach the group before it closes.
+		runtime.Gosched()
+	}
 	if g.tx == nil || (g.waiting.Load() > 0 && gc.members < maxGroupSize) {
 		g.mu.Unlock()
 		return
@@ -184,6 +201,9 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	tx := g.tx
 	g.tx, g.commit = nil, nil
 	g.mu.Unlock()
+	if g.beforeCommit != nil {
+		g.beforeCommit()
+	}
 	// bt stands for the shared transaction: a panic in bbolt's commit
 	// marks it broken, and the store damaged.
 	bt.tx = tx
