@@ -271,6 +271,9 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
+	// began is the commit of the group this transaction began, if it
+	// began one (bolt_group.go).
+	began groupCommit
 	// snapsCur and parentsCur are cursors of snaps and parents reused by
 	// the lookups that need one: a fresh bbolt cursor allocates its path on
 	// every seek. A seek searches afresh from the bucket's root, so a
@@ -492,7 +495,7 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (_ bool, err error) {
 		return false, err
 	}
 	prefix := parentLinkPrefix(p.id)
-	k, _ := b.parents.Cursor().Seek(prefix)
+	k, _ := cursorOf(&b.parentsCur, b.parents).Seek(prefix)
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
 

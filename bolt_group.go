@@ -57,11 +57,11 @@ type groupCommit struct {
 	err     error
 }
 
-// runInGroup runs fn as one caller's share of a group commit and returns
+// runInGroup runs m as one caller's share of a group commit and returns
 // when that share is durable or has failed.
-func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
+func (e *boltEngine) runInGroup(m groupMember) error {
 	if e.par != nil {
-		return e.runParallel(fn)
+		return e.runParallel(m)
 	}
 	e.group.inFlight.Add(1)
 	defer e.group.inFlight.Add(-1)
@@ -69,7 +69,7 @@ func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
 	if err != nil {
 		return err
 	}
-	return e.finishMember(fn, bt, gc, first)
+	return e.finishMember(m, bt, gc, first)
 }
 
 // joinGroup waits for the group's lock and returns, with it held, the
@@ -80,7 +80,8 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 	g.waiting.Add(1)
 	g.mu.Lock()
 	g.waiting.Add(-1)
-	if g.tx == nil {
+	begins := g.tx == nil
+	if begins {
 		var tx *bolt.Tx
 		err := e.writeRefusal()
 		if err == nil {
@@ -93,21 +94,28 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 			g.mu.Unlock()
 			return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 		}
-		g.tx, g.commit = tx, &groupCommit{}
-		g.commit.done.Add(1)
+		g.tx = tx
 	}
-	gc := g.commit
 	bt, err := e.newBoltTx(g.tx)
 	if err != nil {
 		// The lookup met damage and rolled the shared transaction back
 		// (see newBoltTx): the whole group ends with it.
 		g.tx = nil
-		gc.err = err
-		gc.done.Done()
-		g.commit = nil
+		if gc := g.commit; gc != nil {
+			gc.err = err
+			gc.done.Done()
+			g.commit = nil
+		}
 		g.mu.Unlock()
 		return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 	}
+	if begins {
+		// The group's commit lives in the boltTx of the member that
+		// began it: one allocation less.
+		g.commit = &bt.began
+		g.commit.done.Add(1)
+	}
+	gc := g.commit
 	// Until a callback succeeds the transaction holds nobody's writes, so a
 	// failure drops it whole and needs no undo log.
 	first := gc.members == 0
@@ -117,19 +125,19 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 	return bt, gc, first, nil
 }
 
-// finishMember runs fn as a member of the group joined (joinGroup) and
+// finishMember runs m as a member of the group joined (joinGroup) and
 // returns when the group's commit is over.
-func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) error {
+func (e *boltEngine) finishMember(m groupMember, bt *boltTx, gc *groupCommit, first bool) error {
 	g := &e.group
-	err := g.runMember(fn, bt, gc, first)
+	err := g.runMember(m, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
 	gc.done.Wait()
-	var p *callbackPanic
-	if errors.As(err, &p) {
-		panic(p.value)
-	}
 	if err != nil {
+		var p *callbackPanic
+		if errors.As(err, &p) {
+			panic(p.value)
+		}
 		return err
 	}
 	if gc.err != nil {
@@ -138,13 +146,13 @@ func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *group
 	return nil
 }
 
-// runMember runs fn on the shared transaction, with mu held, then settles
+// runMember runs m on the shared transaction, with mu held, then settles
 // the member's share and releases mu. The settling is deferred so that it
-// happens however fn ends: a panic is recovered (runGuarded), and a
+// happens however m ends: a panic is recovered (runGuarded), and a
 // runtime.Goexit (t.FailNow, testify's require), which recover does not
 // see, is treated as a failure, after which the Goexit goes on. Either way
 // the group's lock is given back: a member must never stall the others.
-func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) (err error) {
+func (g *boltGroup) runMember(m groupMember, bt *boltTx, gc *groupCommit, first bool) (err error) {
 	returned := false
 	defer func() {
 		g.settle(gc, bt, first, returned && err == nil)
@@ -154,7 +162,7 @@ func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupComm
 			gc.done.Wait()
 		}
 	}()
-	err = runGuarded(fn, bt)
+	err = runGuarded(m, bt)
 	returned = true
 	return err
 }
@@ -230,15 +238,15 @@ type callbackPanic struct{ value any }
 
 func (p *callbackPanic) Error() string { return fmt.Sprintf("callback panicked: %v", p.value) }
 
-// runGuarded runs fn, turning a panic into an error so that the panicking
+// runGuarded runs m, turning a panic into an error so that the panicking
 // caller's writes are undone and the shared transaction stays usable.
-func runGuarded(fn func(engineTx) error, bt engineTx) (err error) {
+func runGuarded(m groupMember, bt engineTx) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = &callbackPanic{p}
 		}
 	}()
-	return fn(bt)
+	return m.run(bt)
 }
 
 // undoLog records, before each write of one caller, how to put things back.
