@@ -217,12 +217,13 @@ func (b *boltTx) snapshotBucket(key []byte) (*bolt.Bucket, error) {
 	return nil, fmt.Errorf("a plain key, not a bucket: %w", ErrCorrupt)
 }
 
-// cursorOf returns *cur, made anew when it is not a cursor of bk.
-func cursorOf(cur **bolt.Cursor, bk *bolt.Bucket) *bolt.Cursor {
-	if *cur == nil || (*cur).Bucket() != bk {
-		*cur = bk.Cursor()
+// cursorOf returns cur, made anew when it is not a cursor of bk. (A
+// cursor kept by value costs no allocation of its own.)
+func cursorOf(cur *bolt.Cursor, bk *bolt.Bucket) *bolt.Cursor {
+	if cur.Bucket() != bk {
+		*cur = *bk.Cursor()
 	}
-	return *cur
+	return cur
 }
 
 // parentsBucket returns the parents bucket, looked up on first use: most
@@ -278,7 +279,7 @@ type boltTx struct {
 	// the lookups that need one: a fresh bbolt cursor allocates its path on
 	// every seek. A seek searches afresh from the bucket's root, so a
 	// write between two seeks does not matter.
-	snapsCur, parentsCur *bolt.Cursor
+	snapsCur, parentsCur bolt.Cursor
 	// ws, in parallel mode, collects what a writable transaction writes,
 	// for validating optimistic transactions (bolt_parallel.go).
 	ws *writeSet
@@ -494,7 +495,8 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (_ bool, err error) {
 	if pb, err := b.parentsBucket(); pb == nil {
 		return false, err
 	}
-	prefix := parentLinkPrefix(p.id)
+	var pb [parentLinkKeyMax]byte
+	prefix := appendParentLinkPrefix(pb[:0], p.id)
 	k, _ := cursorOf(&b.parentsCur, b.parents).Seek(prefix)
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
@@ -639,13 +641,23 @@ func (b *boltTx) raiseIDs(_ context.Context, id uint64) (err error) {
 // parentLinkKey is containerd's parents-bucket key: the uvarint parent ID, a
 // zero byte, the uvarint child ID.
 func parentLinkKey(parent, child uint64) []byte {
-	k := binary.AppendUvarint(parentLinkPrefix(parent), child)
-	return k
+	return appendParentLinkKey(make([]byte, 0, parentLinkKeyMax), parent, child)
 }
 
 func parentLinkPrefix(parent uint64) []byte {
-	k := binary.AppendUvarint(make([]byte, 0, 2*binary.MaxVarintLen64+1), parent)
-	return append(k, 0)
+	return appendParentLinkPrefix(make([]byte, 0, parentLinkKeyMax), parent)
+}
+
+// parentLinkKeyMax is the longest parents-bucket key.
+const parentLinkKeyMax = 2*binary.MaxVarintLen64 + 1
+
+// appendParentLinkKey appends parentLinkKey(parent, child) to dst.
+func appendParentLinkKey(dst []byte, parent, child uint64) []byte {
+	return binary.AppendUvarint(appendParentLinkPrefix(dst, parent), child)
+}
+
+func appendParentLinkPrefix(dst []byte, parent uint64) []byte {
+	return append(binary.AppendUvarint(dst, parent), 0)
 }
 
 // decodeParentLinkKey inverts parentLinkKey. Only the canonical key
