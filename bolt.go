@@ -158,7 +158,12 @@ func (e *boltEngine) guarded(tx *boltTx, fn func() error) (err error) {
 // the file; when they meet damage the transaction is rolled back, so that
 // it does not hold bbolt's locks.
 func (e *boltEngine) newBoltTx(tx *bolt.Tx) (*boltTx, error) {
-	bt := &boltTx{tx: tx, eng: e, writable: tx.Writable()}
+	return e.initBoltTx(&boltTx{}, tx)
+}
+
+// initBoltTx is newBoltTx into bt, which it overwrites.
+func (e *boltEngine) initBoltTx(bt *boltTx, tx *bolt.Tx) (*boltTx, error) {
+	*bt = boltTx{tx: tx, eng: e, writable: tx.Writable()}
 	if e.par != nil && bt.writable {
 		bt.ws = &writeSet{}
 	}
@@ -272,9 +277,6 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
-	// began is the commit of the group this transaction began, if it
-	// began one (bolt_group.go).
-	began groupCommit
 	// snapsCur and parentsCur are cursors of snaps and parents reused by
 	// the lookups that need one: a fresh bbolt cursor allocates its path on
 	// every seek. A seek searches afresh from the bucket's root, so a

@@ -50,6 +50,13 @@ type boltGroup struct {
 	beforeCommit func()
 }
 
+// groupMemberTx is a group member's boltTx, and the commit of the group
+// if the member begins one.
+type groupMemberTx struct {
+	boltTx
+	began groupCommit
+}
+
 // groupCommit is the outcome of one shared commit.
 type groupCommit struct {
 	members int
@@ -96,7 +103,10 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 		}
 		g.tx = tx
 	}
-	bt, err := e.newBoltTx(g.tx)
+	// A member's boltTx comes with room for the commit of a group it
+	// begins: one allocation less.
+	member := &groupMemberTx{}
+	bt, err := e.initBoltTx(&member.boltTx, g.tx)
 	if err != nil {
 		// The lookup met damage and rolled the shared transaction back
 		// (see newBoltTx): the whole group ends with it.
@@ -110,9 +120,7 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 		return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 	}
 	if begins {
-		// The group's commit lives in the boltTx of the member that
-		// began it: one allocation less.
-		g.commit = &bt.began
+		g.commit = &member.began
 		g.commit.done.Add(1)
 	}
 	gc := g.commit
