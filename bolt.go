@@ -158,7 +158,12 @@ func (e *boltEngine) guarded(tx *boltTx, fn func() error) (err error) {
 // the file; when they meet damage the transaction is rolled back, so that
 // it does not hold bbolt's locks.
 func (e *boltEngine) newBoltTx(tx *bolt.Tx) (*boltTx, error) {
-	bt := &boltTx{tx: tx, eng: e, writable: tx.Writable()}
+	return e.initBoltTx(&boltTx{}, tx)
+}
+
+// initBoltTx is newBoltTx into bt, which it overwrites.
+func (e *boltEngine) initBoltTx(bt *boltTx, tx *bolt.Tx) (*boltTx, error) {
+	*bt = boltTx{tx: tx, eng: e, writable: tx.Writable()}
 	if e.par != nil && bt.writable {
 		bt.ws = &writeSet{}
 	}
@@ -194,6 +199,36 @@ func layoutBucket(parent *bolt.Bucket, key []byte) (*bolt.Bucket, error) {
 		return nil, fmt.Errorf("a plain key, not a bucket: %w", ErrCorrupt)
 	}
 	return nil, nil
+}
+
+// snapshotBucket is layoutBucket(b.snaps, key), with its seeks that tell
+// a missing bucket from a plain key through the transaction's reused
+// cursor. A writer seeks with it first: it often looks for names that are
+// not there yet (creates), and a bucket found is then opened from bbolt's
+// cache of the transaction's buckets, or by a second seek. A reader opens
+// the bucket first: it mostly finds it.
+func (b *boltTx) snapshotBucket(key []byte) (*bolt.Bucket, error) {
+	if !b.writable {
+		if sb := b.snaps.Bucket(key); sb != nil {
+			return sb, nil
+		}
+	}
+	if k, _ := cursorOf(&b.snapsCur, b.snaps).Seek(key); !bytes.Equal(k, key) {
+		return nil, nil
+	}
+	if sb := b.snaps.Bucket(key); sb != nil {
+		return sb, nil
+	}
+	return nil, fmt.Errorf("a plain key, not a bucket: %w", ErrCorrupt)
+}
+
+// cursorOf returns cur, made anew when it is not a cursor of bk. (A
+// cursor kept by value costs no allocation of its own.)
+func cursorOf(cur *bolt.Cursor, bk *bolt.Bucket) *bolt.Cursor {
+	if cur.Bucket() != bk {
+		*cur = *bk.Cursor()
+	}
+	return cur
 }
 
 // parentsBucket returns the parents bucket, looked up on first use: most
@@ -242,6 +277,11 @@ type boltTx struct {
 	// undo, when set, records how to revert each write: one caller's share
 	// of a group commit (bolt_group.go) is undone this way.
 	undo *undoLog
+	// snapsCur and parentsCur are cursors of snaps and parents reused by
+	// the lookups that need one: a fresh bbolt cursor allocates its path on
+	// every seek. A seek searches afresh from the bucket's root, so a
+	// write between two seeks does not matter.
+	snapsCur, parentsCur bolt.Cursor
 	// ws, in parallel mode, collects what a writable transaction writes,
 	// for validating optimistic transactions (bolt_parallel.go).
 	ws *writeSet
@@ -342,7 +382,7 @@ func (b *boltTx) read(name string, full bool) (*record, error) {
 	if b.snaps == nil || name == "" {
 		return nil, b.damage
 	}
-	sb, err := layoutBucket(b.snaps, []byte(name))
+	sb, err := b.snapshotBucket([]byte(name))
 	if sb == nil {
 		return nil, snapshotErr(name, err)
 	}
@@ -365,15 +405,19 @@ func (b *boltTx) put(name string, r *record) (err error) {
 	if err := b.ensureBuckets(); err != nil {
 		return err
 	}
-	b.undo.bucketChanged(b.snaps, name)
 	b.ws.addName(name)
-	sb := b.snaps.Bucket([]byte(name))
-	fresh := sb == nil
-	if fresh {
-		var err error
-		if sb, err = b.snaps.CreateBucket([]byte(name)); err != nil {
-			return snapshotErr(name, boltErr(err))
-		}
+	key := []byte(name)
+	// Creating first costs a new record (the usual case) one seek.
+	sb, err := b.snaps.CreateBucket(key)
+	fresh := err == nil
+	switch {
+	case fresh:
+		b.undo.bucketCreated(b.snaps, key)
+	case errors.Is(err, berrors.ErrBucketExists):
+		sb = b.snaps.Bucket(key)
+		b.undo.bucketChanged(b.snaps, key, sb)
+	default:
+		return snapshotErr(name, boltErr(err))
 	}
 	stored := *r
 	stored.ParentIDs, stored.ChainFrom = b.piece(r)
@@ -400,9 +444,12 @@ func (b *boltTx) delete(name string) (err error) {
 	if b.snaps == nil {
 		return b.damage
 	}
-	b.undo.bucketChanged(b.snaps, name)
+	key := []byte(name)
+	if b.undo != nil {
+		b.undo.bucketChanged(b.snaps, key, b.snaps.Bucket(key))
+	}
 	b.ws.addName(name)
-	return boltErr(b.snaps.DeleteBucket([]byte(name)))
+	return boltErr(b.snaps.DeleteBucket(key))
 }
 
 func (b *boltTx) link(parent, child ref) (err error) {
@@ -415,7 +462,9 @@ func (b *boltTx) link(parent, child ref) (err error) {
 		return err
 	}
 	k := parentLinkKey(parent.id, child.id)
-	b.undo.keyChanged(b.parents, k)
+	if b.undo != nil {
+		b.undo.keyChanged(cursorOf(&b.parentsCur, b.parents), k)
+	}
 	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Put(k, []byte(child.name)))
 }
@@ -430,7 +479,9 @@ func (b *boltTx) unlink(parent, child ref) (err error) {
 		return err
 	}
 	k := parentLinkKey(parent.id, child.id)
-	b.undo.keyChanged(b.parents, k)
+	if b.undo != nil {
+		b.undo.keyChanged(cursorOf(&b.parentsCur, b.parents), k)
+	}
 	b.ws.addParent(parent.id)
 	return boltErr(b.parents.Delete(k))
 }
@@ -446,8 +497,9 @@ func (b *boltTx) hasChildren(_ context.Context, p ref) (_ bool, err error) {
 	if pb, err := b.parentsBucket(); pb == nil {
 		return false, err
 	}
-	prefix := parentLinkPrefix(p.id)
-	k, _ := b.parents.Cursor().Seek(prefix)
+	var pb [parentLinkKeyMax]byte
+	prefix := appendParentLinkPrefix(pb[:0], p.id)
+	k, _ := cursorOf(&b.parentsCur, b.parents).Seek(prefix)
 	return k != nil && bytes.HasPrefix(k, prefix), nil
 }
 
@@ -473,6 +525,7 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 	// A read-only one cannot write, and steps on.
 	reseek := b.tx.Writable()
 	var past []byte // the last name reached and a zero byte: the least key after it
+	var rec record  // every record is decoded into it
 	c := b.snaps.Cursor()
 	for k, _ := c.First(); k != nil; {
 		// k lies in bbolt's memory, which fn's writes may change: copy it.
@@ -483,7 +536,9 @@ func (b *boltTx) scan(_ context.Context, fn func(name string, r *record, err err
 		sb, derr := layoutBucket(b.snaps, k)
 		switch {
 		case sb != nil:
-			r, derr = decodeBolt(sb, true)
+			if derr = decodeBoltInto(&rec, sb, true); derr == nil {
+				r = &rec
+			}
 		case derr == nil:
 			// The cursor reached k, but a lookup of k does not: its page
 			// is damaged (its keys are out of order).
@@ -588,13 +643,23 @@ func (b *boltTx) raiseIDs(_ context.Context, id uint64) (err error) {
 // parentLinkKey is containerd's parents-bucket key: the uvarint parent ID, a
 // zero byte, the uvarint child ID.
 func parentLinkKey(parent, child uint64) []byte {
-	k := binary.AppendUvarint(parentLinkPrefix(parent), child)
-	return k
+	return appendParentLinkKey(make([]byte, 0, parentLinkKeyMax), parent, child)
 }
 
 func parentLinkPrefix(parent uint64) []byte {
-	k := binary.AppendUvarint(make([]byte, 0, 2*binary.MaxVarintLen64+1), parent)
-	return append(k, 0)
+	return appendParentLinkPrefix(make([]byte, 0, parentLinkKeyMax), parent)
+}
+
+// parentLinkKeyMax is the longest parents-bucket key.
+const parentLinkKeyMax = 2*binary.MaxVarintLen64 + 1
+
+// appendParentLinkKey appends parentLinkKey(parent, child) to dst.
+func appendParentLinkKey(dst []byte, parent, child uint64) []byte {
+	return binary.AppendUvarint(appendParentLinkPrefix(dst, parent), child)
+}
+
+func appendParentLinkPrefix(dst []byte, parent uint64) []byte {
+	return append(binary.AppendUvarint(dst, parent), 0)
 }
 
 // decodeParentLinkKey inverts parentLinkKey. Only the canonical key
@@ -622,7 +687,16 @@ var errBoltNotValue = errors.New("a bucket, not a value")
 // present but malformed (a bucket where the layout has a value, or the other
 // way round, included), or a missing ID or kind, is ErrCorrupt.
 func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
-	var r record
+	r := new(record)
+	if err := decodeBoltInto(r, sb, full); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// decodeBoltInto is decodeBolt into r, which it overwrites.
+func decodeBoltInto(r *record, sb *bolt.Bucket, full bool) error {
+	*r = record{}
 	var haveID, haveKind, whole, inPieces bool
 	c := sb.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
@@ -668,19 +742,19 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 			r.Labels = decodeBoltLabels(sb.Bucket(bKeyLabels))
 		}
 		if err != nil {
-			return nil, fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)
+			return fmt.Errorf("bad %q: %v: %w", k, err, ErrCorrupt)
 		}
 	}
 	if !haveID {
-		return nil, fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
+		return fmt.Errorf("bad %q: %w", KeyID, ErrCorrupt)
 	}
 	if whole && inPieces {
-		return nil, fmt.Errorf("bad parent chain: both %q and %q: %w", KeyParentIDs, KeyChainPiece, ErrCorrupt)
+		return fmt.Errorf("bad parent chain: both %q and %q: %w", KeyParentIDs, KeyChainPiece, ErrCorrupt)
 	}
 	if !haveKind {
-		return nil, fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
+		return fmt.Errorf("bad %q: %w", KeyKind, ErrCorrupt)
 	}
-	return &r, nil
+	return nil
 }
 
 func decodeBoltTime(v []byte, t *time.Time) error {
@@ -700,16 +774,32 @@ func decodeBoltVarint(v []byte, x *int64) error {
 }
 
 // decodeBoltLabels reads a labels bucket; containerd may leave an empty one,
-// which is no labels.
+// which is no labels. The keys and values are cut from one string: one
+// allocation rather than two a label.
 func decodeBoltLabels(lb *bolt.Bucket) map[string]string {
-	var labels map[string]string
-	_ = lb.ForEach(func(k, v []byte) error {
-		if labels == nil {
-			labels = map[string]string{}
-		}
-		labels[string(k)] = string(v)
+	var (
+		buf  [512]byte
+		data = buf[:0]
+		idx  [32]int // where each key and each value ends in data, in turn
+		ends = idx[:0]
+	)
+	c := lb.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		data = append(data, k...)
+		ends = append(ends, len(data))
+		data = append(data, v...)
+		ends = append(ends, len(data))
+	}
+	if len(ends) == 0 {
 		return nil
-	})
+	}
+	all := string(data)
+	labels := make(map[string]string, len(ends)/2)
+	from := 0
+	for i := 0; i < len(ends); i += 2 {
+		labels[all[from:ends[i]]] = all[ends[i]:ends[i+1]]
+		from = ends[i+1]
+	}
 	return labels
 }
 
@@ -810,8 +900,20 @@ func writeBoltLabels(sb *bolt.Bucket, labels map[string]string, fresh bool) erro
 	if err != nil {
 		return err
 	}
+	// bbolt keeps the values until the transaction ends: the keys and
+	// values are cut, capacity-capped, from one buffer.
+	size := 0
 	for k, v := range labels {
-		if err := lb.Put([]byte(k), []byte(v)); err != nil {
+		size += len(k) + len(v)
+	}
+	buf := make([]byte, 0, size)
+	for k, v := range labels {
+		from := len(buf)
+		buf = append(buf, k...)
+		key := buf[from:len(buf):len(buf)]
+		from = len(buf)
+		buf = append(buf, v...)
+		if err := lb.Put(key, buf[from:len(buf):len(buf)]); err != nil {
 			return fmt.Errorf("failed to set label %q: %w", k, err)
 		}
 	}

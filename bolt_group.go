@@ -1,8 +1,10 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -23,7 +25,11 @@ import (
 // with runtime.Goexit) has its writes undone from an undo log before the
 // next callback runs, so it affects no other caller, and no callback ever
 // runs twice; a panic or Goexit then goes on on the caller's goroutine. A
-// lone writer commits at once: there is no batching delay.
+// lone writer commits at once: there is no batching delay. When other
+// writers are in flight, the last member yields the processor once before
+// it decides that nobody is waiting, so that writers already runnable (the
+// previous group's, returning to write again) join the group rather than
+// start the next one: fewer, larger commits.
 
 // maxGroupSize bounds how many callers share one commit, so that a steady
 // stream of writers still commits regularly.
@@ -32,28 +38,45 @@ const maxGroupSize = 128
 type boltGroup struct {
 	mu      sync.Mutex   // held while one callback runs on the open transaction
 	waiting atomic.Int32 // callers waiting for mu: the group is not complete
-	tx      *bolt.Tx     // the open shared transaction, nil between groups
-	commit  *groupCommit
+	// inFlight counts the callers of runInGroup that have not returned.
+	inFlight atomic.Int32
+	tx       *bolt.Tx // the open shared transaction, nil between groups
+	commit   *groupCommit
+	// commits and shares count the group commits made and the members'
+	// shares they carried, for tests and benchmarks.
+	commits, shares atomic.Int64
+	// beforeCommit, set by tests only, runs before each group's commit,
+	// after the group's lock is released.
+	beforeCommit func()
+}
+
+// groupMemberTx is a group member's boltTx, and the commit of the group
+// if the member begins one.
+type groupMemberTx struct {
+	boltTx
+	began groupCommit
 }
 
 // groupCommit is the outcome of one shared commit.
 type groupCommit struct {
 	members int
-	done    chan struct{}
+	done    sync.WaitGroup // done once the commit is over
 	err     error
 }
 
-// runInGroup runs fn as one caller's share of a group commit and returns
+// runInGroup runs m as one caller's share of a group commit and returns
 // when that share is durable or has failed.
-func (e *boltEngine) runInGroup(fn func(engineTx) error) error {
+func (e *boltEngine) runInGroup(m groupMember) error {
 	if e.par != nil {
-		return e.runParallel(fn)
+		return e.runParallel(m)
 	}
+	e.group.inFlight.Add(1)
+	defer e.group.inFlight.Add(-1)
 	bt, gc, first, err := e.joinGroup()
 	if err != nil {
 		return err
 	}
-	return e.finishMember(fn, bt, gc, first)
+	return e.finishMember(m, bt, gc, first)
 }
 
 // joinGroup waits for the group's lock and returns, with it held, the
@@ -64,7 +87,8 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 	g.waiting.Add(1)
 	g.mu.Lock()
 	g.waiting.Add(-1)
-	if g.tx == nil {
+	begins := g.tx == nil
+	if begins {
 		var tx *bolt.Tx
 		err := e.writeRefusal()
 		if err == nil {
@@ -77,20 +101,29 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 			g.mu.Unlock()
 			return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 		}
-		g.tx, g.commit = tx, &groupCommit{done: make(chan struct{})}
+		g.tx = tx
 	}
-	gc := g.commit
-	bt, err := e.newBoltTx(g.tx)
+	// A member's boltTx comes with room for the commit of a group it
+	// begins: one allocation less.
+	member := &groupMemberTx{}
+	bt, err := e.initBoltTx(&member.boltTx, g.tx)
 	if err != nil {
 		// The lookup met damage and rolled the shared transaction back
 		// (see newBoltTx): the whole group ends with it.
 		g.tx = nil
-		gc.err = err
-		close(gc.done)
-		g.commit = nil
+		if gc := g.commit; gc != nil {
+			gc.err = err
+			gc.done.Done()
+			g.commit = nil
+		}
 		g.mu.Unlock()
 		return nil, nil, false, fmt.Errorf("failed to start transaction: %w", err)
 	}
+	if begins {
+		g.commit = &member.began
+		g.commit.done.Add(1)
+	}
+	gc := g.commit
 	// Until a callback succeeds the transaction holds nobody's writes, so a
 	// failure drops it whole and needs no undo log.
 	first := gc.members == 0
@@ -100,19 +133,19 @@ func (e *boltEngine) joinGroup() (*boltTx, *groupCommit, bool, error) {
 	return bt, gc, first, nil
 }
 
-// finishMember runs fn as a member of the group joined (joinGroup) and
+// finishMember runs m as a member of the group joined (joinGroup) and
 // returns when the group's commit is over.
-func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) error {
+func (e *boltEngine) finishMember(m groupMember, bt *boltTx, gc *groupCommit, first bool) error {
 	g := &e.group
-	err := g.runMember(fn, bt, gc, first)
+	err := g.runMember(m, bt, gc, first)
 	// A failed callback waits too: it may have seen the group's earlier
 	// writes, which are not to be observed before they are durable.
-	<-gc.done
-	var p *callbackPanic
-	if errors.As(err, &p) {
-		panic(p.value)
-	}
+	gc.done.Wait()
 	if err != nil {
+		var p *callbackPanic
+		if errors.As(err, &p) {
+			panic(p.value)
+		}
 		return err
 	}
 	if gc.err != nil {
@@ -121,23 +154,23 @@ func (e *boltEngine) finishMember(fn func(engineTx) error, bt *boltTx, gc *group
 	return nil
 }
 
-// runMember runs fn on the shared transaction, with mu held, then settles
+// runMember runs m on the shared transaction, with mu held, then settles
 // the member's share and releases mu. The settling is deferred so that it
-// happens however fn ends: a panic is recovered (runGuarded), and a
+// happens however m ends: a panic is recovered (runGuarded), and a
 // runtime.Goexit (t.FailNow, testify's require), which recover does not
 // see, is treated as a failure, after which the Goexit goes on. Either way
 // the group's lock is given back: a member must never stall the others.
-func (g *boltGroup) runMember(fn func(engineTx) error, bt *boltTx, gc *groupCommit, first bool) (err error) {
+func (g *boltGroup) runMember(m groupMember, bt *boltTx, gc *groupCommit, first bool) (err error) {
 	returned := false
 	defer func() {
 		g.settle(gc, bt, first, returned && err == nil)
 		if !returned {
 			// The goroutine is exiting: wait for the group, as a failed
 			// member returning would.
-			<-gc.done
+			gc.done.Wait()
 		}
 	}()
-	err = runGuarded(fn, bt)
+	err = runGuarded(m, bt)
 	returned = true
 	return err
 }
@@ -172,6 +205,11 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 		}
 	}
 
+	if g.tx != nil && g.waiting.Load() == 0 && gc.members < maxGroupSize && g.inFlight.Load() > int32(gc.members) {
+		// Other writers are about (a lone writer never waits here): let
+		// those that are runnable reach the group before it closes.
+		runtime.Gosched()
+	}
 	if g.tx == nil || (g.waiting.Load() > 0 && gc.members < maxGroupSize) {
 		g.mu.Unlock()
 		return
@@ -179,11 +217,18 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 	tx := g.tx
 	g.tx, g.commit = nil, nil
 	g.mu.Unlock()
+	if g.beforeCommit != nil {
+		g.beforeCommit()
+	}
 	// bt stands for the shared transaction: a panic in bbolt's commit
 	// marks it broken, and the store damaged.
 	bt.tx = tx
 	gc.err = bt.commitOrRollback(gc.members > 0)
-	close(gc.done)
+	if gc.members > 0 {
+		g.commits.Add(1)
+		g.shares.Add(int64(gc.members))
+	}
+	gc.done.Done()
 }
 
 // abandon rolls back the open transaction (bt's) and ends its group with
@@ -191,7 +236,7 @@ func (g *boltGroup) settle(gc *groupCommit, bt *boltTx, first, ok bool) {
 func (g *boltGroup) abandon(bt *boltTx, err error) {
 	_ = bt.rollback()
 	g.commit.err = err
-	close(g.commit.done)
+	g.commit.done.Done()
 	g.tx, g.commit = nil, nil
 }
 
@@ -201,39 +246,90 @@ type callbackPanic struct{ value any }
 
 func (p *callbackPanic) Error() string { return fmt.Sprintf("callback panicked: %v", p.value) }
 
-// runGuarded runs fn, turning a panic into an error so that the panicking
+// runGuarded runs m, turning a panic into an error so that the panicking
 // caller's writes are undone and the shared transaction stays usable.
-func runGuarded(fn func(engineTx) error, bt engineTx) (err error) {
+func runGuarded(m groupMember, bt engineTx) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = &callbackPanic{p}
 		}
 	}()
-	return fn(bt)
+	return m.run(bt)
 }
 
 // undoLog records, before each write of one caller, how to put things back.
 // Its methods are no-ops on a nil log (an ordinary transaction, which
 // bbolt's rollback reverts).
 type undoLog struct {
-	steps []func() error
+	steps []undoStep
+	// first holds the first steps, so that a member's usual share (a
+	// create or a commit) allocates no more.
+	first [4]undoStep
 }
 
-func (u *undoLog) add(step func() error) {
-	if u != nil {
-		u.steps = append(u.steps, step)
+// undoStep is one recorded step. Steps are values rather than closures,
+// which would each be an allocation.
+type undoStep struct {
+	op     undoOp
+	bucket *bolt.Bucket
+	key    []byte
+	value  []byte       // undoPut: the previous value
+	seq    uint64       // undoSequence
+	saved  *savedBucket // undoBucket: the previous bucket, nil for none
+	fn     func() error // undoFunc
+}
+
+type undoOp uint8
+
+const (
+	undoFunc      undoOp = iota // run fn
+	undoDelete                  // delete key from bucket
+	undoPut                     // put value at key in bucket
+	undoBucket                  // replace the sub-bucket key of bucket by saved (or by none)
+	undoSequence                // set bucket's sequence to seq
+	undoNewBucket               // delete the sub-bucket key of bucket
+)
+
+func (u *undoLog) add(step undoStep) {
+	if u.steps == nil {
+		u.steps = u.first[:0]
 	}
+	u.steps = append(u.steps, step)
 }
 
 // revert applies the recorded steps, last first.
 func (u *undoLog) revert() error {
 	for i := len(u.steps) - 1; i >= 0; i-- {
-		if err := u.steps[i](); err != nil {
+		if err := u.steps[i].apply(); err != nil {
 			return err
 		}
 	}
 	u.steps = nil
 	return nil
+}
+
+func (s *undoStep) apply() error {
+	switch s.op {
+	case undoDelete:
+		return s.bucket.Delete(s.key)
+	case undoPut:
+		return s.bucket.Put(s.key, s.value)
+	case undoSequence:
+		return s.bucket.SetSequence(s.seq)
+	case undoNewBucket:
+		return s.bucket.DeleteBucket(s.key)
+	case undoBucket:
+		if s.bucket.Bucket(s.key) != nil {
+			if err := s.bucket.DeleteBucket(s.key); err != nil {
+				return err
+			}
+		}
+		if s.saved == nil {
+			return nil
+		}
+		return s.saved.restore(s.bucket, s.key)
+	}
+	return s.fn()
 }
 
 // bucketsCreated remembers which layout buckets do not exist yet.
@@ -243,88 +339,97 @@ func (u *undoLog) bucketsCreated(b *boltTx) {
 	}
 	tx := b.tx
 	if tx.Bucket(bKeyVersion) == nil {
-		u.add(func() error {
+		u.add(undoStep{fn: func() error {
 			b.version, b.snaps, b.parents = nil, nil, nil
 			return tx.DeleteBucket(bKeyVersion)
-		})
+		}})
 		return
 	}
 	v := tx.Bucket(bKeyVersion)
 	for _, name := range []string{KeySnapshots, KeyParents} {
 		if v.Bucket([]byte(name)) == nil {
-			u.add(func() error {
+			u.add(undoStep{fn: func() error {
 				b.snaps, b.parents = nil, nil
 				return v.DeleteBucket([]byte(name))
-			})
+			}})
 		}
 	}
 }
 
-// bucketChanged remembers the whole sub-bucket name of parent (a snapshot),
-// or its absence.
-func (u *undoLog) bucketChanged(parent *bolt.Bucket, name string) {
-	if u == nil {
-		return
+// bucketCreated remembers that the sub-bucket key of parent was just
+// created. key must not change afterwards.
+func (u *undoLog) bucketCreated(parent *bolt.Bucket, key []byte) {
+	if u != nil {
+		u.add(undoStep{op: undoNewBucket, bucket: parent, key: key})
 	}
-	saved := saveBucket(parent.Bucket([]byte(name)))
-	u.add(func() error {
-		if parent.Bucket([]byte(name)) != nil {
-			if err := parent.DeleteBucket([]byte(name)); err != nil {
-				return err
-			}
-		}
-		if saved == nil {
-			return nil
-		}
-		return saved.restore(parent, []byte(name))
-	})
 }
 
-// keyChanged remembers the value of key in b, or its absence.
-func (u *undoLog) keyChanged(b *bolt.Bucket, key []byte) {
+// bucketChanged remembers the sub-bucket key of parent (a snapshot), sb,
+// or its absence (sb nil). key must not change afterwards.
+func (u *undoLog) bucketChanged(parent *bolt.Bucket, key []byte, sb *bolt.Bucket) {
+	if u != nil {
+		u.add(undoStep{op: undoBucket, bucket: parent, key: key, saved: saveBucket(sb)})
+	}
+}
+
+// keyChanged remembers the value of key in the bucket of cur (which it
+// moves), or its absence. key must not change afterwards.
+func (u *undoLog) keyChanged(cur *bolt.Cursor, key []byte) {
 	if u == nil {
 		return
 	}
-	prev := b.Get(key)
-	if prev == nil {
-		u.add(func() error { return b.Delete(key) })
+	b := cur.Bucket()
+	if k, prev := cur.Seek(key); bytes.Equal(k, key) && prev != nil {
+		u.add(undoStep{op: undoPut, bucket: b, key: key, value: bytes.Clone(prev)})
 		return
 	}
-	prev = append([]byte(nil), prev...)
-	u.add(func() error { return b.Put(key, prev) })
+	u.add(undoStep{op: undoDelete, bucket: b, key: key})
 }
 
 // sequenceChanged remembers a bucket's sequence, so an undone create gives
 // its ID back and IDs stay dense, exactly as after a rollback.
 func (u *undoLog) sequenceChanged(b *bolt.Bucket) {
-	if u == nil {
-		return
+	if u != nil {
+		u.add(undoStep{op: undoSequence, bucket: b, seq: b.Sequence()})
 	}
-	seq := b.Sequence()
-	u.add(func() error { return b.SetSequence(seq) })
 }
 
 // savedBucket is a deep copy of a bucket.
 type savedBucket struct {
-	seq  uint64
-	kvs  [][2][]byte
-	subs map[string]*savedBucket
+	seq uint64
+	// data holds the keys and values back to back, which ends delimits:
+	// key i ends at ends[2i], its value at ends[2i+1]. One buffer costs
+	// fewer allocations than a copy of each.
+	data []byte
+	ends []int
+	subs []savedSub
+}
+
+type savedSub struct {
+	name   []byte
+	bucket *savedBucket
 }
 
 func saveBucket(b *bolt.Bucket) *savedBucket {
 	if b == nil {
 		return nil
 	}
-	s := &savedBucket{seq: b.Sequence()}
+	// A first pass sizes the buffers: a record is a few small keys.
+	size, n := 0, 0
+	_ = b.ForEach(func(k, v []byte) error {
+		size, n = size+len(k)+len(v), n+1
+		return nil
+	})
+	s := &savedBucket{seq: b.Sequence(), data: make([]byte, 0, size), ends: make([]int, 0, 2*n)}
 	_ = b.ForEach(func(k, v []byte) error {
 		if v == nil {
-			if s.subs == nil {
-				s.subs = map[string]*savedBucket{}
-			}
-			s.subs[string(k)] = saveBucket(b.Bucket(k))
+			s.subs = append(s.subs, savedSub{bytes.Clone(k), saveBucket(b.Bucket(k))})
 			return nil
 		}
-		s.kvs = append(s.kvs, [2][]byte{append([]byte(nil), k...), append([]byte(nil), v...)})
+		s.data = append(s.data, k...)
+		s.ends = append(s.ends, len(s.data))
+		s.data = append(s.data, v...)
+		s.ends = append(s.ends, len(s.data))
 		return nil
 	})
 	return s
@@ -338,13 +443,16 @@ func (s *savedBucket) restore(parent *bolt.Bucket, name []byte) error {
 	if err := b.SetSequence(s.seq); err != nil {
 		return err
 	}
-	for _, kv := range s.kvs {
-		if err := b.Put(kv[0], kv[1]); err != nil {
+	from := 0
+	for i := 0; i < len(s.ends); i += 2 {
+		k, v := s.data[from:s.ends[i]], s.data[s.ends[i]:s.ends[i+1]]
+		if err := b.Put(k, v); err != nil {
 			return err
 		}
+		from = s.ends[i+1]
 	}
-	for name, sub := range s.subs {
-		if err := sub.restore(b, []byte(name)); err != nil {
+	for _, sub := range s.subs {
+		if err := sub.bucket.restore(b, sub.name); err != nil {
 			return err
 		}
 	}

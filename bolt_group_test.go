@@ -392,3 +392,169 @@ func TestBoltNestedWritableTransactionIsRefused(t *testing.T) {
 		})
 	})
 }
+
+// TestBoltGroupCommitArrivalsDuringACommitGetTheirOwnAnswers holds a
+// group's commit until a second group of callers has queued behind it
+// (their first waits for bbolt's writer, the others for the group), so
+// that the second group forms while the first is being committed. Each
+// caller of the second group gets the answer a serial store would give
+// it, whatever its neighbours do, and the second group commits once.
+func TestBoltGroupCommitArrivalsDuringACommitGetTheirOwnAnswers(t *testing.T) {
+	ms := openBolt(t, t.TempDir())
+	if storage.ParallelCallbacks(ms) {
+		t.Skip("parallel callbacks form groups otherwise")
+	}
+	ctx := context.Background()
+	update(t, ms, func(ctx context.Context) error { return commitLayer(ctx, "base", "") })
+
+	errOwn := errors.New("own failure")
+	create := func(name string) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "base")
+			return err
+		}
+	}
+	isErr := func(want error) func(t *testing.T, err error, panicked any) {
+		return func(t *testing.T, err error, panicked any) {
+			assert.Nil(t, panicked)
+			assert.ErrorIs(t, err, want)
+		}
+	}
+	nilOrExists := func(t *testing.T, err error, panicked any) {
+		assert.Nil(t, panicked)
+		if err != nil {
+			assert.True(t, errdefs.IsAlreadyExists(err), "%v", err)
+		}
+	}
+	second := []struct {
+		name  string
+		fn    func(ctx context.Context) error
+		check func(t *testing.T, err error, panicked any)
+		// exists says which names are there afterwards, and which not.
+		exists map[string]bool
+	}{
+		{"succeeds", create("new"), isErr(nil), map[string]bool{"new": true}},
+		{"fails after writing", func(ctx context.Context) error {
+			if err := create("undone")(ctx); err != nil {
+				return err
+			}
+			return errOwn
+		}, isErr(errOwn), map[string]bool{"undone": false}},
+		{"creates what the first group created", create("first"), isErr(errdefs.ErrAlreadyExists), map[string]bool{"first": true}},
+		{"commits a missing active", func(ctx context.Context) error {
+			_, err := storage.CommitActive(ctx, "missing", "never", snapshots.Usage{})
+			return err
+		}, isErr(errdefs.ErrNotFound), map[string]bool{"never": false}},
+		{"removes a parent", func(ctx context.Context) error {
+			_, _, err := storage.Remove(ctx, "base")
+			return err
+		}, isErr(errdefs.ErrFailedPrecondition), map[string]bool{"base": true}},
+		{"panics after writing", func(ctx context.Context) error {
+			if err := create("panicked")(ctx); err != nil {
+				return err
+			}
+			panic("boom")
+		}, func(t *testing.T, err error, panicked any) {
+			assert.Equal(t, "boom", panicked)
+		}, map[string]bool{"panicked": false}},
+		{"creates a name another member creates (a)", create("twice"), nilOrExists, map[string]bool{"twice": true}},
+		{"creates a name another member creates (b)", create("twice"), nilOrExists, map[string]bool{"twice": true}},
+	}
+
+	var (
+		once     sync.Once
+		wg       sync.WaitGroup
+		errs     = make([]error, len(second))
+		panicked = make([]any, len(second))
+	)
+	storage.SetBeforeGroupCommit(ms, func() {
+		once.Do(func() {
+			for i, tc := range second {
+				wg.Go(func() {
+					defer func() { panicked[i] = recover() }()
+					errs[i] = ms.WithTransaction(ctx, true, tc.fn)
+				})
+			}
+			// One of them waits for bbolt's writer, which the group
+			// about to commit holds; the others wait for the group.
+			for storage.GroupWaiting(ms) < len(second)-1 {
+				time.Sleep(time.Millisecond)
+			}
+		})
+	})
+	c0, s0 := storage.GroupCommits(ms)
+	update(t, ms, create("first"))
+	wg.Wait()
+	c1, s1 := storage.GroupCommits(ms)
+	assert.Equal(t, int64(2), c1-c0, "the first group and the second committed once each")
+	// The first group's one caller, and the second group's two that
+	// succeed ("succeeds" and one of "twice").
+	assert.Equal(t, int64(1+2), s1-s0, "shares committed")
+
+	successes := 0
+	for i, tc := range second {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.check(t, errs[i], panicked[i])
+			require.NoError(t, ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				for name, want := range tc.exists {
+					_, _, _, err := storage.GetInfo(ctx, name)
+					assert.Equal(t, want, err == nil, "%s exists: %v", name, err)
+				}
+				return nil
+			}))
+		})
+		if errs[i] == nil && panicked[i] == nil {
+			successes++
+		}
+	}
+	assert.Equal(t, 2, successes, `"succeeds" and one of "twice" succeed`)
+	problems, err := storage.Check(ctx, ms)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
+}
+
+// TestBoltGroupCommitLoneWriterCommitsAlone: one writer's calls, one after
+// the other, are each committed on their own, at once: no call waits to
+// share its commit with a later one (counted, not timed).
+func TestBoltGroupCommitLoneWriterCommitsAlone(t *testing.T) {
+	errOwn := errors.New("own failure")
+	create := func(name string) func(ctx context.Context) error {
+		return func(ctx context.Context) error {
+			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "")
+			return err
+		}
+	}
+	for _, tc := range []struct {
+		name        string
+		calls       []func(ctx context.Context) error
+		wantCommits int64
+	}{
+		{"one write", []func(ctx context.Context) error{create("a")}, 1},
+		{"writes", []func(ctx context.Context) error{create("a"), create("b"), create("c")}, 3},
+		{"a failure commits nothing", []func(ctx context.Context) error{
+			create("a"), func(ctx context.Context) error { _ = create("b")(ctx); return errOwn }, create("c"),
+		}, 2},
+		{"a refused write commits nothing", []func(ctx context.Context) error{create("a"), create("a")}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ms := openBolt(t, t.TempDir())
+			if storage.ParallelCallbacks(ms) {
+				t.Skip("parallel callbacks that write nothing join no group")
+			}
+			ctx := context.Background()
+			for i, call := range tc.calls {
+				before, _ := storage.GroupCommits(ms)
+				err := ms.WithTransaction(ctx, true, call)
+				after, _ := storage.GroupCommits(ms)
+				if err == nil {
+					assert.Equal(t, before+1, after, "call %d committed before it returned", i)
+				} else {
+					assert.Equal(t, before, after, "call %d (%v) committed nothing", i, err)
+				}
+			}
+			commits, shares := storage.GroupCommits(ms)
+			assert.Equal(t, tc.wantCommits, commits)
+			assert.Equal(t, commits, shares, "every commit carried one caller")
+		})
+	}
+}

@@ -780,27 +780,27 @@ func (r *optReader) raiseIDs(context.Context, uint64) error { return ErrReadOnly
 func (r *optReader) commit(context.Context) error           { return ErrReadOnly }
 func (r *optReader) rollback() error                        { return nil } // the snapshot is o's
 
-// runParallel runs fn as a parallel member: optimistically on a snapshot,
+// runParallel runs m as a parallel member: optimistically on a snapshot,
 // then, when it wrote, validated and applied (or run again serially) in a
 // group commit. It returns when the member's writes are durable, or when
 // it is known that they will not be applied.
-func (e *boltEngine) runParallel(fn func(engineTx) error) error {
+func (e *boltEngine) runParallel(m groupMember) error {
 	o, err := e.beginOptimistic()
 	if err != nil {
 		return fmt.Errorf("failed to start transaction: %w", err)
 	}
-	err = e.runOptimistic(fn, o)
+	err = e.runOptimistic(m, o)
 	var p *callbackPanic
 	panicked := errors.As(err, &p)
 	if o.promoted {
 		// The member went on serially; runOptimistic settled its share.
-		<-o.joined.gc.done
+		o.joined.gc.done.Wait()
 		return groupOutcome(err, o.joined.gc)
 	}
-	if m := o.joined; m != nil {
+	if j := o.joined; j != nil {
 		// Abandoned at promotion (restartSerially, or the callback
 		// recovered that and returned): run again in the group joined.
-		return e.finishMember(fn, m.bt, m.gc, m.first)
+		return e.finishMember(m, j.bt, j.gc, j.first)
 	}
 	if panicked {
 		e.par.release(o)
@@ -822,11 +822,11 @@ func (e *boltEngine) runParallel(fn func(engineTx) error) error {
 	if e.par.validate(o) {
 		err := o.apply(bt)
 		e.group.settle(gc, bt, first, err == nil)
-		<-gc.done
+		gc.done.Wait()
 		return groupOutcome(err, gc)
 	}
 	e.par.release(o)
-	return e.finishMember(fn, bt, gc, first)
+	return e.finishMember(m, bt, gc, first)
 }
 
 // groupOutcome is what a member whose share ended with err returns once
@@ -845,34 +845,34 @@ func groupOutcome(err error, gc *groupCommit) error {
 	return nil
 }
 
-// runOptimistic runs fn on o and ends o however fn ends: a panic comes
+// runOptimistic runs m on o and ends o however m ends: a panic comes
 // back as a callbackPanic, and a runtime.Goexit goes on after o is
-// forgotten. A member promoted during fn has its share settled here (as
+// forgotten. A member promoted during m has its share settled here (as
 // runMember does); one abandoned at promotion is left to runParallel,
 // unless the goroutine is exiting.
-func (e *boltEngine) runOptimistic(fn func(engineTx) error, o *optTx) (err error) {
+func (e *boltEngine) runOptimistic(m groupMember, o *optTx) (err error) {
 	returned := false
 	defer func() {
 		o.close()
-		m := o.joined
+		j := o.joined
 		switch {
-		case m != nil && o.promoted:
-			e.group.settle(m.gc, m.bt, m.first, returned && err == nil && o.applyErr == nil)
+		case j != nil && o.promoted:
+			e.group.settle(j.gc, j.bt, j.first, returned && err == nil && o.applyErr == nil)
 			if !returned {
-				<-m.gc.done
+				j.gc.done.Wait()
 			}
 			if returned && err == nil {
 				err = o.applyErr
 			}
-		case m != nil && !returned:
-			e.group.settle(m.gc, m.bt, m.first, false)
-			<-m.gc.done
+		case j != nil && !returned:
+			e.group.settle(j.gc, j.bt, j.first, false)
+			j.gc.done.Wait()
 		case !returned:
 			e.par.release(o)
 			e.par.waitDurable(o.maySee)
 		}
 	}()
-	err = runGuarded(fn, o)
+	err = runGuarded(m, o)
 	var p *callbackPanic
 	if errors.As(err, &p) {
 		if _, ok := p.value.(restartSerially); ok {

@@ -160,8 +160,9 @@ func (c *checker) addRecord(name string, r *record, decodeErr error) error {
 		c.report(name, "no lookup reaches the record: %v", err)
 		return nil
 	}
-	r.Labels = nil // not needed; keep memory small
-	c.records[name] = r
+	kept := *r        // r is the scan's
+	kept.Labels = nil // not needed; keep memory small
+	c.records[name] = &kept
 	c.byID[r.ID] = append(c.byID[r.ID], name)
 	return nil
 }

@@ -131,3 +131,23 @@ func CopyDiff(ctx context.Context, ms MetaStore) ([]string, error) {
 	})
 	return diff, nil
 }
+
+// GroupCommits returns how many group commits a bbolt store in the default
+// mode made, and how many members' shares they carried.
+func GroupCommits(ms MetaStore) (commits, shares int64) {
+	e := ms.(*metaStore).eng.(*boltEngine)
+	return e.group.commits.Load(), e.group.shares.Load()
+}
+
+// GroupWaiting returns how many callers wait to join the group of a bbolt
+// store in the default mode.
+func GroupWaiting(ms MetaStore) int {
+	return int(ms.(*metaStore).eng.(*boltEngine).group.waiting.Load())
+}
+
+// SetBeforeGroupCommit makes fn run before each group commit of a bbolt
+// store in the default mode, after the group's lock is released; set it
+// before the store is used.
+func SetBeforeGroupCommit(ms MetaStore, fn func()) {
+	ms.(*metaStore).eng.(*boltEngine).group.beforeCommit = fn
+}

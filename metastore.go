@@ -169,7 +169,29 @@ type storeTxKey struct{ s *metaStore }
 // withTransaction returns ctx carrying t, for the package-level functions
 // and for recognising transactions nested in t.
 func (s *metaStore) withTransaction(ctx context.Context, t *transaction) context.Context {
-	return context.WithValue(ContextWithTransactor(ctx, t), storeTxKey{s}, t)
+	t.tctx = txContext{Context: ctx, store: s, t: t}
+	return &t.tctx
+}
+
+// txContext is a context carrying t under both keys, transactionKey and
+// s's storeTxKey: part of the transaction, where two context.WithValue
+// would be two allocations.
+type txContext struct {
+	context.Context
+	store *metaStore
+	t     *transaction
+}
+
+func (c *txContext) Value(key any) any {
+	switch k := key.(type) {
+	case transactionKey:
+		return c.t
+	case storeTxKey:
+		if k.s == c.store {
+			return c.t
+		}
+	}
+	return c.Context.Value(key)
 }
 
 // openTransaction returns an open transaction of this store that ctx
@@ -247,7 +269,14 @@ const (
 // the engine transaction and returns when its writes are durable or have
 // been undone.
 type groupCommitter interface {
-	runInGroup(fn func(engineTx) error) error
+	runInGroup(m groupMember) error
+}
+
+// groupMember is one caller's share of a group commit: run runs its
+// callback on the engine transaction. (An interface rather than a func, so
+// that the transaction, allocated anyway, serves as it.)
+type groupMember interface {
+	run(etx engineTx) error
 }
 
 func (s *metaStore) WithTransaction(ctx context.Context, writable bool, fn TransactionCallback) error {
@@ -284,16 +313,24 @@ func (s *metaStore) runInGroup(ctx context.Context, gcm groupCommitter, fn Trans
 		return err
 	}
 	defer s.leave()
-	return gcm.runInGroup(func(etx engineTx) error {
-		t := &transaction{ctx: ctx, tx: etx, writable: true, store: s}
-		// The group commits; the callback's transaction ends with it.
-		defer t.done.Store(true)
-		if err := fn(s.withTransaction(ctx, t)); err != nil {
-			return err
-		}
-		// A canceled transaction commits nothing, as Commit.
-		return ctx.Err()
-	})
+	return gcm.runInGroup(&transaction{ctx: ctx, writable: true, store: s, fn: fn})
+}
+
+// run runs a group member's callback on etx.
+func (t *transaction) run(etx engineTx) error {
+	if t.tx != nil {
+		// A second run (parallel callbacks) gets a transaction of its
+		// own: the first run's has ended.
+		t = &transaction{ctx: t.ctx, writable: true, store: t.store, fn: t.fn}
+	}
+	t.tx = etx
+	// The group commits; the callback's transaction ends with it.
+	defer t.done.Store(true)
+	if err := t.fn(t.store.withTransaction(t.ctx, t)); err != nil {
+		return err
+	}
+	// A canceled transaction commits nothing, as Commit.
+	return t.ctx.Err()
 }
 
 // runOnce runs fn in one transaction; lost is the conflict that ended the

@@ -89,7 +89,9 @@ type engineTx interface {
 	// in the transaction: each name is reported as the transaction holds it
 	// when the scan reaches it, so a name written ahead of the scan is
 	// reported with its new record, one deleted ahead of it is not, and one
-	// written behind it is not.
+	// written behind it is not. r is fn's during the call only (an engine
+	// may decode every record into the same one); its Labels are fn's to
+	// keep.
 	scan(ctx context.Context, fn func(name string, r *record, decodeErr error) error) error
 	// layoutDamage reports damage to the engine's layout outside any
 	// record (a plain key where the layout has a bucket, say), nil when it
@@ -407,13 +409,14 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 	if err != nil {
 		return err
 	}
+	var fields infoFields
 	return t.use(ctx, false, func(tx engineTx) error {
 		return walkRecords(ctx, tx, func(name string, r *record) error {
-			info := r.info(name)
-			if !filter.Match(adaptInfo(info)) {
+			fields.info = r.info(name)
+			if !filter.Match(&fields) {
 				return nil
 			}
-			if err := fn(ctx, info); err != nil {
+			if err := fn(ctx, fields.info); err != nil {
 				return callerError{err}
 			}
 			// A callback may end the transaction; the engine cannot go on.
@@ -425,32 +428,37 @@ func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ..
 	})
 }
 
-// adaptInfo exposes the fields containerd's snapshot filters know.
-func adaptInfo(info snapshots.Info) filters.Adaptor {
-	return filters.AdapterFunc(func(fieldpath []string) (string, bool) {
-		if len(fieldpath) == 0 {
-			return "", false
-		}
-		switch fieldpath[0] {
-		case "kind":
-			switch info.Kind {
-			case snapshots.KindActive:
-				return "active", true
-			case snapshots.KindView:
-				return "view", true
-			case snapshots.KindCommitted:
-				return "committed", true
-			}
-		case "name":
-			return info.Name, true
-		case "parent":
-			return info.Parent, true
-		case "labels":
-			v, ok := info.Labels[strings.Join(fieldpath[1:], ".")]
-			return v, ok
-		}
+// infoFields exposes the fields containerd's snapshot filters know, of one
+// snapshots.Info at a time: a walk matches every record through one
+// infoFields, so that matching allocates nothing.
+type infoFields struct{ info snapshots.Info }
+
+var _ filters.Adaptor = (*infoFields)(nil)
+
+func (a *infoFields) Field(fieldpath []string) (string, bool) {
+	if len(fieldpath) == 0 {
 		return "", false
-	})
+	}
+	info := &a.info
+	switch fieldpath[0] {
+	case "kind":
+		switch info.Kind {
+		case snapshots.KindActive:
+			return "active", true
+		case snapshots.KindView:
+			return "view", true
+		case snapshots.KindCommitted:
+			return "committed", true
+		}
+	case "name":
+		return info.Name, true
+	case "parent":
+		return info.Parent, true
+	case "labels":
+		v, ok := info.Labels[strings.Join(fieldpath[1:], ".")]
+		return v, ok
+	}
+	return "", false
 }
 
 func (t *transaction) GetSnapshot(ctx context.Context, key string) (s Snapshot, err error) {

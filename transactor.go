@@ -87,6 +87,12 @@ type transaction struct {
 	// rather than a data race; no lock is held while an operation runs, so a
 	// WalkInfo callback may use the same transaction, as with containerd.
 	done atomic.Bool
+
+	// tctx is the context carrying the transaction (withTransaction), kept
+	// here to save an allocation.
+	tctx txContext
+	// fn is a group member's callback (see metaStore.runInGroup).
+	fn TransactionCallback
 }
 
 func (t *transaction) Commit() error {

@@ -47,6 +47,7 @@ func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
 		return err
 	}
 	var bad []CorruptRecord
+	var fields infoFields
 	err = t.use(ctx, false, func(tx engineTx) error {
 		var host string
 		if sx, ok := tx.(scopedTx); ok {
@@ -60,7 +61,8 @@ func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
 				bad = append(bad, CorruptRecord{Name: name, Err: err})
 				return nil
 			}
-			if !filter.Match(adaptInfo(r.info(name))) {
+			fields.info = r.info(name)
+			if !filter.Match(&fields) {
 				return nil
 			}
 			rec := Record{
