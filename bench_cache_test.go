@@ -24,12 +24,12 @@ import (
 func BenchmarkEtcdWalk100kServerApart(b *testing.B) {
 	apartOnce.Do(func() {
 		// Once per process (-count runs the benchmark again); the child
-		// exits with this process, when its standard input closes.
-		var child *etcdChild
-		if child, apartErr = startEtcdChild(); apartErr != nil {
+		// exits with this process, when its standard input closes. It
+		// stays referenced: a collected pipe would close that input.
+		if apartChild, apartErr = startEtcdChild(); apartErr != nil {
 			return
 		}
-		apartCfg = clientv3.Config{Endpoints: []string{child.endpoint}, DialTimeout: 10 * time.Second, Logger: zap.NewNop()}
+		apartCfg = clientv3.Config{Endpoints: []string{apartChild.endpoint}, DialTimeout: 10 * time.Second, Logger: zap.NewNop()}
 		start := time.Now()
 		apartErr = buildEtcdWalkOn(apartCfg, apartRoot, benchWalk100k)
 		b.Logf("built %d snapshots in %v", benchWalk100k, time.Since(start).Round(time.Millisecond))
@@ -89,9 +89,10 @@ func BenchmarkEtcdWalk100kServerApart(b *testing.B) {
 }
 
 var (
-	apartOnce sync.Once
-	apartCfg  clientv3.Config
-	apartErr  error
+	apartOnce  sync.Once
+	apartChild *etcdChild
+	apartCfg   clientv3.Config
+	apartErr   error
 )
 
 const apartRoot = "bench/walk100k-apart"
