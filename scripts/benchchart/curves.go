@@ -42,7 +42,9 @@ func writeParallelSVG(w io.Writer, r *results) error {
 // (solid) and, from r3 when given, on a 3-member cluster (dashed).
 func writeClientsSVG(w io.Writer, r, r3 *results) error {
 	impls := []struct{ name, label, color string }{
-		{"raw", "raw etcd calls", "#68d391"},
+		{"raw", "raw etcd: read + Txn, twice", "#68d391"},
+		{"raw2txn", "raw etcd: two guarded Txns", "#2f855a"},
+		{"raw2txn-watched", "two Txns, a watch per client", "#d69e2e"},
 		{ours, "snapmeta", "#2b6cb0"},
 		{"snapmeta-cache", "snapmeta with cache", "#805ad5"},
 	}
