@@ -991,6 +991,18 @@ func (e *etcdBench) rawCreateCommit(ctx context.Context, kv clientv3.KV, round s
 	return nil
 }
 
+// guardedTxn sends one Txn of ops under cmps; failed compares are errRaw.
+func guardedTxn(ctx context.Context, kv clientv3.KV, cmps []clientv3.Cmp, ops ...clientv3.Op) error {
+	w, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return err
+	}
+	if !w.Succeeded {
+		return errRaw
+	}
+	return nil
+}
+
 // rawTwoTxns is the physical limit of a driver's Prepare and later Commit
 // of one layer: two guarded Txns and no reads, each checking by compares
 // alone what it depends on (the parent exists and the key does not; the
@@ -999,25 +1011,17 @@ func (e *etcdBench) rawTwoTxns(ctx context.Context, kv clientv3.KV, round string
 	key, name := fmt.Sprintf("%s-extract-%d", round, i), fmt.Sprintf("%s-layer-%d", round, i)
 	k, nk, pk := rawKey(e.rawRoot, key), rawKey(e.rawRoot, name), rawKey(e.rawRoot, parent)
 	link := rawChildPrefix(e.rawRoot, parent) + key
-	w, err := kv.Txn(ctx).If(
+	if err := guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.CreateRevision(k), "=", 0),
 		clientv3.Compare(clientv3.CreateRevision(pk), ">", 0),
-	).Then(clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)).Commit()
-	if err != nil {
+	}, clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)); err != nil {
 		return err
 	}
-	if !w.Succeeded {
-		return errRaw
-	}
-	w, err = kv.Txn(ctx).If(
+	if err := guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.CreateRevision(nk), "=", 0),
 		clientv3.Compare(clientv3.CreateRevision(k), ">", 0),
-	).Then(clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)).Commit()
-	if err != nil {
+	}, clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)); err != nil {
 		return err
-	}
-	if !w.Succeeded {
-		return errRaw
 	}
 	return nil
 }
@@ -1038,15 +1042,11 @@ func (e *etcdBench) rawPrepareThenCommit(ctx context.Context, kv clientv3.KV, ro
 		return errRaw
 	}
 	p := r.Responses[1].GetResponseRange().Kvs[0]
-	w, err := kv.Txn(ctx).If(
+	if err := guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.ModRevision(k), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(pk), "=", p.ModRevision),
-	).Then(clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)).Commit()
-	if err != nil {
+	}, clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)); err != nil {
 		return err
-	}
-	if !w.Succeeded {
-		return errRaw
 	}
 	r, err = kv.Txn(ctx).Then(clientv3.OpGet(nk), clientv3.OpGet(k)).Commit()
 	if err != nil {
@@ -1056,15 +1056,11 @@ func (e *etcdBench) rawPrepareThenCommit(ctx context.Context, kv clientv3.KV, ro
 		return errRaw
 	}
 	a := r.Responses[1].GetResponseRange().Kvs[0]
-	w, err = kv.Txn(ctx).If(
+	if err := guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.ModRevision(nk), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(k), "=", a.ModRevision),
-	).Then(clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)).Commit()
-	if err != nil {
+	}, clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)); err != nil {
 		return err
-	}
-	if !w.Succeeded {
-		return errRaw
 	}
 	return nil
 }

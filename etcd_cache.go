@@ -67,8 +67,15 @@ func WithWatchCache() EtcdOpt {
 }
 
 // cacheWait bounds how long a transaction waits for the copy to reach the
-// revision it needs before it reads etcd directly instead.
-const cacheWait = 2 * time.Second
+// revision it needs before it reads etcd directly instead: a watch
+// delivers a commit within a millisecond or so, and one that lags (a
+// client starved of CPU, a busy server) must not stall its transactions.
+// A copy that has not changed at all for cacheStuck while etcd was asked
+// for a newer revision is taken for a stuck watch, which is restarted.
+const (
+	cacheWait  = 50 * time.Millisecond
+	cacheStuck = 2 * time.Second
+)
 
 // cachedKV is one key of the copy, with the revisions etcd reports for it.
 // It is never changed once in a tree: an event replaces it.
@@ -101,11 +108,12 @@ type watchCache struct {
 	// from a broken watch until the next list); cur, the copy of it
 	// transactions read (nil until one asks); and changed, closed and
 	// replaced whenever they change.
-	mu      sync.Mutex
-	tree    *btree.BTreeG[*cachedKV]
-	rev     int64
-	cur     *cacheState
-	changed chan struct{}
+	mu        sync.Mutex
+	tree      *btree.BTreeG[*cachedKV]
+	rev       int64
+	cur       *cacheState
+	changed   chan struct{}
+	changedAt time.Time
 
 	// asking is set while a progress request is outstanding, so that
 	// concurrent readers ask once.
@@ -132,7 +140,7 @@ func newWatchCache(cli *clientv3.Client, kv clientv3.KV, start, end string, page
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &watchCache{
 		cli: cli, kv: kv, start: start, end: end, page: page,
-		changed: make(chan struct{}),
+		changed: make(chan struct{}), changedAt: time.Now(),
 		// The watch and the progress requests must share a stream: the
 		// client picks the stream by the context's metadata.
 		streamCtx: clientv3.WithRequireLeader(ctx),
@@ -316,6 +324,22 @@ func (c *watchCache) install(rev int64, tree *btree.BTreeG[*cachedKV]) {
 func (c *watchCache) changedLocked() {
 	close(c.changed)
 	c.changed = make(chan struct{})
+	c.changedAt = time.Now()
+}
+
+// reached returns the revision the live tree is complete up to, whether
+// there is one, and the channel closed when that changes.
+func (c *watchCache) reached() (int64, bool, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rev, c.tree != nil, c.changed
+}
+
+// unchangedFor is how long the live tree has not changed.
+func (c *watchCache) unchangedFor() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Since(c.changedAt)
 }
 
 // relist ends the watch being followed; the cache lists again.
@@ -348,12 +372,17 @@ func (c *watchCache) state() (*cacheState, <-chan struct{}) {
 func (c *watchCache) at(ctx context.Context, rev int64, progress bool) (*cacheState, error) {
 	var timeout <-chan time.Time
 	for {
-		s, changed := c.state()
-		if s == nil {
+		reached, live, changed := c.reached()
+		if !live {
 			return nil, nil
 		}
-		if s.rev >= rev {
-			return s, nil
+		if reached >= rev {
+			// Cloned only now: waiting on every event would clone each
+			// time, and make the watch copy nodes for every write.
+			if s, _ := c.state(); s != nil && s.rev >= rev {
+				return s, nil
+			}
+			continue
 		}
 		if progress && c.asking.CompareAndSwap(false, true) {
 			if err := c.cli.RequestProgress(c.streamCtx); err != nil {
@@ -371,9 +400,9 @@ func (c *watchCache) at(ctx context.Context, rev int64, progress bool) (*cacheSt
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timeout:
-			if progress {
-				// etcd was asked for the revision and the copy did
-				// not reach it: the watch lags or is stuck.
+			if progress && c.unchangedFor() > cacheStuck {
+				// etcd was asked for the revision and the copy has
+				// not moved since long before: the watch is stuck.
 				c.relist()
 			}
 			return nil, nil
@@ -459,7 +488,7 @@ func (t *etcdTx) readCopy(ops []clientv3.Op) ([]*etcdserverpb.RangeResponse, err
 // the store's last commit; a read-only one a copy at least as new as etcd's
 // revision now, which it asks for. The choice is made at the transaction's
 // first read, so that one that reads nothing asks nothing. Without a copy
-// in time it reads etcd, a read-only one at that revision.
+// in time it reads etcd.
 func (t *etcdTx) readFromCopy(ctx context.Context, need int64) error {
 	t.copyChosen = true
 	c := t.e.cache
@@ -484,12 +513,12 @@ func (t *etcdTx) readFromCopy(ctx context.Context, need int64) error {
 		return err
 	}
 	s, err := c.at(ctx, rev, true)
-	if err != nil {
+	if err != nil || s == nil {
+		// Without a copy the first read pins the transaction's revision,
+		// as without the cache: it is read after rev was etcd's, so it is
+		// at least as new. (Pinning rev here would not do: the requests
+		// of the first read were built before, without a revision.)
 		return err
-	}
-	if s == nil {
-		t.rev = rev
-		return nil
 	}
 	t.snap, t.rev = s, s.rev
 	return nil

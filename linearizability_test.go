@@ -1012,21 +1012,7 @@ func TestLinearizabilityEtcdWatchCache(t *testing.T) {
 // (see TestLinearizabilityEtcdUnderFaults) on stores with watch caches,
 // whose watches break with the leader and the quorum.
 func TestLinearizabilityEtcdWatchCacheUnderFaults(t *testing.T) {
-	seed := linSeed(t)
-	c := etcdtest.StartCluster(t, 3)
-	clients := linEtcdClients(t, c, "lin-cache-faults", 4, 2*time.Second, storage.WithWatchCache())
-	stop := make(chan struct{})
-	faults := make(chan error, 1)
-	go func() {
-		defer close(stop)
-		faults <- linFaults(c)
-		time.Sleep(2 * time.Second)
-	}()
-	history, stats := linWorkload(t, seed, clients, 0, 4*time.Second, stop)
-	require.NoError(t, <-faults)
-	t.Log(stats)
-	linCheckStore(t, clients[0].ms)
-	linAssertLinearizable(t, history)
+	linEtcdUnderFaults(t, "lin-cache-faults", storage.WithWatchCache())
 }
 
 // TestLinearizabilityEtcdUnderFaults runs the workload on a 3-member
@@ -1035,9 +1021,15 @@ func TestLinearizabilityEtcdWatchCacheUnderFaults(t *testing.T) {
 // the faults have unknown outcomes, and may be applied after the client
 // gave up on them.
 func TestLinearizabilityEtcdUnderFaults(t *testing.T) {
+	linEtcdUnderFaults(t, "lin-faults")
+}
+
+// linEtcdUnderFaults runs the faults' workload on four clients opened with
+// extra options.
+func linEtcdUnderFaults(t *testing.T, root string, extra ...storage.EtcdOpt) {
 	seed := linSeed(t)
 	c := etcdtest.StartCluster(t, 3)
-	clients := linEtcdClients(t, c, "lin-faults", 4, 2*time.Second)
+	clients := linEtcdClients(t, c, root, 4, 2*time.Second, extra...)
 	stop := make(chan struct{})
 	faults := make(chan error, 1)
 	go func() {
