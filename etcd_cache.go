@@ -118,8 +118,6 @@ type watchCache struct {
 	// asking is set while a progress request is outstanding, so that
 	// concurrent readers ask once.
 	asking atomic.Bool
-	// keys is how many keys the newest copy holds.
-	keys atomic.Int64
 	// held is locked while a watch response is applied;
 	// tests lock it to hold the copy back.
 	held sync.Mutex
@@ -271,7 +269,6 @@ func (c *watchCache) apply(resp clientv3.WatchResponse) {
 			c.rev = max(c.rev, ev.Kv.ModRevision)
 		}
 		c.cur = nil
-		c.keys.Store(int64(c.tree.Len()))
 	}
 	c.changedLocked()
 }
@@ -302,7 +299,6 @@ func (c *watchCache) applyOwn(rev int64, writes map[string][]byte) {
 		c.tree.ReplaceOrInsert(kv)
 	}
 	c.rev, c.cur = rev, nil
-	c.keys.Store(int64(c.tree.Len()))
 	c.changedLocked()
 }
 
@@ -312,9 +308,7 @@ func (c *watchCache) install(rev int64, tree *btree.BTreeG[*cachedKV]) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.rev, c.tree, c.cur = rev, tree, nil
-	if tree != nil {
-		c.keys.Store(int64(tree.Len()))
-	} else {
+	if tree == nil {
 		c.asking.Store(false)
 	}
 	c.changedLocked()
@@ -452,15 +446,6 @@ func (kv *cachedKV) out(keysOnly bool) *mvccpb.KeyValue {
 		out.Value = kv.value
 	}
 	return out
-}
-
-// String describes the cache for errors and logs.
-func (c *watchCache) String() string {
-	s, _ := c.state()
-	if s == nil {
-		return "watch cache (no copy)"
-	}
-	return fmt.Sprintf("watch cache at revision %d, %d keys", s.rev, c.keys.Load())
 }
 
 // Transactions on the copy.
