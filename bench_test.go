@@ -943,20 +943,10 @@ func (e *etcdBench) rawCreate(ctx context.Context, key, parent string) error {
 		return errRaw
 	}
 	p := r.Responses[1].GetResponseRange().Kvs[0]
-	w, err := e.raw.Txn(ctx).If(
+	return guardedTxn(ctx, e.raw, []clientv3.Cmp{
 		clientv3.Compare(clientv3.ModRevision(k), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(pk), "=", p.ModRevision),
-	).Then(
-		clientv3.OpPut(k, string(e.active)),
-		clientv3.OpPut(rawChildPrefix(e.rawRoot, parent)+key, key),
-	).Commit()
-	if err != nil {
-		return err
-	}
-	if !w.Succeeded {
-		return errRaw
-	}
-	return nil
+	}, clientv3.OpPut(k, string(e.active)), clientv3.OpPut(rawChildPrefix(e.rawRoot, parent)+key, key))
 }
 
 // rawCreateCommit is the least a create+commit in one transaction needs: one
@@ -974,21 +964,11 @@ func (e *etcdBench) rawCreateCommit(ctx context.Context, kv clientv3.KV, round s
 		return errRaw
 	}
 	p := r.Responses[2].GetResponseRange().Kvs[0]
-	w, err := kv.Txn(ctx).If(
+	return guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.ModRevision(k), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(nk), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(pk), "=", p.ModRevision),
-	).Then(
-		clientv3.OpPut(nk, string(e.committed)),
-		clientv3.OpPut(rawChildPrefix(e.rawRoot, parent)+name, name),
-	).Commit()
-	if err != nil {
-		return err
-	}
-	if !w.Succeeded {
-		return errRaw
-	}
-	return nil
+	}, clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(rawChildPrefix(e.rawRoot, parent)+name, name))
 }
 
 // guardedTxn sends one Txn of ops under cmps; failed compares are errRaw.
@@ -1017,13 +997,10 @@ func (e *etcdBench) rawTwoTxns(ctx context.Context, kv clientv3.KV, round string
 	}, clientv3.OpPut(k, string(e.active)), clientv3.OpPut(link, key)); err != nil {
 		return err
 	}
-	if err := guardedTxn(ctx, kv, []clientv3.Cmp{
+	return guardedTxn(ctx, kv, []clientv3.Cmp{
 		clientv3.Compare(clientv3.CreateRevision(nk), "=", 0),
 		clientv3.Compare(clientv3.CreateRevision(k), ">", 0),
-	}, clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name)); err != nil {
-		return err
-	}
-	return nil
+	}, clientv3.OpDelete(k), clientv3.OpPut(nk, string(e.committed)), clientv3.OpPut(link, name))
 }
 
 // rawPrepareThenCommit is the least a driver's Prepare and later Commit of

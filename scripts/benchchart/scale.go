@@ -118,12 +118,7 @@ func writeScaleTable(w io.Writer, r *results) error {
 		fmt.Fprintln(w, "(no BenchmarkScale results)")
 		return nil
 	}
-	head := "| engine | operation |"
-	rule := "| --- | --- |"
-	for _, n := range d.sizes {
-		head += " n=" + fmtNum(n) + " |"
-		rule += " ---: |"
-	}
+	head, rule := sizeColumns(d.sizes)
 	fmt.Fprintln(w, head+" growth |")
 	fmt.Fprintln(w, rule+" ---: |")
 	for _, eng := range d.engines {
@@ -153,11 +148,7 @@ func writeScaleTable(w io.Writer, r *results) error {
 	}
 	fmt.Fprintln(w, "Peak heap above the heap before the operation, MiB (HeapInuse / live), and the etcd server's resident memory after the build when it ran in its own process:")
 	fmt.Fprintln(w)
-	head, rule = "| engine | operation |", "| --- | --- |"
-	for _, n := range heap.sizes {
-		head += " n=" + fmtNum(n) + " |"
-		rule += " ---: |"
-	}
+	head, rule = sizeColumns(heap.sizes)
 	fmt.Fprintln(w, head)
 	fmt.Fprintln(w, rule)
 	for _, eng := range heap.engines {
@@ -277,4 +268,15 @@ func heapTargets(r *results, eng string) []target {
 		}
 	}
 	return []target{mk("walk and export", "walk", "export"), mk("Check", "Check")}
+}
+
+// sizeColumns is the head and rule of a table with a row per engine and
+// operation and a column per size.
+func sizeColumns(sizes []float64) (head, rule string) {
+	head, rule = "| engine | operation |", "| --- | --- |"
+	for _, n := range sizes {
+		head += " n=" + fmtNum(n) + " |"
+		rule += " ---: |"
+	}
+	return head, rule
 }
