@@ -42,23 +42,26 @@ import (
 //     conflict; WithTransaction then runs the callback again on a copy at
 //     least as new as the revision the conflict was seen at.
 //   - A refusal (NotFound, AlreadyExists, InvalidArgument,
-//     FailedPrecondition) computed from the copy in a writable transaction
-//     is checked against etcd, by a Txn of the transaction's guards alone,
-//     before it is returned; if the copy was stale, the operation returns
-//     a Conflict instead (and WithTransaction runs the callback again). A
-//     writable transaction that commits without writes is checked the same
-//     way. So every answer is one a serial store could give at the moment
-//     it is returned.
+//     FailedPrecondition, ErrIDsExhausted) computed from the copy in a
+//     writable transaction is checked against etcd, by a Txn of the
+//     transaction's guards alone, before it is returned. If the copy was
+//     stale, an operation that was the transaction's first runs again on
+//     what etcd holds; a later one returns a Conflict (and WithTransaction
+//     runs the callback again). A writable transaction that commits without
+//     writes is checked the same way. So every answer is one a serial store
+//     could give at the moment it is returned.
 //   - A read-only transaction asks etcd for its current revision (one
 //     linearizable request), waits until the copy has reached it (asking
 //     etcd for a progress notification when the root saw no write since),
-//     and then reads locally: walks of any size cost no requests.
+//     and then reads locally: walks of any size cost that one request.
 //
-// The copy holds every key of the root, so it costs client memory in
-// proportion to the store (see docs/benchmarks.md for the figure per
-// snapshot). While the watch is broken (compaction, lost leader, a closed
-// connection) the store reads etcd directly and relists in the background;
-// it never waits long for a copy that does not come.
+// A transaction waits at most 50 ms for the copy it needs; past that, and
+// while the watch is broken (compaction, lost leader, a closed connection),
+// it reads etcd as without the cache, and a broken or stuck watch is
+// listed again in the background. The copy holds every key of the root, so
+// it costs client memory in proportion to the store (docs/benchmarks.md
+// gives the figure per snapshot), and etcd sends every write of the root to
+// every cached client.
 func WithWatchCache() EtcdOpt {
 	return func(o *etcdOptions) error {
 		o.watchCache = true

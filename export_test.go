@@ -30,10 +30,6 @@ func init() {
 	}
 }
 
-// WatchCacheByDefault reports whether this run opens every etcd store
-// with the watch cache (SNAPMETA_TEST_ETCD_CACHE=1).
-func WatchCacheByDefault() bool { return etcdCacheDefault }
-
 // WatchCached reports whether ms is an etcd store with a watch cache.
 func WatchCached(ms MetaStore) bool {
 	e, ok := ms.(*metaStore).eng.(*etcdEngine)
