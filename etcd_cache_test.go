@@ -197,3 +197,19 @@ func TestEtcdWatchCacheCopyIsEtcdAtItsRevision(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, diff)
 }
+
+// TestEtcdWatchCacheWalkFunctionErrorsAreTheCallers: an error of a walk's
+// function, whatever its class, is returned as given, not checked against
+// etcd as a refusal of the store's (which, on this stale copy, would run
+// the walk again).
+func TestEtcdWatchCacheWalkFunctionErrorsAreTheCallers(t *testing.T) {
+	_, cached := cacheStale(t)
+	mine := fmt.Errorf("the caller's own: %w", errdefs.ErrNotFound)
+	ctx, tx, err := cached.TransactionContext(context.Background(), true)
+	require.NoError(t, err)
+	defer tx.Rollback()
+	calls := 0
+	err = storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { calls++; return mine })
+	assert.Same(t, mine, err)
+	assert.Equal(t, 1, calls, "the walk ran once: nothing ran it again")
+}

@@ -149,16 +149,19 @@ func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) err
 	rc, checks := t.tx.(refusalChecker)
 	first := checks && rc.readNothing()
 	err := op(t.tx)
-	var ce callerError
-	if errors.As(err, &ce) {
-		return ce.err
-	}
 	if checks && refused(err) {
 		var rerun func() error
 		if first {
 			rerun = func() error { return op(t.tx) }
 		}
-		return rc.checkRefusal(ctx, err, rerun)
+		err = rc.checkRefusal(ctx, err, rerun)
+	}
+	// A caller's error (a walk function's) is the caller's answer: it is
+	// not checked as a refusal (callerError hides its class) and is
+	// returned as the caller gave it, from the first run or a rerun.
+	var ce callerError
+	if errors.As(err, &ce) {
+		return ce.err
 	}
 	return err
 }
