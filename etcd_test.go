@@ -623,6 +623,9 @@ func etcdRoundTrips(t *testing.T, opt storage.EtcdOpt, cached bool) {
 	})
 	trips := func(writable bool, fn func(ctx context.Context) error) int64 {
 		t.Helper()
+		if cached {
+			require.NoError(t, storage.WaitWatchCacheCurrent(context.Background(), ms))
+		}
 		n.Store(0)
 		require.NoError(t, ms.WithTransaction(context.Background(), writable, fn))
 		return n.Load()

@@ -93,6 +93,33 @@ func WaitWatchCache(ctx context.Context, ms MetaStore) error {
 	}
 }
 
+// WaitWatchCacheCurrent waits until ms's watch cache holds a copy complete
+// up to etcd's revision now, so that a test counting requests does not
+// count a fallback to etcd on a machine too busy to deliver the watch
+// within cacheWait. It asks etcd through the client, not the store's KV.
+func WaitWatchCacheCurrent(ctx context.Context, ms MetaStore) error {
+	e := ms.(*metaStore).eng.(*etcdEngine)
+	resp, err := e.cli.Get(ctx, e.keys.mode(), clientv3.WithCountOnly())
+	if err != nil {
+		return err
+	}
+	for {
+		reached, live, changed := e.cache.reached()
+		if live && reached >= resp.Header.Revision {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-time.After(100 * time.Millisecond):
+			// Ask again: a root that saw no write since reaches the
+			// revision only by a progress notification.
+			_ = e.cli.RequestProgress(e.cache.streamCtx)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
 // CopyDiff compares the newest copy of ms's watch cache with what etcd held
 // at the copy's revision, key by key (value, create and mod revisions,
 // version), and describes every difference.

@@ -75,12 +75,13 @@ func TestWalkHandsOverEveryField(t *testing.T) {
 // walk asks etcd for its revision and reads the rest locally.
 func TestWalkRoundTripsPerPage(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
-		cache storage.EtcdOpt
-		want  int64
+		name   string
+		cache  storage.EtcdOpt
+		cached bool
+		want   int64
 	}{
-		{"pages of 10 from etcd", storage.WithoutWatchCache(), 3},
-		{"the revision from etcd, pages from the watch cache", storage.WithWatchCache(), 1},
+		{"pages of 10 from etcd", storage.WithoutWatchCache(), false, 3},
+		{"the revision from etcd, pages from the watch cache", storage.WithWatchCache(), true, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var n atomic.Int64
@@ -94,6 +95,9 @@ func TestWalkRoundTripsPerPage(t *testing.T) {
 				}
 				return nil
 			})
+			if tc.cached {
+				require.NoError(t, storage.WaitWatchCacheCurrent(context.Background(), ms))
+			}
 			n.Store(0)
 			recs, err := walkAll(t, ms)
 			require.NoError(t, err)
