@@ -42,7 +42,10 @@ const DefaultBoltTimeout = 10 * time.Second
 // walk, check or write that meets the damage, fails with ErrDamaged (class
 // DataLoss), whose message names the file and 'snapmeta salvage'. A file
 // whose meta pages or size show the damage is refused here, before bbolt
-// maps it (see bolt_damage.go).
+// maps it, and so is a file whose pages form a cycle, which bbolt would
+// descend for ever. The open reads the tree from the file once (see
+// bolt_pages.go); a file whose tree is damaged otherwise opens for reads
+// only: every write is refused with ErrDamaged.
 func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	options := *bolt.DefaultOptions
 	// Statistics are never read; keeping them costs contention.
@@ -73,6 +76,11 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	case err != nil:
 		return nil, fmt.Errorf("failed to open database file %s: %w", dbfile, boltErr(err))
 	}
+	damage, err := treeDamage(db, dbfile)
+	if err != nil {
+		_ = db.Close()
+		return nil, err
+	}
 	if creates && !options.NoSync {
 		// bbolt fsyncs the file, not its name: without the directory's
 		// fsync a power cut can take a new file, commits and all.
@@ -82,6 +90,9 @@ func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 		}
 	}
 	eng := &boltEngine{db: db, path: dbfile}
+	if damage != nil {
+		eng.markDamaged(damage)
+	}
 	if settings.parallel && !options.ReadOnly {
 		eng.par = &boltParallel{}
 		if err := eng.seedIDs(); err != nil {
@@ -122,8 +133,9 @@ type boltEngine struct {
 	db    *bolt.DB
 	path  string // for the messages of ErrDamaged
 	group boltGroup
-	// damaged is set once a panic of bbolt in a writable transaction was
-	// recovered: every later write is refused with it (see markDamaged).
+	// damaged is set when the open found the tree damaged, or once a
+	// panic of bbolt in a writable transaction was recovered: every later
+	// write is refused with it (see markDamaged).
 	damaged atomic.Pointer[error]
 	// par is set in parallel mode (WithParallelCallbacks): see
 	// bolt_parallel.go.
@@ -694,12 +706,21 @@ func decodeBolt(sb *bolt.Bucket, full bool) (*record, error) {
 	return r, nil
 }
 
+// boltLongestRecordKey is the length of the longest key of a record's
+// bucket (KeyChainPiece).
+const boltLongestRecordKey = len(KeyChainPiece)
+
 // decodeBoltInto is decodeBolt into r, which it overwrites.
 func decodeBoltInto(r *record, sb *bolt.Bucket, full bool) error {
 	*r = record{}
 	var haveID, haveKind, whole, inPieces bool
 	c := sb.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if len(k) > boltLongestRecordKey {
+			// Not a key of the layout (ignored, as unknown keys are),
+			// and perhaps a damaged length: no copy of it is made.
+			continue
+		}
 		var err error
 		key := string(k)
 		if !full && key != KeyID && key != KeyKind && key != KeyParent && key != KeyParentIDs && key != KeyChainPiece {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
-	"unsafe"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -19,13 +18,17 @@ import (
 // id beyond the end of the file or a truncated file make it panic
 // ("assertion failed", "slice bounds out of range"), or fault in its
 // memory map (SIGSEGV, SIGBUS), which kills the process. A store on a
-// damaged file must instead fail with an error a caller can act on. Two
+// damaged file must instead fail with an error a caller can act on. Three
 // defences:
 //
 //   - Before bbolt maps a file, checkBoltFile reads the two meta pages and
 //     refuses a file bbolt would misread at once: no valid meta page, or a
 //     meta page whose root, freelist or high-water mark lies outside the
 //     file (a truncated file).
+//   - Once bbolt has opened it, treeDamage reads the whole tree
+//     (bolt_pages.go): a tree that would take bbolt outside the file or
+//     down a cycle is refused, and one that is otherwise not as bbolt
+//     writes it opens for reads only.
 //   - Every engine call into bbolt runs under boltGuard: a deferred recover,
 //     with debug.SetPanicOnFault on for the call so that a fault in the map
 //     becomes a panic too. A panic becomes an ErrDamaged error. One guard
@@ -201,7 +204,7 @@ func (e *boltEngine) guard(prev bool, tx *boltTx, errp *error, inCallback *bool)
 	err := damagedErr(e.path, fmt.Sprintf("bbolt failed reading or writing it: %v", p))
 	if tx != nil && tx.writable {
 		tx.broken = err
-		e.markDamaged(err)
+		e.markDamaged(fmt.Errorf("an earlier write met the damage: %w", err))
 	}
 	*errp = err
 }
@@ -216,7 +219,7 @@ func (e *boltEngine) markDamaged(err error) {
 // writeRefusal is the error a write gets on a store marked damaged.
 func (e *boltEngine) writeRefusal() error {
 	if p := e.damaged.Load(); p != nil {
-		return fmt.Errorf("writes refused since an earlier one met damage: %w", *p)
+		return fmt.Errorf("writes refused: %w", *p)
 	}
 	return nil
 }
@@ -257,32 +260,49 @@ func openBolt(path string, options *bolt.Options) (db *bolt.DB, err error) {
 	return bolt.Open(path, 0o600, &opts)
 }
 
+// treeDamage reads the tree of db, just opened, from the file (see
+// bolt_pages.go). A tree that would take bbolt outside the file, or down a
+// cycle, is returned as err: the file is refused, since no guard survives
+// either. Any other damage to the tree is returned as damage: the store
+// then opens for reads only, since a write could copy a damaged length
+// into the pages it writes. A sound tree costs one read of each of its
+// pages, with pread.
+func treeDamage(db *bolt.DB, path string) (damage, err error) {
+	tx, err := db.Begin(false)
+	if err != nil {
+		return nil, fmt.Errorf("failed to read %s: %w", path, boltErr(err))
+	}
+	defer func() { _ = tx.Rollback() }()
+	root := uint64(tx.Cursor().Bucket().Root())
+	walk := func(sound bool) error {
+		return walkBoltPages(path, root, db.Info().PageSize, tx.Size(), sound)
+	}
+	damage = walk(true)
+	if damage == nil {
+		return nil, nil
+	}
+	if !errors.Is(damage, ErrCorrupt) {
+		return nil, fmt.Errorf("failed to read %s: %w", path, damage)
+	}
+	if err := walk(false); err != nil {
+		return nil, damagedErr(path, err)
+	}
+	return damagedErr(path, fmt.Sprintf("its pages are damaged (%v)", damage)), nil
+}
+
 // checkPages runs bbolt's own consistency check of pages and freelist.
 // bbolt runs it on a goroutine of its own, where it recovers panics but
-// where a fault in the memory map would kill the process; so every page
-// is first read here, under the guard: a page that cannot be read is the
-// error, and bbolt's check only runs on a file whose pages all read.
+// where a fault in the memory map would kill the process and a cycle of
+// pages would recurse without end; so the tree is first read from the file
+// (walkBoltPages, bolt_pages.go), and bbolt's check only runs on a tree
+// that lies within the file.
 func (b *boltTx) checkPages() (found []string, err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)
-	// A damaged element may give a key or value a length that reaches
-	// past the file: its first and last bytes may both be mapped (the
-	// last one by something else) while bytes between are not, and
-	// bbolt's check reads them all. So every key and value must lie
-	// within the file's pages, which a read transaction maps.
-	size := b.tx.Size()
-	if st, err := os.Stat(b.eng.path); err == nil {
-		size = min(size, st.Size())
+	root := uint64(b.tx.Cursor().Bucket().Root())
+	if err := walkBoltPages(b.eng.path, root, b.tx.DB().Info().PageSize, b.tx.Size(), true); err != nil {
+		return nil, fmt.Errorf("%w (copy what can still be read with 'snapmeta salvage --from %s --to NEW')", err, b.eng.path)
 	}
-	m := mapped{lo: b.tx.DB().Info().Data}
-	m.hi = m.lo + uintptr(size)
-	if err := b.tx.ForEach(func(_ []byte, bk *bolt.Bucket) error {
-		m.touchBucket(bk)
-		return m.err
-	}); err != nil {
-		return nil, boltErr(err)
-	}
-	_ = m.sink
 	for e := range b.tx.Check() {
 		found = append(found, e.Error())
 	}
@@ -290,45 +310,4 @@ func (b *boltTx) checkPages() (found []string, err error) {
 		found = append(found, fmt.Sprintf("copy what can still be read with 'snapmeta salvage --from %s --to NEW'", b.eng.path))
 	}
 	return found, nil
-}
-
-// mapped is the memory map of a read transaction's pages, [lo, hi).
-type mapped struct {
-	lo, hi uintptr
-	sink   byte
-	err    error
-}
-
-// within reports whether b, when it starts in the map, ends in it too.
-// One that starts elsewhere is a copy bbolt made (of an unaligned inline
-// bucket), not the map's.
-func (m *mapped) within(b []byte) bool {
-	if len(b) == 0 {
-		return true
-	}
-	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
-	return p < m.lo || p >= m.hi || uintptr(len(b)) <= m.hi-p
-}
-
-// touchBucket reads the first and last byte of every key and value under
-// bk, so that every page bbolt's check will read has been read, after
-// checking that each lies within the file's pages.
-func (m *mapped) touchBucket(bk *bolt.Bucket) {
-	_ = bk.ForEach(func(k, v []byte) error {
-		if !m.within(k) || !m.within(v) {
-			m.err = fmt.Errorf("a key or value reaches past the file's pages (its length is damaged): %w", ErrCorrupt)
-			return m.err
-		}
-		if len(k) > 0 {
-			m.sink ^= k[0] ^ k[len(k)-1]
-		}
-		if v == nil {
-			if sub := bk.Bucket(k); sub != nil {
-				m.touchBucket(sub)
-			}
-		} else if len(v) > 0 {
-			m.sink ^= v[0] ^ v[len(v)-1]
-		}
-		return m.err
-	})
 }

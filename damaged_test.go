@@ -134,7 +134,11 @@ type dmgDamage struct {
 	// pages: a page of the snapshots bucket is damaged, which every
 	// operation that reads every record meets.
 	pages bool
-	apply func(b *dmgBase) []byte
+	// readOnly: the open finds the tree damaged but contained (bbolt
+	// stays within the file): it opens for reads only, every write is
+	// refused, and Check reports the damage.
+	readOnly bool
+	apply    func(b *dmgBase) []byte
 }
 
 func dmgCopy(b *dmgBase) []byte { return append([]byte(nil), b.data...) }
@@ -145,6 +149,19 @@ func dmgRandomInto(b *dmgBase, page uint64, seed uint64) []byte {
 	r := rand.New(rand.NewPCG(seed, seed))
 	for i := 0; i < 200; i++ {
 		d[off+i] = byte(r.Uint32())
+	}
+	return d
+}
+
+// dmgBranchElement writes v over the field at off (4: the key's length,
+// 8: the child's page id) of the first element of the branch page.
+func dmgBranchElement(b *dmgBase, off int, v uint64) []byte {
+	d := dmgCopy(b)
+	at := int(b.branch)*b.pageSize + 16 + off
+	if off == 8 {
+		binary.LittleEndian.PutUint64(d[at:], v)
+	} else {
+		binary.LittleEndian.PutUint32(d[at:], uint32(v))
 	}
 	return d
 }
@@ -160,6 +177,13 @@ var dmgDamages = []dmgDamage{
 	{name: "truncated to 100000 bytes", met: true, apply: func(b *dmgBase) []byte { return dmgCopy(b)[:100000] }},
 	{name: "random bytes in a leaf page", pages: true, apply: func(b *dmgBase) []byte { return dmgRandomInto(b, b.leaf, 1) }},
 	{name: "random bytes in a branch page", pages: true, apply: func(b *dmgBase) []byte { return dmgRandomInto(b, b.branch, 2) }},
+	{name: "a branch key's length reaching past the file", met: true, apply: func(b *dmgBase) []byte { return dmgBranchElement(b, 4, 0x00e1000c) }},
+	{name: "a leaf page naming itself another page", readOnly: true, apply: func(b *dmgBase) []byte {
+		d := dmgCopy(b)
+		binary.LittleEndian.PutUint64(d[int(b.leaf)*b.pageSize:], b.leaf+1)
+		return d
+	}},
+	{name: "a branch page naming itself as its child", met: true, apply: func(b *dmgBase) []byte { return dmgBranchElement(b, 8, b.branch) }},
 	{name: "both meta pages zeroed", met: true, apply: func(b *dmgBase) []byte { return dmgZeroPage(dmgBaseWith(b, dmgZeroPage(b, 0)), 1) }},
 	{name: "meta page 0 zeroed", sound: true, apply: func(b *dmgBase) []byte { return dmgZeroPage(b, 0) }},
 	{name: "meta page 1 zeroed", sound: true, apply: func(b *dmgBase) []byte { return dmgZeroPage(b, 1) }},
@@ -238,7 +262,7 @@ func TestDamagedFileNeverPanicsAndSaysSo(t *testing.T) {
 				require.NoError(t, os.WriteFile(path, dmg.apply(b), 0o600))
 				ms, err := storage.NewBoltMetaStore(path, dmgNoSync)
 				if err != nil {
-					assert.False(t, dmg.sound, "refused at open: %v", err)
+					assert.False(t, dmg.sound || dmg.readOnly, "refused at open: %v", err)
 					dmgAssertDataLoss(t, err)
 					assert.ErrorIs(t, err, storage.ErrDamaged)
 					return
@@ -256,6 +280,13 @@ func TestDamagedFileNeverPanicsAndSaysSo(t *testing.T) {
 					require.Error(t, err)
 					assert.Contains(t, err.Error(), "page damage: ")
 				}
+				if dmg.readOnly && op.name == "Check" {
+					require.Error(t, err, "Check did not find the damage")
+				}
+				if dmg.readOnly && op.name == "CreateSnapshot+Commit" {
+					require.ErrorIs(t, err, storage.ErrDamaged)
+					assert.Contains(t, err.Error(), "writes refused")
+				}
 				if dmg.pages && op.name != "CreateSnapshot+Commit" {
 					require.Error(t, err, "the damage was not met")
 				}
@@ -267,17 +298,24 @@ func TestDamagedFileNeverPanicsAndSaysSo(t *testing.T) {
 	}
 }
 
-// A damaged page met by a write marks nothing damaged by itself; but a
-// panic of bbolt in a writable transaction refuses every later write while
-// reads go on. The walks of the damaged leaf page above show it: after a
-// write met the damage, the next write fails at once with ErrDamaged.
+// A panic of bbolt in a writable transaction refuses every later write
+// while reads go on. The file is damaged after the open read its tree (as
+// a failing disk would): after a write met the damage, the next write
+// fails at once with ErrDamaged.
 func TestDamagedFileRefusesWritesAfterAWriteMetTheDamage(t *testing.T) {
 	b := dmgBuildBase(t, 3000)
 	path := filepath.Join(t.TempDir(), "metadata.db")
-	require.NoError(t, os.WriteFile(path, dmgRandomInto(b, b.branch, 2), 0o600))
+	require.NoError(t, os.WriteFile(path, b.data, 0o600))
 	ms, err := storage.NewBoltMetaStore(path, dmgNoSync)
 	require.NoError(t, err)
 	defer func() { assert.NoError(t, ms.Close()) }()
+	damaged := dmgRandomInto(b, b.branch, 2)
+	page := damaged[int(b.branch)*b.pageSize : int(b.branch+1)*b.pageSize]
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt(page, int64(b.branch)*int64(b.pageSize))
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
 	ctx := context.Background()
 	walk := func(ctx context.Context) error {
 		return storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil })
