@@ -72,10 +72,10 @@ type span struct {
 	elem      int
 }
 
-func (s *span) inline() bool { return s.elem >= 0 }
+func (s span) inline() bool { return s.elem >= 0 }
 
 // where names s in an error.
-func (s *span) where() string {
+func (s span) where() string {
 	if s.inline() {
 		return fmt.Sprintf("the inline bucket of element %d of page %d", s.elem, s.page)
 	}
@@ -137,22 +137,22 @@ func (w *pageWalk) tree(id uint64) error {
 // page is page id: one page, and its overflow pages when the tree must be
 // sound (bbolt reads a contained tree through its map, whatever a page
 // claims as overflow).
-func (w *pageWalk) page(id uint64) (*span, error) {
-	s := &span{base: id * w.pageSize, end: (id + 1) * w.pageSize, page: id, elem: -1}
+func (w *pageWalk) page(id uint64) (span, error) {
+	s := span{base: id * w.pageSize, end: (id + 1) * w.pageSize, page: id, elem: -1}
 	if !w.sound {
 		return s, nil
 	}
 	head := w.data[s.base:s.end]
 	if got := binary.LittleEndian.Uint64(head); got != id {
-		return nil, pageDamage("page %d says it is page %d", id, got)
+		return span{}, pageDamage("page %d says it is page %d", id, got)
 	}
 	more := uint64(binary.LittleEndian.Uint32(head[12:]))
 	if more >= w.pages-id {
-		return nil, pageDamage("page %d claims %d overflow pages, past the %d pages in use", id, more, w.pages)
+		return span{}, pageDamage("page %d claims %d overflow pages, past the %d pages in use", id, more, w.pages)
 	}
 	for i := id + 1; i <= id+more; i++ {
 		if w.state[i] != 0 {
-			return nil, pageDamage("page %d, an overflow page of page %d, is reached twice in the tree", i, id)
+			return span{}, pageDamage("page %d, an overflow page of page %d, is reached twice in the tree", i, id)
 		}
 		w.state[i] = overflow
 	}
@@ -161,7 +161,7 @@ func (w *pageWalk) page(id uint64) (*span, error) {
 }
 
 // bytes returns the n bytes of the file at off, which must end by end.
-func (w *pageWalk) bytes(s *span, off, n, end uint64) ([]byte, error) {
+func (w *pageWalk) bytes(s span, off, n, end uint64) ([]byte, error) {
 	end = min(end, uint64(len(w.data)))
 	if off > end || n > end-off {
 		return nil, pageDamage("%s has %d bytes at byte %d of the file, past %d: a length or offset is damaged", s.where(), n, off, end)
@@ -174,7 +174,7 @@ func (w *pageWalk) bytes(s *span, off, n, end uint64) ([]byte, error) {
 // and nothing else; its cursor descends into any other page as a branch,
 // through element 0 even when it counts none, and through element 0xFFFF
 // when it looks for the last of none.
-func (w *pageWalk) node(s *span) error {
+func (w *pageWalk) node(s span) error {
 	head, err := w.bytes(s, s.base, boltPageHeaderSize, w.limit(s))
 	if err != nil {
 		return err
@@ -217,7 +217,7 @@ func (w *pageWalk) node(s *span) error {
 
 // element walks element i of s, whose 16 bytes are e: a branch element's
 // child, a leaf element's bucket.
-func (w *pageWalk) element(s *span, e []byte, i uint64, leaf bool) error {
+func (w *pageWalk) element(s span, e []byte, i uint64, leaf bool) error {
 	le := binary.LittleEndian
 	at := s.base + boltPageHeaderSize + i*boltElementSize
 	if !leaf {
@@ -240,7 +240,7 @@ func (w *pageWalk) element(s *span, e []byte, i uint64, leaf bool) error {
 // limit is where what s holds must end: its own end when the tree must be
 // sound or s is an inline page (bbolt reads an unaligned value's inline
 // page from a copy of the value), else the file's.
-func (w *pageWalk) limit(s *span) uint64 {
+func (w *pageWalk) limit(s span) uint64 {
 	if w.sound || s.inline() {
 		return s.end
 	}
@@ -250,7 +250,7 @@ func (w *pageWalk) limit(s *span) uint64 {
 // bucket walks the bucket whose value of vsize bytes lies at off, element
 // i of s: its root page, or its inline page, which must lie within the
 // value.
-func (w *pageWalk) bucket(s *span, i int, off, vsize uint64) error {
+func (w *pageWalk) bucket(s span, i int, off, vsize uint64) error {
 	if vsize < boltBucketHeaderSize {
 		return pageDamage("element %d of %s is a bucket whose value of %d bytes holds no bucket header", i, s.where(), vsize)
 	}
@@ -261,12 +261,12 @@ func (w *pageWalk) bucket(s *span, i int, off, vsize uint64) error {
 	if root := binary.LittleEndian.Uint64(header); root != 0 {
 		return w.tree(root)
 	}
-	return w.node(&span{base: off + boltBucketHeaderSize, end: off + vsize, page: s.page, elem: i})
+	return w.node(span{base: off + boltBucketHeaderSize, end: off + vsize, page: s.page, elem: i})
 }
 
 // extent checks that the n bytes at off, a key or a key and its value,
 // end by s's limit (and, when the tree must be sound, start within s).
-func (w *pageWalk) extent(s *span, off, n uint64) error {
+func (w *pageWalk) extent(s span, off, n uint64) error {
 	if w.sound && off < s.base {
 		return pageDamage("%s has a key before its start: an offset is damaged", s.where())
 	}
