@@ -282,7 +282,7 @@ func treeDamage(db *bolt.DB, path string) (damage, err error) {
 		return nil, nil
 	}
 	if !errors.Is(damage, ErrCorrupt) {
-		return nil, fmt.Errorf("failed to read %s: %w", path, damage)
+		return nil, fmt.Errorf("failed to read %s: %w", path, boltErr(damage))
 	}
 	if err := walk(false); err != nil {
 		return nil, damagedErr(path, err)

@@ -49,9 +49,9 @@ const (
 type pageWalk struct {
 	data     []byte // the file
 	pageSize uint64
-	pages    uint64 // pages in use that the file holds
+	pages    uint64 // pages the tree may name: in use (sound) or in the file
 	sound    bool
-	state    []walkState // by page id, for the pages the file holds
+	state    []walkState // by page id, for those pages
 }
 
 type walkState uint8
@@ -90,15 +90,15 @@ func (s span) where() string {
 func walkBoltPages(path string, root uint64, pageSize int, size int64, sound bool) (err error) {
 	data, unmap, err := mapFile(path)
 	if err != nil {
-		return fmt.Errorf("reading %s: %w", path, err)
+		return fmt.Errorf("reading %s: %w", path, boltErr(err))
 	}
 	defer unmap()
 	// A read error of the disk under the mapping is a fault: it becomes
-	// a panic, and the error.
+	// a panic, and damage.
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
-			err = fmt.Errorf("reading %s: %v", path, p)
+			err = fmt.Errorf("reading %s: %v: %w", path, p, ErrDamaged)
 		}
 	}()
 	w := pageWalk{data: data, pageSize: uint64(pageSize), sound: sound}
