@@ -23,12 +23,14 @@ import (
 
 // dmgBase is a sound metadata.db, built once per size, and where its pages
 // are: the page size, the snapshots bucket's root (a branch page once the
-// store is big enough) and a leaf page under it.
+// store is big enough), a leaf page under it, and the page of a snapshot
+// whose bucket has a page of its own (one with labels).
 type dmgBase struct {
 	data         []byte
 	names        []string
 	pageSize     int
 	branch, leaf uint64 // 0: none
+	record       uint64 // 0: none
 	committed    string // a committed snapshot to create children of
 }
 
@@ -100,7 +102,14 @@ func dmgBuildBase(t testing.TB, n int) *dmgBase {
 	require.NoError(t, err)
 	require.NoError(t, db.View(func(tx *bolt.Tx) error {
 		b.pageSize = tx.DB().Info().PageSize
-		root := tx.Bucket([]byte(storage.KeyVersion)).Bucket([]byte(storage.KeySnapshots)).Root()
+		snaps := tx.Bucket([]byte(storage.KeyVersion)).Bucket([]byte(storage.KeySnapshots))
+		_ = snaps.ForEachBucket(func(k []byte) error {
+			if r := snaps.Bucket(k).Root(); r != 0 && b.record == 0 {
+				b.record = uint64(r)
+			}
+			return nil
+		})
+		root := snaps.Root()
 		if info, err := tx.Page(int(root)); err == nil && info.Type == "branch" {
 			b.branch = uint64(root)
 			// Descend by the first element of each branch page
@@ -178,6 +187,13 @@ var dmgDamages = []dmgDamage{
 	{name: "random bytes in a leaf page", pages: true, apply: func(b *dmgBase) []byte { return dmgRandomInto(b, b.leaf, 1) }},
 	{name: "random bytes in a branch page", pages: true, apply: func(b *dmgBase) []byte { return dmgRandomInto(b, b.branch, 2) }},
 	{name: "a branch key's length reaching past the file", met: true, apply: func(b *dmgBase) []byte { return dmgBranchElement(b, 4, 0x00e1000c) }},
+	{name: "a leaf key reaching into the next page", readOnly: true, apply: func(b *dmgBase) []byte {
+		// Element 0 of a record's own page is a plain key (createdat).
+		d := dmgCopy(b)
+		at := int(b.record)*b.pageSize + 16 + 8
+		binary.LittleEndian.PutUint32(d[at:], binary.LittleEndian.Uint32(d[at:])+uint32(b.pageSize))
+		return d
+	}},
 	{name: "a leaf page naming itself another page", readOnly: true, apply: func(b *dmgBase) []byte {
 		d := dmgCopy(b)
 		binary.LittleEndian.PutUint64(d[int(b.leaf)*b.pageSize:], b.leaf+1)
@@ -254,6 +270,7 @@ func dmgAssertDataLoss(t *testing.T, err error) {
 func TestDamagedFileNeverPanicsAndSaysSo(t *testing.T) {
 	b := dmgBuildBase(t, 3000)
 	require.NotZero(t, b.branch, "the store is too small to have branch pages")
+	require.NotZero(t, b.record, "no record has a page of its own")
 	ctx := context.Background()
 	for _, dmg := range dmgDamages {
 		for _, op := range dmgOps {
