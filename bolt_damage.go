@@ -40,7 +40,12 @@ import (
 
 // damagedErr says that the file at path is damaged, why, and what to do.
 func damagedErr(path string, cause any) error {
-	return fmt.Errorf("%s: %v (copy what can still be read with 'snapmeta salvage --from %s --to NEW'): %w", path, cause, path, ErrDamaged)
+	return fmt.Errorf("%s: %v (%s): %w", path, cause, salvageHint(path), ErrDamaged)
+}
+
+// salvageHint says what to do with the damaged file at path.
+func salvageHint(path string) string {
+	return fmt.Sprintf("copy what can still be read with 'snapmeta salvage --from %s --to NEW'", path)
 }
 
 // bbolt's on-disk meta page (go.etcd.io/bbolt/internal/common): a 16-byte
@@ -266,25 +271,21 @@ func openBolt(path string, options *bolt.Options) (db *bolt.DB, err error) {
 // either. Any other damage to the tree is returned as damage: the store
 // then opens for reads only, since a write could copy a damaged length
 // into the pages it writes. A sound tree costs one read of each of its
-// pages, with pread.
+// pages.
 func treeDamage(db *bolt.DB, path string) (damage, err error) {
 	tx, err := db.Begin(false)
 	if err != nil {
 		return nil, fmt.Errorf("failed to read %s: %w", path, boltErr(err))
 	}
 	defer func() { _ = tx.Rollback() }()
-	root := uint64(tx.Cursor().Bucket().Root())
-	walk := func(sound bool) error {
-		return walkBoltPages(path, root, db.Info().PageSize, tx.Size(), sound)
-	}
-	damage = walk(true)
+	damage = walkBoltPages(path, tx, true)
 	if damage == nil {
 		return nil, nil
 	}
 	if !errors.Is(damage, ErrCorrupt) {
 		return nil, fmt.Errorf("failed to read %s: %w", path, boltErr(damage))
 	}
-	if err := walk(false); err != nil {
+	if err := walkBoltPages(path, tx, false); err != nil {
 		return nil, damagedErr(path, err)
 	}
 	return damagedErr(path, fmt.Sprintf("its pages are damaged (%v)", damage)), nil
@@ -299,15 +300,14 @@ func treeDamage(db *bolt.DB, path string) (damage, err error) {
 func (b *boltTx) checkPages() (found []string, err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)
-	root := uint64(b.tx.Cursor().Bucket().Root())
-	if err := walkBoltPages(b.eng.path, root, b.tx.DB().Info().PageSize, b.tx.Size(), true); err != nil {
-		return nil, fmt.Errorf("%w (copy what can still be read with 'snapmeta salvage --from %s --to NEW')", err, b.eng.path)
+	if err := walkBoltPages(b.eng.path, b.tx, true); err != nil {
+		return nil, fmt.Errorf("%w (%s)", err, salvageHint(b.eng.path))
 	}
 	for e := range b.tx.Check() {
 		found = append(found, e.Error())
 	}
 	if len(found) > 0 {
-		found = append(found, fmt.Sprintf("copy what can still be read with 'snapmeta salvage --from %s --to NEW'", b.eng.path))
+		found = append(found, salvageHint(b.eng.path))
 	}
 	return found, nil
 }

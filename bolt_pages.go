@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"runtime/debug"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // The page walk: a bbolt tree read from the file as bbolt reads it.
@@ -82,12 +84,11 @@ func (s span) where() string {
 	return fmt.Sprintf("page %d", s.page)
 }
 
-// walkBoltPages reads the tree whose root page is root, of a transaction
-// whose pages in use take size bytes, from the file at path. sound asks
-// for a tree as bbolt writes it; otherwise one that keeps bbolt within
-// the file. The error names the first extent that falls short (ErrCorrupt),
-// or the read that failed.
-func walkBoltPages(path string, root uint64, pageSize int, size int64, sound bool) (err error) {
+// walkBoltPages reads the tree of the read transaction tx from the file at
+// path. sound asks for a tree as bbolt writes it; otherwise one that keeps
+// bbolt within the file. The error names the first extent that falls short
+// (ErrCorrupt), or the read that failed.
+func walkBoltPages(path string, tx *bolt.Tx, sound bool) (err error) {
 	data, unmap, err := mapFile(path)
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", path, boltErr(err))
@@ -101,13 +102,13 @@ func walkBoltPages(path string, root uint64, pageSize int, size int64, sound boo
 			err = fmt.Errorf("reading %s: %v: %w", path, p, ErrDamaged)
 		}
 	}()
-	w := pageWalk{data: data, pageSize: uint64(pageSize), sound: sound}
-	w.pages = uint64(min(size, int64(len(data)))) / w.pageSize
+	w := pageWalk{data: data, pageSize: uint64(tx.DB().Info().PageSize), sound: sound}
+	w.pages = uint64(min(tx.Size(), int64(len(data)))) / w.pageSize
 	if !sound {
 		w.pages = uint64(len(data)) / w.pageSize // bbolt reads any page of the file
 	}
 	w.state = make([]walkState, w.pages)
-	return w.tree(root)
+	return w.tree(uint64(tx.Cursor().Bucket().Root()))
 }
 
 // tree walks file page id and everything below it.
