@@ -477,8 +477,11 @@ func TestBoltGroupCommitArrivalsDuringACommitGetTheirOwnAnswers(t *testing.T) {
 			}
 			// One of them waits for bbolt's writer, which the group
 			// about to commit holds; the others wait for the group.
-			for storage.GroupWaiting(ms) < len(second)-1 {
-				time.Sleep(time.Millisecond)
+			for deadline := time.Now().Add(10 * time.Second); storage.GroupWaiting(ms) < len(second)-1; time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Error("the second group's callers never queued behind the first group")
+					break
+				}
 			}
 		})
 	})

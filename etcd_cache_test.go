@@ -27,12 +27,13 @@ func TestEtcdWatchCacheConformance(t *testing.T) {
 // cacheStale opens, on one root, a writer reading etcd and a store with a
 // watch cache whose copy is held back from then on (released at the end of
 // the test); the writer then commits the layer "P" and relabels "S",
-// which exist in the copy with their old labels. The control: the copy
-// does not hold P.
+// which exist in the copy with their old labels. The control: a second
+// cached store, not held, comes to hold P while the held copy does not.
 func cacheStale(t *testing.T) (writer, cached storage.MetaStore) {
 	root := uniqueRoot(t)
 	writer = openEtcd(t, root, storage.WithoutWatchCache())
 	cached = openEtcd(t, root, storage.WithWatchCache())
+	witness := openEtcd(t, root, storage.WithWatchCache())
 	update(t, writer, func(ctx context.Context) error { return commitLayer(ctx, "S", "") })
 	require.Eventually(t, func() bool { return storage.CopyHolds(cached, "S") }, 10*time.Second, time.Millisecond)
 	release := storage.HoldWatchCache(cached)
@@ -44,7 +45,8 @@ func cacheStale(t *testing.T) (writer, cached storage.MetaStore) {
 		_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: "S", Labels: map[string]string{"by": "writer"}})
 		return err
 	})
-	require.False(t, storage.CopyHolds(cached, "P"), "control: the copy is behind etcd")
+	require.Eventually(t, func() bool { return storage.CopyHolds(witness, "P") }, 10*time.Second, time.Millisecond, "control: the watch delivers P")
+	require.False(t, storage.CopyHolds(cached, "P"), "control: the held copy is behind etcd")
 	return writer, cached
 }
 
@@ -185,14 +187,17 @@ func TestEtcdWatchCacheCopyIsEtcdAtItsRevision(t *testing.T) {
 			_, _, err := storage.Remove(ctx, fmt.Sprintf("r%d-0-0-a", round))
 			return err
 		})
+		// Keys that exist already, rewritten by the cached store itself
+		// (their create revision and version kept) and by the other.
+		for j, ms := range []storage.MetaStore{cached, other} {
+			update(t, ms, func(ctx context.Context) error {
+				_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: fmt.Sprintf("r%d-1-%d", round, j),
+					Labels: map[string]string{"round": fmt.Sprint(round)}}, "labels.round")
+				return err
+			})
+		}
 	}
-	require.NoError(t, cached.WithTransaction(ctx, false, func(ctx context.Context) error { return nil }))
-	// A read-only transaction that reads waits for the copy to reach
-	// etcd's revision.
-	require.NoError(t, cached.WithTransaction(ctx, false, func(ctx context.Context) error {
-		_, _, _, err := storage.GetInfo(ctx, "r19-1-3")
-		return err
-	}))
+	require.NoError(t, storage.WaitWatchCacheCurrent(ctx, cached))
 	diff, err := storage.CopyDiff(ctx, cached)
 	require.NoError(t, err)
 	assert.Empty(t, diff)

@@ -210,7 +210,6 @@ func cmState(t testing.TB, ms storage.MetaStore) []string {
 	return state
 }
 
-// cmCommitOnce runs op in one transaction, committed without retry.
 // cmOpen opens a store that reads etcd itself: these tests are about the
 // guards of reads at a revision and the requests a retry sends, and one
 // client commits right after the other's commit returned, which a watch
@@ -219,6 +218,7 @@ func cmOpen(t testing.TB, root string) storage.MetaStore {
 	return openEtcd(t, root, storage.WithoutWatchCache())
 }
 
+// cmCommitOnce runs op in one transaction, committed without retry.
 func cmCommitOnce(ms storage.MetaStore, op cmOp) error {
 	ctx, tx, err := ms.TransactionContext(context.Background(), !op.readOnly)
 	if err != nil {
@@ -555,7 +555,7 @@ func TestEtcdRetryTakesTheReadsOfTheLostCommit(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var n atomic.Int64
 			root := uniqueRoot(t)
-			ms := openEtcd(t, root, storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
+			ms := openEtcd(t, root, storage.WithoutWatchCache(), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
 			other := cmOpen(t, root)
 			// The setup runs on the counted store, so its block of IDs is
 			// reserved before counting starts.

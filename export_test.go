@@ -170,7 +170,7 @@ func GroupWaiting(ms MetaStore) int {
 
 // SetBeforeGroupCommit makes fn run before each group commit of a bbolt
 // store in the default mode, after the group's lock is released; set it
-// before the store is used.
+// while no write transaction runs (committing groups read it unlocked).
 func SetBeforeGroupCommit(ms MetaStore, fn func()) {
 	ms.(*metaStore).eng.(*boltEngine).group.beforeCommit = fn
 }

@@ -100,6 +100,7 @@ func TestWalkStreamsLongRanges(t *testing.T) {
 		})
 	})
 	require.ErrorIs(t, err, stop)
+	assert.Equal(t, 10, seen, "the walk stops at fn's error")
 
 	problems, err := storage.Check(context.Background(), ms)
 	require.NoError(t, err)

@@ -112,7 +112,7 @@ func TestWalkRoundTripsPerPage(t *testing.T) {
 // filters would match nothing and log once per snapshot).
 func TestFiltersRefuseBadRegexp(t *testing.T) {
 	var n atomic.Int64
-	ms := openEtcd(t, uniqueRoot(t), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
+	ms := openEtcd(t, uniqueRoot(t), storage.WithoutWatchCache(), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV { return countingKV{KV: kv, n: &n} }))
 	warmUp(t, ms)
 	for _, tc := range []struct {
 		filters []string
