@@ -409,10 +409,7 @@ func TestBoltGroupCommitArrivalsDuringACommitGetTheirOwnAnswers(t *testing.T) {
 
 	errOwn := errors.New("own failure")
 	create := func(name string) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "base")
-			return err
-		}
+		return hostileCreate(snapshots.KindActive, name, "base")
 	}
 	isErr := func(want error) func(t *testing.T, err error, panicked any) {
 		return func(t *testing.T, err error, panicked any) {
@@ -522,10 +519,7 @@ func TestBoltGroupCommitArrivalsDuringACommitGetTheirOwnAnswers(t *testing.T) {
 func TestBoltGroupCommitLoneWriterCommitsAlone(t *testing.T) {
 	errOwn := errors.New("own failure")
 	create := func(name string) func(ctx context.Context) error {
-		return func(ctx context.Context) error {
-			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, name, "")
-			return err
-		}
+		return hostileCreate(snapshots.KindActive, name, "")
 	}
 	for _, tc := range []struct {
 		name        string
