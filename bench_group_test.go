@@ -2,14 +2,12 @@ package storage_test
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/stretchr/testify/require"
 	bolt "go.etcd.io/bbolt"
 
@@ -40,17 +38,7 @@ func BenchmarkGroupCeiling(b *testing.B) {
 		return ours.layer(ctx, "base", "", benchLabels(0))
 	})
 
-	db, err := bolt.Open(filepath.Join(b.TempDir(), "batch.db"), 0o600, nil)
-	require.NoError(b, err)
-	b.Cleanup(func() { _ = db.Close() })
-	require.NoError(b, db.Update(func(tx *bolt.Tx) error {
-		for _, name := range []string{"snapshots", "parents"} {
-			if _, err := tx.CreateBucket([]byte(name)); err != nil {
-				return err
-			}
-		}
-		return nil
-	}))
+	db := openRawBolt(b)
 
 	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
 	require.NoError(b, err)
@@ -100,43 +88,4 @@ func BenchmarkGroupCeiling(b *testing.B) {
 			})
 		})
 	}
-}
-
-// rawCreateCommit writes, in tx, what an extraction (an active created and
-// committed with two labels) leaves in containerd's layout, with the fewest
-// bbolt calls.
-func rawCreateCommit(tx *bolt.Tx, round string, i int) error {
-	snaps, parents := tx.Bucket([]byte("snapshots")), tx.Bucket([]byte("parents"))
-	id, err := snaps.NextSequence()
-	if err != nil {
-		return err
-	}
-	name := fmt.Appendf(nil, "%s-layer-%d", round, i)
-	sb, err := snaps.CreateBucket(name)
-	if err != nil {
-		return err
-	}
-	now, _ := time.Now().MarshalBinary()
-	for _, kv := range [][2][]byte{
-		{[]byte("id"), binary.AppendUvarint(nil, id)},
-		{[]byte("kind"), {byte(snapshots.KindCommitted)}},
-		{[]byte("createdat"), now},
-		{[]byte("updatedat"), now},
-		{[]byte("inodes"), binary.AppendVarint(nil, 2)},
-		{[]byte("size"), binary.AppendVarint(nil, 4096)},
-	} {
-		if err := sb.Put(kv[0], kv[1]); err != nil {
-			return err
-		}
-	}
-	lb, err := sb.CreateBucket([]byte("labels"))
-	if err != nil {
-		return err
-	}
-	for k, v := range benchLabels(i) {
-		if err := lb.Put([]byte(k), []byte(v)); err != nil {
-			return err
-		}
-	}
-	return parents.Put(binary.AppendUvarint([]byte{1, 0}, id), name)
 }

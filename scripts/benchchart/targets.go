@@ -58,13 +58,20 @@ func worst(groups []string, f func(g string) float64) (float64, string) {
 	return v, at
 }
 
+// throughputTarget: impl's throughput at least goal times the reference's
+// in group. Where the group holds bbolt's ceiling (impl=bbolt-ideal), it is
+// shown beside it: the most any store could reach.
 func throughputTarget(r *results, what, group, impl string, goal float64) target {
 	return target{
 		what: what, goal: fmt.Sprintf("≥ %gx throughput", goal),
 		value: func() (float64, string) {
 			v := 1 / r.timeRatio(group, impl)
-			return v, fmt.Sprintf("%s throughput (%s → %s tx/s)", fmtRatio(v),
+			text := fmt.Sprintf("%s throughput (%s → %s tx/s)", fmtRatio(v),
 				fmtNum(1e9/r.getImpl(group, reference(group), "ns/op")), fmtNum(1e9/r.getImpl(group, impl, "ns/op")))
+			if c := 1 / r.timeRatio(group, "bbolt-ideal"); !math.IsNaN(c) {
+				text += fmt.Sprintf("; bbolt's ceiling (bbolt-ideal) is %s, snapmeta %s of it", fmtRatio(c), fmtRatio(v/c))
+			}
+			return v, text
 		},
 		met: func(v float64) bool { return v >= goal },
 	}
