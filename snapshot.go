@@ -209,15 +209,18 @@ func checkName(what, name string) error {
 
 // applyOpts applies opts to an empty Info and cleans its labels.
 func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
-	var base snapshots.Info
+	if len(opts) == 0 {
+		return snapshots.Info{}, nil // and no Info to allocate: the options make it escape
+	}
+	base := new(snapshots.Info)
 	for _, opt := range opts {
-		if err := opt(&base); err != nil {
+		if err := opt(base); err != nil {
 			return snapshots.Info{}, err
 		}
 	}
 	labels, err := cleanLabels(base.Labels)
 	base.Labels = labels
-	return base, err
+	return *base, err
 }
 
 // walkRecords calls fn for every record in name order; a record that does
@@ -338,19 +341,18 @@ func formatIDs(ids []uint64) []string {
 	return out
 }
 
-func (t *transaction) GetInfo(ctx context.Context, key string) (id string, info snapshots.Info, usage snapshots.Usage, err error) {
-	err = t.use(ctx, false, func(tx engineTx) error {
-		r, err := getOne(ctx, tx, key)
-		if err != nil {
-			return err
-		}
-		id, info, usage = formatID(r.ID), r.info(key), r.Usage
-		return nil
+func (t *transaction) GetInfo(ctx context.Context, key string) (string, snapshots.Info, snapshots.Usage, error) {
+	// The callback keeps the record only: each variable it sets is an
+	// allocation of its own.
+	var r *record
+	err := t.use(ctx, false, func(tx engineTx) (err error) {
+		r, err = getOne(ctx, tx, key)
+		return err
 	})
 	if err != nil {
 		return "", snapshots.Info{}, snapshots.Usage{}, err
 	}
-	return id, info, usage, nil
+	return formatID(r.ID), r.info(key), r.Usage, nil
 }
 
 // updatedLabels applies fieldpaths to current as containerd does: no path

@@ -159,9 +159,13 @@ func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) err
 	// A caller's error (a walk function's) is the caller's answer: it is
 	// not checked as a refusal (callerError hides its class) and is
 	// returned as the caller gave it, from the first run or a rerun.
-	var ce callerError
-	if errors.As(err, &ce) {
-		return ce.err
+	if err != nil {
+		// Declared here: errors.As makes it escape, an allocation that
+		// the path without an error need not pay.
+		var ce callerError
+		if errors.As(err, &ce) {
+			return ce.err
+		}
 	}
 	return err
 }
