@@ -270,8 +270,8 @@ func openBolt(path string, options *bolt.Options) (db *bolt.DB, err error) {
 // cycle, is returned as err: the file is refused, since no guard survives
 // either. Any other damage to the tree is returned as damage: the store
 // then opens for reads only, since a write could copy a damaged length
-// into the pages it writes. A sound tree costs one read of each of its
-// pages.
+// into the pages it writes. A sound tree costs a read of each of its
+// pages, forward through the file, a level of the tree at a time.
 func treeDamage(db *bolt.DB, path string) (damage, err error) {
 	tx, err := db.Begin(false)
 	if err != nil {

@@ -61,12 +61,19 @@ type pageWalk struct {
 	sound    bool
 	state    []walkState // by page id, for those pages
 	next     []uint64    // sound: the pages of the next level down
+	nested   int         // inline buckets the walk is inside
 }
+
+// maxInlineNesting bounds how deep a contained walk follows inline
+// buckets inside inline buckets, which bbolt never writes (an inline
+// bucket holds no bucket): each level is a few bytes of a value, so a
+// damaged file could otherwise nest millions deep and overflow the stack.
+const maxInlineNesting = 64
 
 type walkState uint8
 
 const (
-	descending walkState = iota + 1 // on the path from the root
+	descending walkState = iota + 1 // on the path from the root (contained walks)
 	walked                          // walked, with everything below
 	overflow                        // an overflow page of a walked page
 )
@@ -93,8 +100,9 @@ func (s span) where() string {
 
 // walkBoltPages reads the tree of the read transaction tx from the file at
 // path. sound asks for a tree as bbolt writes it; otherwise one that keeps
-// bbolt within the file. The error names the first extent that falls short
-// (ErrCorrupt), or the read that failed.
+// bbolt within the file. The error names the first damage met (ErrCorrupt;
+// a sound walk meets it level by level), a read of the pages that failed
+// (ErrDamaged), or a file that could not be opened or mapped.
 func walkBoltPages(path string, tx *bolt.Tx, sound bool) (err error) {
 	var src pageSource
 	if sound {
@@ -113,7 +121,7 @@ func walkBoltPages(path string, tx *bolt.Tx, sound bool) (err error) {
 	}
 	defer src.close()
 	// A read error of the disk under a mapping is a fault: it becomes a
-	// panic, and damage.
+	// panic, and damage (a read error of the window is damage too).
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
@@ -318,9 +326,14 @@ func (w *pageWalk) bucket(s span, i int, off, vsize uint64) error {
 	if err != nil {
 		return err
 	}
+	if s.inline() && (w.sound || w.nested >= maxInlineNesting) {
+		return pageDamage("element %d of %s is a bucket inside an inline bucket, which bbolt never writes (%d deep)", i, s.where(), w.nested)
+	}
 	if root := binary.LittleEndian.Uint64(header); root != 0 {
 		return w.tree(root)
 	}
+	w.nested++
+	defer func() { w.nested-- }()
 	return w.node(span{base: off + boltBucketHeaderSize, end: off + vsize, page: s.page, elem: i})
 }
 

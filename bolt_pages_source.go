@@ -9,7 +9,11 @@ import (
 // pageSource gives the page walk the file's bytes.
 type pageSource interface {
 	// read returns the n bytes at off, which the walk has checked lie
-	// within the file. They stay valid until the next read.
+	// within the file. They stay valid while the walk reads within the
+	// span of the last read that began a page's span (page reads a
+	// page's whole span first): the walk holds a page's element table
+	// while it reads the keys and values after it. A read that fails is
+	// damage (ErrDamaged), as a fault under a mapping is.
 	read(off, n uint64) ([]byte, error)
 	// size is the file's size in bytes.
 	size() uint64
@@ -36,9 +40,11 @@ const (
 
 // fileWindow reads the file forward in large pieces, as the plan says
 // (the sound walk's levels are in file order). A read larger than a
-// window (a page with many overflow pages) and every read within it is
-// served from a mapping instead, so that memory stays bounded by the
-// window.
+// window (a page with many overflow pages) is served from a mapping
+// instead, and so are later reads within its span that the window does
+// not hold, so that the window is never reloaded under it. Memory stays
+// bounded by a window or a page, whichever is larger (where there is no
+// mmap, mapFile reads the file whole for such a span).
 type fileWindow struct {
 	f        *os.File
 	pageSize uint64
@@ -85,14 +91,14 @@ func (fw *fileWindow) read(off, n uint64) ([]byte, error) {
 	}
 	if n > maxWindow {
 		if fw.mapped == nil {
-			data, unmap, err := mapFile(fw.f.Name())
+			data, unmap, err := mapOpenFile(fw.f)
 			if err != nil {
-				return nil, fmt.Errorf("reading %s: %w", fw.f.Name(), err)
+				return nil, fmt.Errorf("reading %s: %w", fw.f.Name(), boltErr(err))
 			}
 			fw.mapped, fw.unmap = data, unmap
 		}
-		if off+n > uint64(len(fw.mapped)) {
-			return nil, fmt.Errorf("reading %s: %d bytes at byte %d: %w", fw.f.Name(), n, off, io.ErrUnexpectedEOF)
+		if off+n > uint64(len(fw.mapped)) { // the file shrank since it was opened
+			return nil, fw.readErr(off, n, io.ErrUnexpectedEOF)
 		}
 		// What the walk reads next within this span comes from the mapping
 		// too: a window read would clobber what it holds of it.
@@ -117,7 +123,13 @@ func (fw *fileWindow) read(off, n uint64) ([]byte, error) {
 	fw.buf, fw.at = fw.buf[:end-off], off
 	if _, err := fw.f.ReadAt(fw.buf, int64(off)); err != nil {
 		fw.buf = fw.buf[:0]
-		return nil, fmt.Errorf("reading %s: %d bytes at byte %d: %w", fw.f.Name(), end-off, off, err)
+		return nil, fw.readErr(off, end-off, err)
 	}
 	return fw.buf[:n], nil
+}
+
+// readErr is a read of the file's pages that failed: damage, as a fault
+// under a mapping is (a disk's read error, a file cut short).
+func (fw *fileWindow) readErr(off, n uint64, err error) error {
+	return fmt.Errorf("reading %s: %d bytes at byte %d: %v: %w", fw.f.Name(), n, off, err, ErrDamaged)
 }

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -123,4 +124,68 @@ func TestPageWalkFindsDamageInEachKindOfSpan(t *testing.T) {
 		damage(t, last, 10, 0xff) // count: its elements now reach past the page
 		assert.ErrorIs(t, walkFile(t, path, true), ErrCorrupt)
 	})
+}
+
+// nestedInlineFile is a file whose page 2 (with overflow pages enough)
+// holds a chain of inline buckets, each inside the one before, levels of
+// them: more than one is what bbolt never writes. 48 bytes a level.
+func nestedInlineFile(levels int) []byte {
+	const pageSize = 4096
+	pages := 4 + (levels*48)/pageSize
+	data := make([]byte, pages*pageSize)
+	le := binary.LittleEndian
+	at := 2 * pageSize
+	le.PutUint64(data[at:], 2)                  // page id
+	le.PutUint32(data[at+12:], uint32(pages-3)) // overflow: to the file's end
+	for level := 0; level <= levels; level++ {
+		// A page header (the file page's, then each inline page's) and
+		// one leaf element whose value runs to the file's end: a bucket
+		// (header, root 0: inline, its page follows) but for the last.
+		le.PutUint16(data[at+8:], boltLeafFlag)
+		le.PutUint16(data[at+10:], 1)
+		e := at + boltPageHeaderSize
+		if level < levels {
+			le.PutUint32(data[e:], boltBucketLeafFlag)
+		}
+		le.PutUint32(data[e+4:], boltElementSize) // the key (empty) follows the element
+		le.PutUint32(data[e+12:], uint32(len(data)-(e+boltElementSize)))
+		at = e + boltElementSize + boltBucketHeaderSize
+	}
+	return data
+}
+
+func walkBytes(data []byte, sound bool) error {
+	w := pageWalk{src: mappedFile(data), pageSize: 4096, pages: uint64(len(data)) / 4096, sound: sound}
+	w.state = make([]walkState, w.pages)
+	if err := w.tree(2); err != nil {
+		return err
+	}
+	return w.levels()
+}
+
+func TestPageWalkBoundsInlineBucketsInsideInlineBuckets(t *testing.T) {
+	assert.NoError(t, walkBytes(nestedInlineFile(1), true), "control: one inline bucket is as bbolt writes it")
+	assert.ErrorIs(t, walkBytes(nestedInlineFile(2), true), ErrCorrupt, "sound: bbolt never writes one inside another")
+	assert.NoError(t, walkBytes(nestedInlineFile(maxInlineNesting), false), "contained: bbolt stays within the file")
+	// Deep enough to overflow the stack without the bound (a walk
+	// recursing per level); refused, and the test process lives.
+	assert.ErrorIs(t, walkBytes(nestedInlineFile(4_000_000), false), ErrCorrupt)
+}
+
+// A read of the pages that fails (here: the file cut short after it was
+// opened) is damage, as a fault under a mapping is, in the window and in
+// a span read from the mapping alike.
+func TestFileWindowReadThatFailsIsDamage(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cut.db")
+	require.NoError(t, os.WriteFile(path, make([]byte, 4*maxWindow), 0o600))
+	fw, err := openFileWindow(path, 4096)
+	require.NoError(t, err)
+	defer fw.close()
+	_, err = fw.read(0, 4096)
+	require.NoError(t, err, "control: the file is whole")
+	require.NoError(t, os.Truncate(path, maxWindow))
+	_, err = fw.read(2*maxWindow, 4096)
+	assert.ErrorIs(t, err, ErrDamaged, "the window")
+	_, err = fw.read(2*maxWindow, 2*maxWindow)
+	assert.ErrorIs(t, err, ErrDamaged, "a span past a window")
 }

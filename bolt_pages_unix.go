@@ -16,6 +16,11 @@ func mapFile(path string) (data []byte, unmap func(), err error) {
 		return nil, nil, err
 	}
 	defer f.Close()
+	return mapOpenFile(f)
+}
+
+// mapOpenFile is mapFile of a file open already; the mapping outlives f.
+func mapOpenFile(f *os.File) (data []byte, unmap func(), err error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, nil, err
