@@ -26,9 +26,10 @@ import (
 //     meta page whose root, freelist or high-water mark lies outside the
 //     file (a truncated file).
 //   - Once bbolt has opened it, treeDamage reads the whole tree
-//     (bolt_pages.go): a tree that would take bbolt outside the file or
-//     down a cycle is refused, and one that is otherwise not as bbolt
-//     writes it opens for reads only.
+//     (bolt_pages.go): a tree that would take bbolt outside the file,
+//     down a cycle, or through more than maxInlineNesting inline buckets
+//     one inside another is refused, and one that is otherwise not as
+//     bbolt writes it opens for reads only.
 //   - Every engine call into bbolt runs under boltGuard: a deferred recover,
 //     with debug.SetPanicOnFault on for the call so that a fault in the map
 //     becomes a panic too. A panic becomes an ErrDamaged error. One guard

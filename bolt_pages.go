@@ -26,12 +26,14 @@ import (
 //     in use, of the kind it must be; every element, key and value within
 //     its page; every bucket header within its value. bbolt's check then
 //     reads nothing outside the file, and a write copies no damaged
-//     length. Every page lies within its own span, so the walk goes
-//     breadth first, each level in file order, through a window read
-//     from the file (fileWindow): a first touch of each page of a mapping
-//     costs about eight times as much as reading it in large pieces.
+//     length. What it reads of a page lies within the page's span (the
+//     page and its overflow pages), so the walk goes breadth first, each
+//     level in file order, through a window read from the file
+//     (fileWindow): a first touch of each page of a mapping costs about
+//     6-8x as much as reading it in large pieces.
 //   - contained: every byte bbolt may read lies within the file, and every
-//     descent ends. Other damage is left to the guard of each call
+//     descent ends, through at most maxInlineNesting inline buckets one
+//     inside another. Other damage is left to the guard of each call
 //     (bolt_damage.go), which turns a panic into ErrDamaged when a call
 //     meets it. A damaged page may point anywhere in the file, so this
 //     walk reads a mapping of the file of our own (mapFile), depth first;
