@@ -497,6 +497,19 @@ func BenchmarkBoltGetSnapshot(b *testing.B) {
 	}
 }
 
+// createWalkViews creates n labelled views (walkName, walkLabels) in one
+// write transaction: the store the walk and open benchmarks read.
+func (s *boltBench) createWalkViews(b *testing.B, n int) {
+	s.update(b, func(ctx context.Context) error {
+		for i := range n {
+			if err := s.create(ctx, snapshots.KindView, walkName(i), "", snapshots.WithLabels(walkLabels(i))); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // BenchmarkBoltWalk walks benchWalkSize snapshots, all of them or with a
 // label filter that selects one in benchSelectEvery.
 func BenchmarkBoltWalk(b *testing.B) {
@@ -506,14 +519,7 @@ func BenchmarkBoltWalk(b *testing.B) {
 		require.NoError(b, err)
 		b.Cleanup(func() { _ = closeFn() })
 		s := &boltBench{boltImpl: impl, withTx: withTx}
-		s.update(b, func(ctx context.Context) error {
-			for i := range benchWalkSize {
-				if err := s.create(ctx, snapshots.KindView, walkName(i), "", snapshots.WithLabels(walkLabels(i))); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		s.createWalkViews(b, benchWalkSize)
 		stores[j] = s
 	}
 	for _, tc := range []struct {
@@ -559,14 +565,7 @@ func BenchmarkBoltOpen(b *testing.B) {
 				withTx, closeFn, err := impl.open(dbfile)
 				require.NoError(b, err)
 				s := &boltBench{boltImpl: impl, withTx: withTx}
-				s.update(b, func(ctx context.Context) error {
-					for i := range n {
-						if err := s.create(ctx, snapshots.KindView, walkName(i), "", snapshots.WithLabels(walkLabels(i))); err != nil {
-							return err
-						}
-					}
-					return nil
-				})
+				s.createWalkViews(b, n)
 				require.NoError(b, closeFn())
 				b.Run("impl="+impl.name, func(b *testing.B) {
 					b.ReportAllocs()

@@ -42,10 +42,11 @@ const DefaultBoltTimeout = 10 * time.Second
 // walk, check or write that meets the damage, fails with ErrDamaged (class
 // DataLoss), whose message names the file and 'snapmeta salvage'. A file
 // whose meta pages or size show the damage is refused here, before bbolt
-// maps it, and so is a file whose pages form a cycle, which bbolt would
-// descend for ever. The open reads the tree from the file once (see
-// bolt_pages.go); a file whose tree is damaged otherwise opens for reads
-// only: every write is refused with ErrDamaged.
+// maps it, and so is a file whose tree would take bbolt outside the file
+// or down a cycle of pages (or nests inline buckets past a bound). The
+// open reads the tree from the file once (see bolt_pages.go); a file whose
+// tree is damaged otherwise opens for reads only: every write is refused
+// with ErrDamaged.
 func NewBoltMetaStore(dbfile string, opts ...BoltOpt) (MetaStore, error) {
 	options := *bolt.DefaultOptions
 	// Statistics are never read; keeping them costs contention.
