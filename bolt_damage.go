@@ -270,10 +270,11 @@ func openBolt(path string, options *bolt.Options) (db *bolt.DB, err error) {
 // bolt_pages.go). A tree that would take bbolt outside the file, down a
 // cycle, or through more than maxInlineNesting inline buckets one inside
 // another, is returned as err: the file is refused, since no guard
-// survives the first two and the walk's stack not the third. Any other damage to the tree is returned as damage: the store
-// then opens for reads only, since a write could copy a damaged length
-// into the pages it writes. A sound tree costs a read of each of its
-// pages, forward through the file, a level of the tree at a time.
+// survives the first two, and the walk's stack not the third. Any other
+// damage to the tree is returned as damage: the store then opens for
+// reads only, since a write could copy a damaged length into the pages it
+// writes. A sound tree costs a read of each of its pages, forward through
+// the file, a level of the tree at a time.
 func treeDamage(db *bolt.DB, path string) (damage, err error) {
 	tx, err := db.Begin(false)
 	if err != nil {
