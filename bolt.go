@@ -592,6 +592,49 @@ func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err err
 	}))
 }
 
+// checkRecords reads each record from its bucket, as scan decodes it: a
+// chain piece as stored.
+func (b *boltTx) checkRecords(_ context.Context, names []string, fn func(int, *record, error)) (err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
+	if b.snaps == nil {
+		return b.damage
+	}
+	var rec record
+	for i, name := range names {
+		sb, derr := b.snapshotBucket([]byte(name))
+		if sb != nil {
+			derr = decodeBoltInto(&rec, sb, true) // as scan does: what it cannot decode is absent
+		}
+		switch {
+		case derr != nil:
+			fn(i, nil, derr)
+		case sb == nil:
+			fn(i, nil, nil)
+		default:
+			fn(i, &rec, nil)
+		}
+	}
+	return nil
+}
+
+func (b *boltTx) checkLinks(_ context.Context, links []link, fn func(int, ref, string, bool)) (err error) {
+	prev := debug.SetPanicOnFault(true)
+	defer b.eng.guard(prev, b, &err, nil)
+	if p, err := b.parentsBucket(); p == nil && err != nil {
+		return err
+	}
+	var kb [parentLinkKeyMax]byte
+	for i, l := range links {
+		var v []byte
+		if b.parents != nil {
+			v = b.parents.Get(appendParentLinkKey(kb[:0], l.parent.id, l.child.id))
+		}
+		fn(i, ref{id: l.parent.id}, string(v), v != nil)
+	}
+	return nil
+}
+
 func (b *boltTx) idLimit(context.Context) (_ uint64, err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)

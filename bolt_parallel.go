@@ -612,6 +612,22 @@ func (o *optTx) scanLinks(ctx context.Context, fn func(ref, ref, error) error) e
 	return bt.scanLinks(ctx, fn)
 }
 
+func (o *optTx) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+	bt, err := o.serially()
+	if err != nil {
+		return err
+	}
+	return bt.checkRecords(ctx, names, fn)
+}
+
+func (o *optTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+	bt, err := o.serially()
+	if err != nil {
+		return err
+	}
+	return bt.checkLinks(ctx, links, fn)
+}
+
 func (o *optTx) idLimit(ctx context.Context) (uint64, error) {
 	bt, err := o.serially()
 	if err != nil {
@@ -754,6 +770,14 @@ func (r *optReader) scan(ctx context.Context, fn func(string, *record, error) er
 
 func (r *optReader) scanLinks(ctx context.Context, fn func(ref, ref, error) error) error {
 	return r.use(func(bt *boltTx) error { return bt.scanLinks(ctx, fn) }, readsAll)
+}
+
+func (r *optReader) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+	return r.use(func(bt *boltTx) error { return bt.checkRecords(ctx, names, fn) }, readsAll)
+}
+
+func (r *optReader) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+	return r.use(func(bt *boltTx) error { return bt.checkLinks(ctx, links, fn) }, readsAll)
 }
 
 func (r *optReader) idLimit(ctx context.Context) (limit uint64, err error) {

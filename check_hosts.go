@@ -18,17 +18,24 @@ func checkHostScopes(ctx context.Context, sx scopedTx, limit uint64) ([]Problem,
 	rc := rootChecker{byID: map[uint64][]binding{}, layers: map[uint64]*layer{}, indexed: map[uint64][]contentEntry{}}
 	for _, h := range hosts {
 		view := sx.inHost(h)
-		c := checker{records: map[string]*record{}, byID: map[uint64][]string{}, maxName: view.maxName()}
-		if err := c.read(ctx, view); err != nil {
+		found, err := checkScope(ctx, view, limit)
+		if err != nil {
 			return nil, err
 		}
-		for _, p := range c.problems(limit) {
+		for _, p := range found {
 			p.Host = h
 			rc.found = append(rc.found, p)
 		}
-		for _, name := range slices.Sorted(maps.Keys(c.records)) {
-			r := c.records[name]
-			rc.byID[r.ID] = append(rc.byID[r.ID], binding{layerRef{h, name}, r})
+		err = view.scan(ctx, func(name string, r *record, decodeErr error) error {
+			if decodeErr == nil && unreachableName(name, view.maxName()) == nil {
+				kept := *r
+				kept.Labels = nil
+				rc.byID[r.ID] = append(rc.byID[r.ID], binding{layerRef{h, name}, &kept})
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	err = sx.unscoped().scan(ctx, func(name string, _ *record, _ error) error {

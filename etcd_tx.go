@@ -498,6 +498,55 @@ func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err e
 	})
 }
 
+// checkRecords reads the records of names as etcd holds them at the read
+// revision, in Txns of up to maxTxnOps Gets, noting none of them.
+func (t *etcdTx) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+	return t.checkKeys(ctx, len(names), func(i int) string { return t.keys.snapshot(names[i]) }, func(i int, kv *mvccpb.KeyValue) {
+		if kv == nil {
+			fn(i, nil, nil)
+			return
+		}
+		r, err := decodeRecord(kv.Value)
+		fn(i, r, err)
+	})
+}
+
+func (t *etcdTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+	return t.checkKeys(ctx, len(links), func(i int) string { return t.keys.child(links[i].parent.name, links[i].child.id) }, func(i int, kv *mvccpb.KeyValue) {
+		keyed := ref{name: links[i].parent.name}
+		if kv == nil {
+			fn(i, keyed, "", false)
+			return
+		}
+		fn(i, keyed, string(kv.Value), true)
+	})
+}
+
+// checkKeys reads n keys at the read revision, in Txns of up to
+// maxTxnOps Gets, and hands each to fn (nil: absent).
+func (t *etcdTx) checkKeys(ctx context.Context, n int, key func(i int) string, fn func(i int, kv *mvccpb.KeyValue)) error {
+	per := max(t.e.opts.maxTxnOps, 1)
+	for start := 0; start < n; start += per {
+		end := min(start+per, n)
+		ops := make([]clientv3.Op, 0, end-start)
+		for i := start; i < end; i++ {
+			ops = append(ops, clientv3.OpGet(key(i), t.readOpts()...))
+		}
+		results, err := t.readMany(ctx, ops)
+		if err != nil {
+			return err
+		}
+		for j, rr := range results {
+			var kv *mvccpb.KeyValue
+			if len(rr.Kvs) > 0 {
+				kv = rr.Kvs[0]
+			}
+			fn(start+j, kv)
+		}
+	}
+	return nil
+}
+
 // streamAfterPages is how many pages' worth of keys may remain after a
 // page before scanRange streams them instead.
 const streamAfterPages = 8

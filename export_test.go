@@ -174,3 +174,12 @@ func GroupWaiting(ms MetaStore) int {
 func SetBeforeGroupCommit(ms MetaStore, fn func()) {
 	ms.(*metaStore).eng.(*boltEngine).group.beforeCommit = fn
 }
+
+// ShrinkCheckBounds makes Check judge records two at a time, keep two
+// records looked up and two verdicts, and spill IDs in runs of two, so
+// that small stores take every path of a large one; restore undoes it.
+func ShrinkCheckBounds() (restore func()) {
+	batch, near, reach, run := checkBatch, nearCap, reachCap, idRunLen
+	checkBatch, nearCap, reachCap, idRunLen = 2, 2, 2, 2
+	return func() { checkBatch, nearCap, reachCap, idRunLen = batch, near, reach, run }
+}

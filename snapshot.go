@@ -104,6 +104,8 @@ type engineTx interface {
 	// link: fn gets the error (ErrCorrupt) and the child name it holds. It
 	// is for Check.
 	scanLinks(ctx context.Context, fn func(parent, child ref, err error) error) error
+	// checkReader reads for Check.
+	checkReader
 	// idLimit returns the highest ID the allocator may have handed out,
 	// 2^64-1 once it may have handed out every ID.
 	idLimit(ctx context.Context) (uint64, error)

@@ -1,0 +1,71 @@
+package storage_test
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	storage "github.com/snapmeta/storage"
+)
+
+// This file tests that Check's bounds on its memory change nothing it
+// reports: with every bound shrunk to two (batches, lookups kept, verdicts
+// kept, IDs per sorted run) a store of a few records takes the paths of a
+// large one, and Check must report exactly what it reports unbounded.
+
+func chkCheckShrunk(t *testing.T, ms storage.MetaStore) []storage.Problem {
+	t.Helper()
+	restore := storage.ShrinkCheckBounds()
+	defer restore()
+	return chkCheck(t, ms)
+}
+
+func TestCheckReportsTheSameWithinShrunkBounds(t *testing.T) {
+	for _, eng := range chkEngines() {
+		t.Run(eng.name, func(t *testing.T) {
+			t.Run("clean", func(t *testing.T) {
+				s := eng.fresh(t)
+				chkBuildChain(t, s.ms)
+				assert.Empty(t, chkCheckShrunk(t, s.ms))
+			})
+			for _, c := range chkCorruptions() {
+				if c.only != "" && c.only != eng.name {
+					continue
+				}
+				t.Run(c.name, func(t *testing.T) {
+					s := eng.fresh(t)
+					if c.before != nil {
+						s.raw(t, func(r chkRaw) { c.before(t, r) })
+					}
+					ids := chkBuildChain(t, s.ms)
+					s.raw(t, func(r chkRaw) { c.corrupt(t, r, ids) })
+					want := chkCheck(t, s.ms)
+					require.NotEmpty(t, want, "the corruption is found unbounded")
+					assert.Equal(t, want, chkCheckShrunk(t, s.ms))
+				})
+			}
+		})
+	}
+}
+
+// Past one run of IDs Check writes them to a temporary file; when none can
+// be made, Check fails and says why, rather than judging IDs it did not
+// compare.
+func TestCheckFailsWhenItCannotSpillIDs(t *testing.T) {
+	s := chkFreshBolt(t)
+	chkBuildChain(t, s.ms)
+	t.Setenv("TMPDIR", t.TempDir()+"/missing")
+	_, err := chkCheckErr(s.ms)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "temporary file")
+	assert.ErrorIs(t, err, os.ErrNotExist)
+}
+
+func chkCheckErr(ms storage.MetaStore) ([]storage.Problem, error) {
+	restore := storage.ShrinkCheckBounds()
+	defer restore()
+	return storage.Check(context.Background(), ms)
+}
