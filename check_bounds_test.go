@@ -69,3 +69,18 @@ func chkCheckErr(ms storage.MetaStore) ([]storage.Problem, error) {
 	defer restore()
 	return storage.Check(context.Background(), ms)
 }
+
+// On etcd Check reads a batch's records in Txns of at most the server's
+// --max-txn-ops Gets, as the store was told it (WithMaxTxnOps); a store
+// told a lower limit splits the same reads into more Txns, and must
+// report the same.
+func TestEtcdCheckReportsTheSameInSmallerTxns(t *testing.T) {
+	s := chkFreshEtcd(t)
+	ids := chkBuildChain(t, s.ms)
+	s.raw(t, func(r chkRaw) { r.deleteLink("layer2", ids["layer2"], ids["work"]) })
+	want := chkCheck(t, s.ms)
+	require.NotEmpty(t, want)
+	few := openEtcd(t, s.root, storage.WithMaxTxnOps(2))
+	defer few.Close()
+	assert.Equal(t, want, chkCheck(t, few))
+}

@@ -37,6 +37,7 @@ type chkEngine struct {
 type chkStore struct {
 	engine string
 	ms     storage.MetaStore
+	root   string // etcd's
 	// reopen closes the store (if it is not closed yet) and opens it again.
 	reopen func(t *testing.T)
 	// raw stops the store, runs fn on the raw engine and reopens the store.
@@ -101,7 +102,7 @@ func chkFreshBolt(t *testing.T) *chkStore {
 
 func chkFreshEtcd(t *testing.T) *chkStore {
 	root := uniqueRoot(t)
-	s := &chkStore{engine: "etcd", ms: openEtcd(t, root)}
+	s := &chkStore{engine: "etcd", ms: openEtcd(t, root), root: root}
 	s.reopen = func(t *testing.T) {
 		require.NoError(t, s.ms.Close())
 		s.ms = openEtcd(t, root)
