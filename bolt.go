@@ -618,6 +618,9 @@ func (b *boltTx) checkRecords(_ context.Context, names []string, fn func(int, *r
 	return nil
 }
 
+// indexedParent: bbolt keys the index by the parent's ID.
+func (b *boltTx) indexedParent(_ string, id uint64) ref { return ref{id: id} }
+
 func (b *boltTx) checkLinks(_ context.Context, links []link, fn func(int, ref, string, bool)) (err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)

@@ -620,6 +620,10 @@ func (o *optTx) checkRecords(ctx context.Context, names []string, fn func(int, *
 	return bt.checkRecords(ctx, names, fn)
 }
 
+func (o *optTx) indexedParent(name string, id uint64) ref {
+	return (*boltTx)(nil).indexedParent(name, id) // the layout's, not a transaction's
+}
+
 func (o *optTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
 	bt, err := o.serially()
 	if err != nil {
@@ -774,6 +778,10 @@ func (r *optReader) scanLinks(ctx context.Context, fn func(ref, ref, error) erro
 
 func (r *optReader) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
 	return r.use(func(bt *boltTx) error { return bt.checkRecords(ctx, names, fn) }, readsAll)
+}
+
+func (r *optReader) indexedParent(name string, id uint64) ref {
+	return (*boltTx)(nil).indexedParent(name, id)
 }
 
 func (r *optReader) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {

@@ -16,11 +16,19 @@ import (
 // kept, IDs per sorted run) a store of a few records takes the paths of a
 // large one, and Check must report exactly what it reports unbounded.
 
+// chkCheckShrunk is chkCheck within shrunk bounds; the IDs it spills must
+// leave no file behind.
 func chkCheckShrunk(t *testing.T, ms storage.MetaStore) []storage.Problem {
 	t.Helper()
 	restore := storage.ShrinkCheckBounds()
 	defer restore()
-	return chkCheck(t, ms)
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	problems := chkCheck(t, ms)
+	left, err := os.ReadDir(tmp)
+	require.NoError(t, err)
+	assert.Empty(t, left, "Check left its spilled IDs behind")
+	return problems
 }
 
 func TestCheckReportsTheSameWithinShrunkBounds(t *testing.T) {

@@ -36,6 +36,9 @@ type checkReader interface {
 	// gives it (a bbolt chain piece as stored): nil when there is none,
 	// or the error decoding it. Labels may be left out.
 	checkRecords(ctx context.Context, names []string, fn func(i int, r *record, decodeErr error)) error
+	// indexedParent returns the parts of a parent that the engine keys
+	// its children index by, as scanLinks gives them.
+	indexedParent(name string, id uint64) ref
 	// checkLinks calls fn for each of links with the children-index entry
 	// link(l.parent, l.child) would write: keyed is its parent as
 	// scanLinks gives it (the parts the engine keys by), child the name
@@ -57,11 +60,7 @@ type scopeChecker struct {
 	batch   []namedRecord
 	links   []link
 	near    map[string]*record // looked up for the batch; nil: absent
-	// matched counts the records found in the index under their own
-	// name; namesOther holds, by entry, the problem of a record whose
-	// entry names another child, for when the index pass reaches it.
-	matched    int
-	namesOther map[link]Problem
+	index   indexCheck
 
 	// The problems, in the groups Check lists them in.
 	unreadable []Problem // records that do not decode, or that no lookup reaches
@@ -92,7 +91,7 @@ const (
 
 // checkScope checks every record of tx's scope, and its children index.
 func checkScope(ctx context.Context, tx engineTx, limit uint64) ([]Problem, error) {
-	c := &scopeChecker{tx: tx, maxName: tx.maxName(), limit: limit, near: map[string]*record{}, namesOther: map[link]Problem{}}
+	c := &scopeChecker{tx: tx, maxName: tx.maxName(), limit: limit, near: map[string]*record{}, index: newIndexCheck()}
 	defer c.ids.close()
 	if err := tx.scan(ctx, c.addRecord(ctx)); err != nil {
 		return nil, err
@@ -145,14 +144,20 @@ func (c *scopeChecker) addRecord(ctx context.Context) func(string, *record, erro
 	}
 }
 
-// judgeBatch judges the records of the batch: each on its own, against
-// its parent, and against its entry in the children index.
+// judgeBatch judges the records of the batch, each on its own and against
+// its parent, and adds the entry each should have in the children index
+// to what checkIndex compares the index with.
 func (c *scopeChecker) judgeBatch(ctx context.Context) error {
 	defer func() {
 		c.batch = c.batch[:0]
 		clear(c.near)
 	}()
+	// A batch's own records answer lookups too: in name order, children
+	// often follow their parents closely.
 	parents := make([]string, 0, len(c.batch))
+	for i := range c.batch {
+		c.near[c.batch[i].name] = &c.batch[i].r
+	}
 	for _, n := range c.batch {
 		if n.r.Parent != "" {
 			parents = append(parents, n.r.Parent)
@@ -161,8 +166,6 @@ func (c *scopeChecker) judgeBatch(ctx context.Context) error {
 	if err := c.readAncestors(ctx, parents); err != nil {
 		return err
 	}
-	var entries []link
-	var of []string // the record of each entry
 	for i := range c.batch {
 		n := &c.batch[i]
 		if err := c.judge(ctx, n.name, &n.r); err != nil {
@@ -176,21 +179,10 @@ func (c *scopeChecker) judgeBatch(ctx context.Context) error {
 			return err
 		}
 		if p != nil {
-			entries = append(entries, link{ref{name: n.r.Parent, id: p.ID}, ref{name: n.name, id: n.r.ID}})
-			of = append(of, n.name)
+			c.index.want(c.tx.indexedParent(n.r.Parent, p.ID), n.r.ID, n.name)
 		}
 	}
-	return c.tx.checkLinks(ctx, entries, func(i int, keyed ref, child string, found bool) {
-		name := of[i]
-		switch {
-		case !found:
-			c.missing = append(c.missing, Problem{Snapshot: name, Detail: fmt.Sprintf("missing from the children index of its parent %q", entries[i].parent.name)})
-		case child == name:
-			c.matched++
-		default:
-			c.namesOther[link{keyed, ref{id: entries[i].child.id}}] = Problem{Snapshot: name, Detail: fmt.Sprintf("children index names the child %q", child)}
-		}
-	})
+	return nil
 }
 
 // judge applies the rules of one record and its parent.
@@ -365,113 +357,6 @@ func (c *scopeChecker) chainOf(ctx context.Context, r *record) ([]uint64, error)
 		r = p
 	}
 	return chain, nil
-}
-
-// checkIndex compares the children index with the records' parent links.
-// Every record with a parent has looked up its own entry (judgeBatch);
-// when each entry of the index is one of those, nothing else is wrong,
-// and the index is read once. Otherwise it is read again and each entry
-// that no record found is judged: which record, if any, it names.
-func (c *scopeChecker) checkIndex(ctx context.Context) error {
-	entries := 0
-	err := c.tx.scanLinks(ctx, func(parent, child ref, decodeErr error) error {
-		if decodeErr != nil {
-			c.badLinks = append(c.badLinks, Problem{Snapshot: child.name, Detail: fmt.Sprintf("children index entry does not decode: %v", decodeErr)})
-			return nil
-		}
-		entries++
-		return nil
-	})
-	if err != nil || (entries == c.matched && len(c.namesOther) == 0) {
-		return err
-	}
-	err = c.tx.scanLinks(ctx, func(parent, child ref, decodeErr error) error {
-		if decodeErr != nil {
-			return nil
-		}
-		c.links = append(c.links, link{parent, child})
-		if len(c.links) < checkBatch {
-			return nil
-		}
-		return c.judgeLinks(ctx)
-	})
-	if err == nil {
-		err = c.judgeLinks(ctx)
-	}
-	// An entry a record found is one the index holds, so the pass reached
-	// it; should the engine disagree, the problem is still reported.
-	for _, k := range slices.SortedFunc(func(yield func(link) bool) {
-		for k := range c.namesOther {
-			if !yield(k) {
-				return
-			}
-		}
-	}, compareLinks) {
-		c.linkIssues = append(c.linkIssues, c.namesOther[k])
-	}
-	return err
-}
-
-func compareLinks(a, b link) int {
-	return cmp.Or(cmp.Compare(a.parent.name, b.parent.name), cmp.Compare(a.parent.id, b.parent.id), cmp.Compare(a.child.id, b.child.id))
-}
-
-// judgeLinks judges a batch of index entries that not every record found:
-// an entry is sound when the child it names has it as its parent link.
-func (c *scopeChecker) judgeLinks(ctx context.Context) error {
-	defer func() {
-		c.links = c.links[:0]
-		clear(c.near)
-	}()
-	children := make([]string, len(c.links))
-	for i, l := range c.links {
-		children[i] = l.child.name
-	}
-	if err := c.read(ctx, children); err != nil {
-		return err
-	}
-	var parents []string
-	for _, n := range children {
-		if r := c.near[n]; r != nil && r.Parent != "" {
-			parents = append(parents, r.Parent)
-		}
-	}
-	if err := c.read(ctx, parents); err != nil {
-		return err
-	}
-	for _, l := range c.links {
-		k := link{l.parent, ref{id: l.child.id}}
-		if p, ok := c.namesOther[k]; ok {
-			c.linkIssues = append(c.linkIssues, p)
-			delete(c.namesOther, k)
-			continue
-		}
-		claimed, err := c.claims(ctx, l)
-		if err != nil {
-			return err
-		}
-		if !claimed {
-			c.linkIssues = append(c.linkIssues, Problem{Snapshot: l.child.name, Detail: fmt.Sprintf("children index links it (ID %d) to parent %s, but no record has that parent link", l.child.id, describeRef(l.parent))})
-		}
-	}
-	return nil
-}
-
-// claims reports whether the child l names has l as its parent link,
-// matched by the parts of the parent the engine keys the index by.
-func (c *scopeChecker) claims(ctx context.Context, l link) (bool, error) {
-	r, err := c.lookup(ctx, l.child.name)
-	if r == nil || err != nil || r.ID != l.child.id || r.Parent == "" {
-		return false, err
-	}
-	p, err := c.lookup(ctx, r.Parent)
-	if p == nil || err != nil {
-		return false, err
-	}
-	if l.parent.name != "" {
-		return l.parent.name == r.Parent, nil
-	}
-	return l.parent.id == p.ID, nil
 }
 
 // checkSharedIDs reports the IDs that more than one record holds, except

@@ -511,6 +511,9 @@ func (t *etcdTx) checkRecords(ctx context.Context, names []string, fn func(int, 
 	})
 }
 
+// indexedParent: etcd keys the index by the parent's name.
+func (t *etcdTx) indexedParent(name string, _ uint64) ref { return ref{name: name} }
+
 func (t *etcdTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
 	return t.checkKeys(ctx, len(links), func(i int) string { return t.keys.child(links[i].parent.name, links[i].child.id) }, func(i int, kv *mvccpb.KeyValue) {
 		keyed := ref{name: links[i].parent.name}
