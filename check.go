@@ -65,17 +65,23 @@ func (p Problem) String() string {
 // that cannot be written, or a MetaStore not made by this package (class
 // NotImplemented).
 //
-// Check's memory does not grow with the store, except on a host-scoped
-// root: it judges the records in batches as it reads them, looking up
-// each one's parent and index entry (on etcd, in Txns of up to the
-// server's --max-txn-ops reads: WithMaxTxnOps), and it finds shared IDs by
-// sorting them in runs of 2 MiB, spilled to a temporary file under
-// os.TempDir() once a store holds more than 262,144 snapshots. Beyond
-// that it holds the problems found, the verdicts of up to 65,536 records
-// on whether their parents lead to a base, and the records of one batch
-// and their ancestors (up to 8,192). On a host-scoped root it also holds
-// every record of every scope, labels left out, to judge the scopes
-// together.
+// Check's memory does not grow with the number of records, except on a
+// host-scoped root. It judges the records in batches of 128 as it reads
+// them, looking up what each needs (its parent, and the parents on to the
+// first whose verdict it knows) at once for the batch: on etcd in Txns of
+// up to the server's --max-txn-ops Gets (see WithMaxTxnOps). It compares
+// the children index with the records' links by a digest of each side
+// (sums of two 64-bit hashes keyed afresh for each Check: equal digests
+// mean equal sets but for a chance of 2^-128), reading the index once more
+// and looking up every record's entry only when they differ. It finds shared IDs by sorting
+// them in runs of 262,144 (2 MiB), spilled to a temporary file under
+// os.TempDir() (removed when Check returns) once a store holds more; the
+// records of shared IDs are read again for their names. Beyond that it
+// holds the problems found, verdicts on up to 65,536 records, and up to
+// 8,192 records looked up for a batch. On bbolt, bbolt's own page check
+// (tx.Check) holds an entry per page of the file. On a host-scoped root
+// Check also holds every record of every scope, labels left out, to judge
+// the scopes together.
 func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	tctx, tr, err := ms.TransactionContext(ctx, false)
 	if err != nil {
