@@ -180,14 +180,17 @@ func issue16Targets(r, r3, rs *results) []target {
 			met: func(v float64) bool { return v <= 1.1 },
 		},
 		{
-			what: "etcd walk of 100k snapshots, peak heap", goal: "< 64 MiB",
+			// The issue measures the client process alone: in process,
+			// the embedded server's live heap sets the GC's slack.
+			what: "etcd walk of 100k snapshots, server in another process: the client's peak heap", goal: "< 64 MiB",
 			value: func() (float64, string) {
-				g := "BenchmarkEtcdWalk100k"
-				v := r.getImpl(g, ours, "peak-heap-MiB")
-				text := fmt.Sprintf("%s MiB HeapInuse, %s MiB live (raw: %s, %s; live heap before: %s MiB)",
-					fmtNum(v), fmtNum(r.getImpl(g, ours, "peak-live-MiB")),
-					fmtNum(r.getImpl(g, "raw", "peak-heap-MiB")), fmtNum(r.getImpl(g, "raw", "peak-live-MiB")),
-					fmtNum(r.getImpl(g, ours, "base-live-MiB")))
+				const apart, inProcess = "BenchmarkEtcdWalk100kServerApart", "BenchmarkEtcdWalk100k"
+				v := r.getImpl(apart, ours, "peak-heap-MiB")
+				text := fmt.Sprintf("%s MiB HeapInuse, %s MiB live (raw: %s, %s); with the server in process %s MiB HeapInuse, %s MiB live, above %s MiB live before the walk (mostly the server's)",
+					fmtNum(v), fmtNum(r.getImpl(apart, ours, "peak-live-MiB")),
+					fmtNum(r.getImpl(apart, "raw", "peak-heap-MiB")), fmtNum(r.getImpl(apart, "raw", "peak-live-MiB")),
+					fmtNum(r.getImpl(inProcess, ours, "peak-heap-MiB")), fmtNum(r.getImpl(inProcess, ours, "peak-live-MiB")),
+					fmtNum(r.getImpl(inProcess, ours, "base-live-MiB")))
 				return v, text
 			},
 			met: func(v float64) bool { return v < 64 },
