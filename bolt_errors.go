@@ -3,8 +3,6 @@ package storage
 import (
 	"errors"
 	"fmt"
-	"io/fs"
-	"syscall"
 
 	"github.com/containerd/errdefs"
 	berrors "go.etcd.io/bbolt/errors"
@@ -36,17 +34,11 @@ var boltClasses = []struct{ bolt, class error }{
 	{berrors.ErrMaxSizeReached, errdefs.ErrResourceExhausted},
 	// A read-only file opened without its free pages (a BoltOpt's choice).
 	{berrors.ErrFreePagesNotLoaded, errdefs.ErrFailedPrecondition},
-	// The operating system's answers.
-	{syscall.ENOSPC, errdefs.ErrResourceExhausted},
-	{syscall.EDQUOT, errdefs.ErrResourceExhausted},
-	{fs.ErrPermission, errdefs.ErrPermissionDenied},
-	{syscall.EROFS, errdefs.ErrPermissionDenied},
-	{fs.ErrNotExist, errdefs.ErrNotFound},
 }
 
 // boltErr gives an error of a bbolt call its errdefs class (see
-// boltClasses); nil stays nil, and an error that has a class keeps it. Any
-// other error (a failed write or fsync, a failed mmap) is class Internal.
+// boltClasses, then fileErr); nil stays nil, and an error that has a class
+// keeps it.
 func boltErr(err error) error {
 	if err == nil || errdefs.Resolve(err) != errdefs.ErrUnknown {
 		return err
@@ -56,5 +48,5 @@ func boltErr(err error) error {
 			return fmt.Errorf("%w: %w", err, c.class)
 		}
 	}
-	return fmt.Errorf("%w: %w", err, errdefs.ErrInternal)
+	return fileErr(err)
 }

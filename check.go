@@ -62,8 +62,10 @@ func (p Problem) String() string {
 // record lies outside the scopes.
 //
 // The error is for a store that cannot be read at all, a temporary file
-// that cannot be written, or a MetaStore not made by this package (class
-// NotImplemented).
+// that cannot be made, written or read back (classed by the operating
+// system's answer: NotFound, PermissionDenied, ResourceExhausted for a
+// full disk, else Internal), or a MetaStore not made by this package
+// (class NotImplemented).
 //
 // Check's memory does not grow with the number of records, except on a
 // host-scoped root. It judges the records in batches of 128 as it reads

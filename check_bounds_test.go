@@ -5,6 +5,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -70,6 +71,7 @@ func TestCheckFailsWhenItCannotSpillIDs(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "temporary file")
 	assert.ErrorIs(t, err, os.ErrNotExist)
+	assert.True(t, errdefs.IsNotFound(err), "class of %v", err)
 }
 
 func chkCheckErr(ms storage.MetaStore) ([]storage.Problem, error) {

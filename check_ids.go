@@ -34,7 +34,7 @@ func (s *idSpill) spill() error {
 	if s.file == nil {
 		f, err := os.CreateTemp("", "snapmeta-check-ids-*")
 		if err != nil {
-			return fmt.Errorf("check: a temporary file for the store's IDs: %w", err)
+			return fmt.Errorf("check: a temporary file for the store's IDs: %w", fileErr(err))
 		}
 		s.file = f
 	}
@@ -46,7 +46,7 @@ func (s *idSpill) spill() error {
 		_, _ = w.Write(b[:]) // a write error stays in w and Flush returns it
 	}
 	if err := w.Flush(); err != nil {
-		return fmt.Errorf("check: spilling the store's IDs to %s: %w", s.file.Name(), err)
+		return fmt.Errorf("check: spilling the store's IDs to %s: %w", s.file.Name(), fileErr(err))
 	}
 	end := int64(0)
 	if len(s.ends) > 0 {
@@ -141,7 +141,7 @@ func (f *fileRun) advance() (bool, error) {
 	case errors.Is(err, io.EOF):
 		return false, nil
 	case err != nil:
-		return false, fmt.Errorf("check: reading back the store's IDs: %w", err)
+		return false, fmt.Errorf("check: reading back the store's IDs: %w", fileErr(err))
 	}
 	f.id = binary.BigEndian.Uint64(b[:])
 	return true, nil

@@ -1,7 +1,10 @@
 package storage
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 )
@@ -86,3 +89,28 @@ var (
 	// engine accepts (class ResourceExhausted). Nothing is applied.
 	ErrTooLarge = fmt.Errorf("transaction too large: %w", errdefs.ErrResourceExhausted)
 )
+
+// fileClasses gives the operating system's answers about a file their
+// class.
+var fileClasses = []struct{ os, class error }{
+	{syscall.ENOSPC, errdefs.ErrResourceExhausted},
+	{syscall.EDQUOT, errdefs.ErrResourceExhausted},
+	{fs.ErrPermission, errdefs.ErrPermissionDenied},
+	{syscall.EROFS, errdefs.ErrPermissionDenied},
+	{fs.ErrNotExist, errdefs.ErrNotFound},
+}
+
+// fileErr gives an error of a file operation its errdefs class (see
+// fileClasses); nil stays nil, and an error that has a class keeps it. Any
+// other error (a failed write or fsync, a failed mmap) is class Internal.
+func fileErr(err error) error {
+	if err == nil || errdefs.Resolve(err) != errdefs.ErrUnknown {
+		return err
+	}
+	for _, c := range fileClasses {
+		if errors.Is(err, c.os) {
+			return fmt.Errorf("%w: %w", err, c.class)
+		}
+	}
+	return fmt.Errorf("%w: %w", err, errdefs.ErrInternal)
+}
