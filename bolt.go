@@ -592,9 +592,9 @@ func (b *boltTx) scanLinks(_ context.Context, fn func(parent, child ref, err err
 	}))
 }
 
-// checkRecords reads each record from its bucket, as scan decodes it: a
+// readRecords reads each record from its bucket, as scan decodes it: a
 // chain piece as stored.
-func (b *boltTx) checkRecords(_ context.Context, names []string, fn func(int, *record, error)) (err error) {
+func (b *boltTx) readRecords(_ context.Context, names []string, fn func(int, *record, error)) (err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)
 	if b.snaps == nil {
@@ -621,7 +621,7 @@ func (b *boltTx) checkRecords(_ context.Context, names []string, fn func(int, *r
 // indexedParent: bbolt keys the index by the parent's ID.
 func (b *boltTx) indexedParent(_ string, id uint64) ref { return ref{id: id} }
 
-func (b *boltTx) checkLinks(_ context.Context, links []link, fn func(int, ref, string, bool)) (err error) {
+func (b *boltTx) readLinks(_ context.Context, links []link, fn func(int, ref, string, bool)) (err error) {
 	prev := debug.SetPanicOnFault(true)
 	defer b.eng.guard(prev, b, &err, nil)
 	if p, err := b.parentsBucket(); p == nil && err != nil {
@@ -633,7 +633,7 @@ func (b *boltTx) checkLinks(_ context.Context, links []link, fn func(int, ref, s
 		if b.parents != nil {
 			v = b.parents.Get(appendParentLinkKey(kb[:0], l.parent.id, l.child.id))
 		}
-		fn(i, ref{id: l.parent.id}, string(v), v != nil)
+		fn(i, b.indexedParent(l.parent.name, l.parent.id), string(v), v != nil)
 	}
 	return nil
 }

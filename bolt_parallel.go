@@ -612,24 +612,24 @@ func (o *optTx) scanLinks(ctx context.Context, fn func(ref, ref, error) error) e
 	return bt.scanLinks(ctx, fn)
 }
 
-func (o *optTx) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+func (o *optTx) readRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
 	bt, err := o.serially()
 	if err != nil {
 		return err
 	}
-	return bt.checkRecords(ctx, names, fn)
+	return bt.readRecords(ctx, names, fn)
 }
 
 func (o *optTx) indexedParent(name string, id uint64) ref {
 	return (*boltTx)(nil).indexedParent(name, id) // the layout's, not a transaction's
 }
 
-func (o *optTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+func (o *optTx) readLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
 	bt, err := o.serially()
 	if err != nil {
 		return err
 	}
-	return bt.checkLinks(ctx, links, fn)
+	return bt.readLinks(ctx, links, fn)
 }
 
 func (o *optTx) idLimit(ctx context.Context) (uint64, error) {
@@ -776,16 +776,16 @@ func (r *optReader) scanLinks(ctx context.Context, fn func(ref, ref, error) erro
 	return r.use(func(bt *boltTx) error { return bt.scanLinks(ctx, fn) }, readsAll)
 }
 
-func (r *optReader) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
-	return r.use(func(bt *boltTx) error { return bt.checkRecords(ctx, names, fn) }, readsAll)
+func (r *optReader) readRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+	return r.use(func(bt *boltTx) error { return bt.readRecords(ctx, names, fn) }, readsAll)
 }
 
 func (r *optReader) indexedParent(name string, id uint64) ref {
 	return (*boltTx)(nil).indexedParent(name, id)
 }
 
-func (r *optReader) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
-	return r.use(func(bt *boltTx) error { return bt.checkLinks(ctx, links, fn) }, readsAll)
+func (r *optReader) readLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+	return r.use(func(bt *boltTx) error { return bt.readLinks(ctx, links, fn) }, readsAll)
 }
 
 func (r *optReader) idLimit(ctx context.Context) (limit uint64, err error) {

@@ -67,23 +67,29 @@ func (p Problem) String() string {
 // full disk, else Internal), or a MetaStore not made by this package
 // (class NotImplemented).
 //
-// Check's memory does not grow with the number of records, except on a
-// host-scoped root. It judges the records in batches of 128 as it reads
-// them, looking up what each needs (its parent, and the parents on to the
-// first whose verdict it knows) at once for the batch: on etcd in Txns of
-// up to the server's --max-txn-ops Gets (see WithMaxTxnOps). It compares
-// the children index with the records' links by a digest of each side
-// (sums of two 64-bit hashes keyed afresh for each Check: equal digests
-// mean equal sets but for a chance of 2^-128), reading the index once more
-// and looking up every record's entry only when they differ. It finds shared IDs by sorting
-// them in runs of 262,144 (2 MiB), spilled to a temporary file under
-// os.TempDir() (removed when Check returns) once a store holds more; the
-// records of shared IDs are read again for their names. Beyond that it
-// holds the problems found, verdicts on up to 65,536 records, and up to
-// 8,192 records looked up for a batch. On bbolt, bbolt's own page check
-// (tx.Check) holds an entry per page of the file. On a host-scoped root
-// Check also holds every record of every scope, labels left out, to judge
-// the scopes together.
+// Check reads the store as it judges it, so that its memory does not
+// follow the number of records. It judges the records in batches of 128 in
+// the scan's order, reading what each needs (its parent, and the parents
+// on to the first whose verdict it knows) at once for the batch: on etcd
+// in Txns of at most the store's WithMaxTxnOps Gets and 1 MiB of keys. It
+// compares the children index with the records' links by a digest of
+// each side (sums of two keyed 64-bit hashes, seeded afresh for each
+// Check: equal digests mean equal sets but for a negligible chance); only
+// when they differ does it scan the records again, each looking up its
+// own entry, and read the index again to judge its entries. It finds
+// shared IDs by sorting them in runs of 262,144 (2 MiB), written to a
+// temporary file under os.TempDir() (removed when Check returns) whenever
+// a run fills; when some ID is shared, the records are scanned once more
+// for the names that hold it. What it holds: the batch and up to about
+// 8,192 records read for it, each with its stored chain; verdicts on up to
+// 65,536 records, and as many names on one walk of parents; 4 KiB of
+// buffer per spilled run; the names of records that share an ID; and the
+// problems found. What grows with the store besides: on bbolt, bbolt's own
+// page check (tx.Check) holds an entry per page of the file; on a
+// host-scoped root, Check holds every record of every scope, labels left
+// out, to judge the scopes together. A chain deeper than 65,536 costs
+// walks again once the verdicts are dropped: lookups in the square of its
+// depth over 131,072.
 func Check(ctx context.Context, ms MetaStore) ([]Problem, error) {
 	tctx, tr, err := ms.TransactionContext(ctx, false)
 	if err != nil {

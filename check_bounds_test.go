@@ -2,9 +2,12 @@ package storage_test
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -93,4 +96,51 @@ func TestEtcdCheckReportsTheSameInSmallerTxns(t *testing.T) {
 	few := openEtcd(t, s.root, storage.WithMaxTxnOps(2))
 	defer few.Close()
 	assert.Equal(t, want, chkCheck(t, few))
+}
+
+// Names up to etcd's lookup bound are read in Txns that stay within
+// etcd's request limit: 60 records whose missing parents have names of
+// 60,000 bytes each are judged, not refused as one oversized Txn.
+func TestEtcdCheckReadsLongNamesWithinTheRequestLimit(t *testing.T) {
+	s := chkFreshEtcd(t)
+	chkUpdate(t, s.ms, func(ctx context.Context) error {
+		_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "template", "")
+		return err
+	})
+	var want []chkWant
+	s.raw(t, func(r chkRaw) {
+		e := r.(*chkEtcdRaw)
+		tail := e.record("template").tail
+		e.deleteRecord("template")
+		for i := range 60 {
+			child, parent := fmt.Sprintf("c%02d", i), fmt.Sprintf("p%02d", i)+strings.Repeat("x", 60000)
+			e.setRecord(child, chkRecord{ID: uint64(i + 1), Kind: snapshots.KindActive, Parent: parent, tail: tail})
+			want = append(want, chkWant{child, "does not exist"})
+		}
+	})
+	chkAssertProblems(t, chkCheck(t, s.ms), want)
+}
+
+// Two records that share an ID under one parent call for one index
+// entry. Each is judged against it on its own: the one it does not name is
+// reported, and when it is missing both are, besides the shared ID.
+func TestCheckJudgesEachRecordOfASharedIndexEntry(t *testing.T) {
+	for _, eng := range chkEngines() {
+		t.Run(eng.name, func(t *testing.T) {
+			s := eng.fresh(t)
+			ids := chkBuildChain(t, s.ms)
+			s.raw(t, func(r chkRaw) {
+				work, view := r.record("work"), r.record("view")
+				view.Parent, view.ID, view.Chain = "layer2", work.ID, work.Chain
+				r.setRecord("view", view)
+				r.deleteLink("layer1", ids["layer1"], ids["view"])
+			})
+			shared := chkWant{"view", fmt.Sprintf(`ID %d is shared with ["work"]`, ids["work"])}
+			chkAssertProblems(t, chkCheck(t, s.ms), []chkWant{shared, {"view", `children index names the child "work"`}})
+			s.raw(t, func(r chkRaw) { r.deleteLink("layer2", ids["layer2"], ids["work"]) })
+			chkAssertProblems(t, chkCheck(t, s.ms), []chkWant{shared,
+				{"view", `missing from the children index of its parent "layer2"`},
+				{"work", `missing from the children index of its parent "layer2"`}})
+		})
+	}
 }

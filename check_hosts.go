@@ -27,9 +27,8 @@ func checkHostScopes(ctx context.Context, sx scopedTx, limit uint64) ([]Problem,
 			rc.found = append(rc.found, p)
 		}
 		err = view.scan(ctx, func(name string, r *record, decodeErr error) error {
-			if decodeErr == nil && unreachableName(name, view.maxName()) == nil {
-				kept := *r
-				kept.Labels = nil
+			if checkable(name, decodeErr, view.maxName()) {
+				kept := checkCopy(r)
 				rc.byID[r.ID] = append(rc.byID[r.ID], binding{layerRef{h, name}, &kept})
 			}
 			return nil

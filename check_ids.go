@@ -12,9 +12,9 @@ import (
 )
 
 // idSpill finds the IDs that more than one record holds, in memory bounded
-// by a run: IDs are gathered in runs of idRunLen, each sorted and, once a
-// second run begins, written to a temporary file (unlinked on close); the
-// runs are then merged.
+// by a run: IDs are gathered in runs of idRunLen, each sorted and written
+// to a temporary file (removed on close) when it fills; the last run, in
+// memory, and the written ones are then merged.
 type idSpill struct {
 	run  []uint64
 	file *os.File
@@ -63,7 +63,7 @@ func (s *idSpill) shared() ([]uint64, error) {
 	runs := idRuns{&memoryRun{ids: s.run}}
 	start := int64(0)
 	for _, end := range s.ends {
-		r := bufio.NewReaderSize(io.NewSectionReader(s.file, start, end-start), 16<<10)
+		r := bufio.NewReaderSize(io.NewSectionReader(s.file, start, end-start), 4<<10)
 		runs = append(runs, &fileRun{r: r})
 		start = end
 	}

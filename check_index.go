@@ -9,19 +9,24 @@ import (
 	"slices"
 )
 
+// link is an entry of the children index: child has parent.
+type link struct{ parent, child ref }
+
 // indexCheck compares the children index with the entries the records
 // should have, without holding either: each side is summed into an
 // order-independent digest, the sum of two 64-bit keyed hashes of its
 // entries, seeded at random for each Check so that no store can be made to
-// collide on purpose. Equal digests mean equal sets (but for a chance of
-// 2^-128); only when they differ are the records and the index read again
-// to find which entries differ.
+// collide on purpose. Equal digests mean equal sets but for a negligible
+// chance (both keyed sums colliding); only when they differ are the
+// records and the index read again to find which entries differ.
 type indexCheck struct {
-	seeds      [2]maphash.Seed
-	wanted     indexDigest // the entries the records should have
+	seeds   [2]maphash.Seed
+	wanted  indexDigest // the entries the records should have
+	matched indexDigest // the entries found under the name of their record
+	// namesOther holds, by entry, the problems of the records whose entry
+	// names another child, until the index is read again.
+	namesOther map[link][]Problem
 	buf        []byte
-	matched    int              // records found in the index under their own name
-	namesOther map[link]Problem // by entry: a record whose entry names another child
 }
 
 type indexDigest struct {
@@ -30,7 +35,7 @@ type indexDigest struct {
 }
 
 func newIndexCheck() indexCheck {
-	return indexCheck{seeds: [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}, namesOther: map[link]Problem{}}
+	return indexCheck{seeds: [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}, namesOther: map[link][]Problem{}}
 }
 
 // want adds the entry a record with that parent link should have.
@@ -54,9 +59,10 @@ func (ic *indexCheck) add(d *indexDigest, parent ref, child uint64, childName st
 
 // checkIndex compares the children index with the records' parent links.
 // The index is read once; when it holds exactly the entries the records
-// should have, that is all. Otherwise every record looks up its own entry
-// (findIndexGaps), and the index is read again to judge each entry that
-// no record found: which record, if any, it names.
+// should have, that is all. Otherwise the records are read again and each
+// looks up its own entry (findIndexGaps); unless every entry of the index
+// was found so, the index is read again and each entry judged: which
+// record, if any, has it as its parent link.
 func (c *scopeChecker) checkIndex(ctx context.Context) error {
 	var held indexDigest
 	err := c.tx.scanLinks(ctx, func(parent, child ref, decodeErr error) error {
@@ -73,7 +79,7 @@ func (c *scopeChecker) checkIndex(ctx context.Context) error {
 	if err := c.findIndexGaps(ctx); err != nil {
 		return err
 	}
-	if held.n == c.index.matched && len(c.index.namesOther) == 0 {
+	if held == c.index.matched && len(c.index.namesOther) == 0 {
 		return nil // every entry is a record's own
 	}
 	err = c.tx.scanLinks(ctx, func(parent, child ref, decodeErr error) error {
@@ -98,7 +104,7 @@ func (c *scopeChecker) checkIndex(ctx context.Context) error {
 			}
 		}
 	}, compareLinks) {
-		c.linkIssues = append(c.linkIssues, c.index.namesOther[k])
+		c.linkIssues = append(c.linkIssues, c.index.namesOther[k]...)
 	}
 	return err
 }
@@ -113,12 +119,10 @@ func compareLinks(a, b link) int {
 // for when judgeLinks reaches that entry.
 func (c *scopeChecker) findIndexGaps(ctx context.Context) error {
 	err := c.tx.scan(ctx, func(name string, r *record, decodeErr error) error {
-		if decodeErr != nil || unreachableName(name, c.maxName) != nil || r.Parent == "" {
+		if !checkable(name, decodeErr, c.maxName) || r.Parent == "" {
 			return nil
 		}
-		kept := *r
-		kept.Labels = nil
-		c.batch = append(c.batch, namedRecord{name, kept})
+		c.batch = append(c.batch, namedRecord{name, checkCopy(r)})
 		if len(c.batch) < checkBatch {
 			return nil
 		}
@@ -154,15 +158,16 @@ func (c *scopeChecker) lookUpEntries(ctx context.Context) error {
 			entries = append(entries, link{ref{name: n.r.Parent, id: p.ID}, ref{name: n.name, id: n.r.ID}})
 		}
 	}
-	return c.tx.checkLinks(ctx, entries, func(i int, keyed ref, child string, found bool) {
+	return c.tx.readLinks(ctx, entries, func(i int, keyed ref, child string, found bool) {
 		e := entries[i]
 		switch {
 		case !found:
 			c.missing = append(c.missing, Problem{Snapshot: e.child.name, Detail: fmt.Sprintf("missing from the children index of its parent %q", e.parent.name)})
 		case child == e.child.name:
-			c.index.matched++
+			c.index.add(&c.index.matched, keyed, e.child.id, child)
 		default:
-			c.index.namesOther[link{keyed, ref{id: e.child.id}}] = Problem{Snapshot: e.child.name, Detail: fmt.Sprintf("children index names the child %q", child)}
+			k := link{keyed, ref{id: e.child.id}}
+			c.index.namesOther[k] = append(c.index.namesOther[k], Problem{Snapshot: e.child.name, Detail: fmt.Sprintf("children index names the child %q", child)})
 		}
 	})
 }
@@ -192,8 +197,8 @@ func (c *scopeChecker) judgeLinks(ctx context.Context) error {
 	}
 	for _, l := range c.links {
 		k := link{l.parent, ref{id: l.child.id}}
-		if p, ok := c.index.namesOther[k]; ok {
-			c.linkIssues = append(c.linkIssues, p)
+		if ps, ok := c.index.namesOther[k]; ok {
+			c.linkIssues = append(c.linkIssues, ps...)
 			delete(c.index.namesOther, k)
 			continue
 		}
@@ -219,4 +224,11 @@ func (c *scopeChecker) claims(ctx context.Context, l link) (bool, error) {
 		return false, err
 	}
 	return c.tx.indexedParent(r.Parent, p.ID) == l.parent, nil
+}
+
+func describeRef(r ref) string {
+	if r.name != "" {
+		return fmt.Sprintf("%q", r.name)
+	}
+	return fmt.Sprintf("ID %d", r.id)
 }

@@ -32,25 +32,23 @@ var (
 // none of them noted among the transaction's reads (Check's transaction
 // never commits, so nothing needs guarding).
 type checkReader interface {
-	// checkRecords calls fn for each of names with its record as the scan
-	// gives it (a bbolt chain piece as stored): nil when there is none,
-	// or the error decoding it. Labels may be left out.
-	checkRecords(ctx context.Context, names []string, fn func(i int, r *record, decodeErr error)) error
+	// readRecords calls fn for each of names with its record decoded as
+	// the scan decodes it (a bbolt chain piece as stored, and what the
+	// scan cannot decode an error here too): nil when there is none.
+	readRecords(ctx context.Context, names []string, fn func(i int, r *record, decodeErr error)) error
 	// indexedParent returns the parts of a parent that the engine keys
 	// its children index by, as scanLinks gives them.
 	indexedParent(name string, id uint64) ref
-	// checkLinks calls fn for each of links with the children-index entry
+	// readLinks calls fn for each of links with the children-index entry
 	// link(l.parent, l.child) would write: keyed is its parent as
 	// scanLinks gives it (the parts the engine keys by), child the name
 	// stored there, found false when there is none.
-	checkLinks(ctx context.Context, links []link, fn func(i int, keyed ref, child string, found bool)) error
+	readLinks(ctx context.Context, links []link, fn func(i int, keyed ref, child string, found bool)) error
 }
 
-// link is an entry of the children index: child has parent.
-type link struct{ parent, child ref }
-
 // scopeChecker checks the records and children index of one scope in
-// memory bounded by a batch (see Check).
+// memory that does not follow the number of records (see Check). Its
+// batch and looked-up records serve the index's passes too.
 type scopeChecker struct {
 	tx      engineTx
 	maxName int
@@ -73,6 +71,21 @@ type scopeChecker struct {
 type namedRecord struct {
 	name string
 	r    record
+}
+
+// checkable reports whether Check judges a record the scan reported:
+// one that decodes, under a name lookups reach (addRecord reports the
+// others).
+func checkable(name string, decodeErr error, maxName int) bool {
+	return decodeErr == nil && unreachableName(name, maxName) == nil
+}
+
+// checkCopy is what Check keeps of a record the engine lent it: all but
+// the labels, which no rule reads.
+func checkCopy(r *record) record {
+	kept := *r
+	kept.Labels = nil
+	return kept
 }
 
 // judgedProblem is a problem of one record, ranked by the rule that found
@@ -105,9 +118,14 @@ func checkScope(ctx context.Context, tx engineTx, limit uint64) ([]Problem, erro
 	if err := c.checkSharedIDs(ctx); err != nil {
 		return nil, err
 	}
+	// A damaged bbolt page can make the scan report a name twice; its
+	// problems are then listed once, as for any record.
 	slices.SortStableFunc(c.judged, func(a, b judgedProblem) int {
 		return cmp.Or(cmp.Compare(a.Snapshot, b.Snapshot), cmp.Compare(a.rank, b.rank))
 	})
+	c.judged = slices.Compact(c.judged)
+	slices.SortStableFunc(c.missing, func(a, b Problem) int { return cmp.Compare(a.Snapshot, b.Snapshot) })
+	c.missing = slices.Compact(c.missing)
 	found := slices.Concat(c.unreadable, c.badLinks)
 	for _, p := range c.judged {
 		found = append(found, p.Problem)
@@ -134,9 +152,7 @@ func (c *scopeChecker) addRecord(ctx context.Context) func(string, *record, erro
 		if err := c.ids.add(r.ID); err != nil {
 			return err
 		}
-		kept := *r        // r is the scan's
-		kept.Labels = nil // not needed; keep memory small
-		c.batch = append(c.batch, namedRecord{name, kept})
+		c.batch = append(c.batch, namedRecord{name, checkCopy(r)})
 		if len(c.batch) < checkBatch {
 			return nil
 		}
@@ -256,10 +272,9 @@ func (c *scopeChecker) read(ctx context.Context, names []string) error {
 		c.near[n] = nil // asked once, even when names holds it twice
 		ask = append(ask, n)
 	}
-	return c.tx.checkRecords(ctx, ask, func(i int, r *record, decodeErr error) {
+	return c.tx.readRecords(ctx, ask, func(i int, r *record, decodeErr error) {
 		if r != nil && decodeErr == nil {
-			kept := *r
-			kept.Labels = nil
+			kept := checkCopy(r)
 			c.near[ask[i]] = &kept
 		}
 	})
@@ -373,11 +388,11 @@ func (c *scopeChecker) checkSharedIDs(ctx context.Context) error {
 		owners[id] = nil
 	}
 	err = c.tx.scan(ctx, func(name string, r *record, decodeErr error) error {
-		if decodeErr != nil || unreachableName(name, c.maxName) != nil {
+		if !checkable(name, decodeErr, c.maxName) {
 			return nil
 		}
-		if os, ok := owners[r.ID]; ok {
-			owners[r.ID] = append(os, owner{name, r.Content})
+		if held, ok := owners[r.ID]; ok {
+			owners[r.ID] = append(held, owner{name, r.Content})
 		}
 		return nil
 	})
@@ -385,26 +400,19 @@ func (c *scopeChecker) checkSharedIDs(ctx context.Context) error {
 		return err
 	}
 	for _, id := range shared {
-		os := owners[id]
+		held := owners[id]
 		oneLayer := true
-		for _, o := range os {
-			oneLayer = oneLayer && o.content != "" && o.content == os[0].content
+		for _, o := range held {
+			oneLayer = oneLayer && o.content != "" && o.content == held[0].content
 		}
 		if oneLayer {
 			continue
 		}
-		others := make([]string, 0, len(os)-1)
-		for _, o := range os[1:] {
+		others := make([]string, 0, len(held)-1)
+		for _, o := range held[1:] {
 			others = append(others, o.name)
 		}
-		c.judgef(os[0].name, rankSharedID, "ID %d is shared with %q", id, others)
+		c.judgef(held[0].name, rankSharedID, "ID %d is shared with %q", id, others)
 	}
 	return nil
-}
-
-func describeRef(r ref) string {
-	if r.name != "" {
-		return fmt.Sprintf("%q", r.name)
-	}
-	return fmt.Sprintf("ID %d", r.id)
 }

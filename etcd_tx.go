@@ -498,9 +498,9 @@ func (t *etcdTx) scanLinks(ctx context.Context, fn func(parent, child ref, err e
 	})
 }
 
-// checkRecords reads the records of names as etcd holds them at the read
-// revision, in Txns of up to maxTxnOps Gets, noting none of them.
-func (t *etcdTx) checkRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
+// readRecords reads the records of names as etcd holds them at the read
+// revision (see checkKeys), noting none of them.
+func (t *etcdTx) readRecords(ctx context.Context, names []string, fn func(int, *record, error)) error {
 	return t.checkKeys(ctx, len(names), func(i int) string { return t.keys.snapshot(names[i]) }, func(i int, kv *mvccpb.KeyValue) {
 		if kv == nil {
 			fn(i, nil, nil)
@@ -514,9 +514,9 @@ func (t *etcdTx) checkRecords(ctx context.Context, names []string, fn func(int, 
 // indexedParent: etcd keys the index by the parent's name.
 func (t *etcdTx) indexedParent(name string, _ uint64) ref { return ref{name: name} }
 
-func (t *etcdTx) checkLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
+func (t *etcdTx) readLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
 	return t.checkKeys(ctx, len(links), func(i int) string { return t.keys.child(links[i].parent.name, links[i].child.id) }, func(i int, kv *mvccpb.KeyValue) {
-		keyed := ref{name: links[i].parent.name}
+		keyed := t.indexedParent(links[i].parent.name, links[i].parent.id)
 		if kv == nil {
 			fn(i, keyed, "", false)
 			return
@@ -525,15 +525,24 @@ func (t *etcdTx) checkLinks(ctx context.Context, links []link, fn func(int, ref,
 	})
 }
 
+// checkTxnKeyBytes bounds the keys of one Txn of checkKeys: etcd refuses
+// a request over 1.5 MiB (its default --max-request-bytes), and a name may
+// be up to etcdMaxName long, three times that escaped.
+const checkTxnKeyBytes = 1 << 20
+
 // checkKeys reads n keys at the read revision, in Txns of up to
-// maxTxnOps Gets, and hands each to fn (nil: absent).
+// maxTxnOps Gets and checkTxnKeyBytes of keys, and hands each to fn (nil:
+// absent).
 func (t *etcdTx) checkKeys(ctx context.Context, n int, key func(i int) string, fn func(i int, kv *mvccpb.KeyValue)) error {
-	per := max(t.e.opts.maxTxnOps, 1)
-	for start := 0; start < n; start += per {
-		end := min(start+per, n)
-		ops := make([]clientv3.Op, 0, end-start)
-		for i := start; i < end; i++ {
-			ops = append(ops, clientv3.OpGet(key(i), t.readOpts()...))
+	perTxn := max(t.e.opts.maxTxnOps, 1)
+	for start := 0; start < n; {
+		var ops []clientv3.Op
+		for size := 0; start+len(ops) < n && len(ops) < perTxn; {
+			k := key(start + len(ops))
+			if size += len(k); size > checkTxnKeyBytes && len(ops) > 0 {
+				break
+			}
+			ops = append(ops, clientv3.OpGet(k, t.readOpts()...))
 		}
 		results, err := t.readMany(ctx, ops)
 		if err != nil {
@@ -546,6 +555,7 @@ func (t *etcdTx) checkKeys(ctx context.Context, n int, key func(i int) string, f
 			}
 			fn(start+j, kv)
 		}
+		start += len(ops)
 	}
 	return nil
 }
