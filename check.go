@@ -76,7 +76,8 @@ func (p Problem) String() string {
 // each side (sums of two keyed 64-bit hashes, seeded afresh for each
 // Check: equal digests mean equal sets but for a negligible chance); only
 // when they differ does it scan the records again, each looking up its
-// own entry, and read the index again to judge its entries. It finds
+// own entry, and, unless every entry was found so, read the index again
+// to judge its entries. It finds
 // shared IDs by sorting them in runs of 262,144 (2 MiB), written to a
 // temporary file under os.TempDir() (removed when Check returns) whenever
 // a run fills; when some ID is shared, the records are scanned once more
