@@ -3,14 +3,20 @@ package storage_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	storage "github.com/snapmeta/storage"
 )
@@ -58,6 +64,151 @@ func TestCheckFailsWhenItCannotSpillIDs(t *testing.T) {
 	assert.Contains(t, err.Error(), "temporary file")
 	assert.ErrorIs(t, err, os.ErrNotExist)
 	assert.True(t, errdefs.IsNotFound(err), "class of %v", err)
+}
+
+// A temporary file that takes the IDs but cannot be written, or is
+// written but cannot be read back, fails Check with class Internal; Check
+// never judges IDs it could not read back, and removes the file.
+func TestCheckFailsWhenItsSpilledIDsCannotBeWrittenOrReadBack(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		flag int // how the spill file is opened: the other direction fails
+		says string
+	}{
+		{"writing fails", os.O_RDONLY, "spilling the store's IDs"},
+		{"reading back fails", os.O_WRONLY, "reading back the store's IDs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := chkFreshBolt(t)
+			chkBuildChain(t, s.ms)
+			path := filepath.Join(t.TempDir(), "ids")
+			restore := storage.SetIDSpillFile(func() (*os.File, error) {
+				return os.OpenFile(path, tc.flag|os.O_CREATE, 0o600)
+			})
+			defer restore()
+			problems, err := chkCheckErr(s.ms)
+			require.Error(t, err)
+			assert.Nil(t, problems)
+			assert.Contains(t, err.Error(), tc.says)
+			assert.True(t, errdefs.IsInternal(err), "class of %v", err)
+			assert.NoFileExists(t, path, "Check left its spill file behind")
+		})
+	}
+}
+
+// failingKV fails one request, as a server that did not answer it would
+// (gRPC Unavailable): the one that finds its countdown at zero.
+type failingKV struct {
+	clientv3.KV
+	countdown *atomic.Int64
+}
+
+var errInjectedUnavailable = status.Error(codes.Unavailable, "injected: etcd went away")
+
+func (f failingKV) spend() error {
+	if f.countdown.Add(-1) == -1 {
+		return errInjectedUnavailable
+	}
+	return nil
+}
+
+func (f failingKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if err := f.spend(); err != nil {
+		return nil, err
+	}
+	return f.KV.Get(ctx, key, opts...)
+}
+
+func (f failingKV) Do(ctx context.Context, op clientv3.Op) (clientv3.OpResponse, error) {
+	if err := f.spend(); err != nil {
+		return clientv3.OpResponse{}, err
+	}
+	return f.KV.Do(ctx, op)
+}
+
+func (f failingKV) GetStream(ctx context.Context, key string, opts ...clientv3.OpOption) (clientv3.GetStreamChan, error) {
+	if err := f.spend(); err != nil {
+		return nil, err
+	}
+	return f.KV.GetStream(ctx, key, opts...)
+}
+
+func (f failingKV) Txn(ctx context.Context) clientv3.Txn {
+	return failingTxn{Txn: f.KV.Txn(ctx), kv: f}
+}
+
+type failingTxn struct {
+	clientv3.Txn
+	kv failingKV
+}
+
+func (f failingTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
+	return failingTxn{Txn: f.Txn.If(cs...), kv: f.kv}
+}
+
+func (f failingTxn) Then(ops ...clientv3.Op) clientv3.Txn {
+	return failingTxn{Txn: f.Txn.Then(ops...), kv: f.kv}
+}
+
+func (f failingTxn) Else(ops ...clientv3.Op) clientv3.Txn {
+	return failingTxn{Txn: f.Txn.Else(ops...), kv: f.kv}
+}
+
+func (f failingTxn) Commit() (*clientv3.TxnResponse, error) {
+	if err := f.kv.spend(); err != nil {
+		return nil, err
+	}
+	return f.Txn.Commit()
+}
+
+// Check on etcd needs every request it sends: when one fails, at any point
+// of it (the scan, a batch's parents, the children index, the scans for
+// shared IDs), Check fails with class Unavailable and reports nothing,
+// rather than a list judged on reads it did not get. Within
+// shrunk bounds, on a store whose index lacks an entry and whose records
+// share an ID, so that every path of Check sends requests.
+func TestEtcdCheckFailsWholeWhenAnyRequestFails(t *testing.T) {
+	s := chkFreshEtcd(t)
+	ids := chkBuildChain(t, s.ms)
+	s.raw(t, func(r chkRaw) {
+		r.deleteLink("layer2", ids["layer2"], ids["work"])
+		view := r.record("view")
+		view.ID = ids["rb"]
+		r.setRecord("view", view)
+	})
+	var countdown atomic.Int64
+	countdown.Store(math.MaxInt64)
+	ms := openEtcd(t, s.root, storage.WithoutWatchCache(), storage.WithKVWrapper(func(kv clientv3.KV) clientv3.KV {
+		return failingKV{KV: kv, countdown: &countdown}
+	}))
+	restore := storage.ShrinkCheckBounds()
+	defer restore()
+	t.Setenv("TMPDIR", t.TempDir())
+
+	want, err := storage.Check(context.Background(), ms)
+	require.NoError(t, err)
+	require.NotEmpty(t, want)
+	// Counted on a second Check: the first also learns what a store
+	// learns once.
+	countdown.Store(math.MaxInt64)
+	_, err = storage.Check(context.Background(), ms)
+	require.NoError(t, err)
+	sent := math.MaxInt64 - countdown.Load()
+	require.Greater(t, sent, int64(3), "Check sent too few requests to fail it midway")
+
+	for answered := range sent {
+		countdown.Store(answered)
+		problems, err := storage.Check(context.Background(), ms)
+		if assert.Error(t, err, "request %d of %d failed", answered+1, sent) {
+			assert.ErrorIs(t, err, errInjectedUnavailable)
+			assert.True(t, errdefs.IsUnavailable(err), "class of %v", err)
+		}
+		assert.Nil(t, problems, "request %d of %d failed", answered+1, sent)
+	}
+	countdown.Store(sent)
+	problems, err := storage.Check(context.Background(), ms)
+	require.NoError(t, err)
+	assert.Equal(t, want, problems)
 }
 
 func chkCheckErr(ms storage.MetaStore) ([]storage.Problem, error) {

@@ -11,6 +11,10 @@ import (
 	"slices"
 )
 
+// createIDSpill makes the temporary file IDs are spilled to; tests replace
+// it to make the file fail.
+var createIDSpill = func() (*os.File, error) { return os.CreateTemp("", "snapmeta-check-ids-*") }
+
 // idSpill finds the IDs that more than one record holds, in memory bounded
 // by a run: IDs are gathered in runs of idRunLen, each sorted and written
 // to a temporary file (removed on close) when it fills; the last run, in
@@ -32,7 +36,7 @@ func (s *idSpill) add(id uint64) error {
 // spill writes the run in memory to the file, sorted.
 func (s *idSpill) spill() error {
 	if s.file == nil {
-		f, err := os.CreateTemp("", "snapmeta-check-ids-*")
+		f, err := createIDSpill()
 		if err != nil {
 			return fmt.Errorf("check: a temporary file for the store's IDs: %w", fileErr(err))
 		}

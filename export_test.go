@@ -175,6 +175,14 @@ func SetBeforeGroupCommit(ms MetaStore, fn func()) {
 	ms.(*metaStore).eng.(*boltEngine).group.beforeCommit = fn
 }
 
+// SetIDSpillFile makes Check spill IDs to the file create returns rather
+// than to a temporary file of its own; restore undoes it.
+func SetIDSpillFile(create func() (*os.File, error)) (restore func()) {
+	old := createIDSpill
+	createIDSpill = create
+	return func() { createIDSpill = old }
+}
+
 // ShrinkCheckBounds makes Check judge records two at a time, keep two
 // records looked up and two verdicts, and spill IDs in runs of two, so
 // that small stores take every path of a large one; restore undoes it.
