@@ -619,7 +619,11 @@ func (b *boltTx) readRecords(_ context.Context, names []string, fn func(int, *re
 }
 
 // indexedParent: bbolt keys the index by the parent's ID.
-func (b *boltTx) indexedParent(_ string, id uint64) ref { return ref{id: id} }
+func (b *boltTx) indexedParent(name string, id uint64) ref { return boltIndexedParent(name, id) }
+
+// boltIndexedParent is the part of a parent that bbolt's children index is
+// keyed by, its ID: the layout's, for every reader of a bbolt file.
+func boltIndexedParent(_ string, id uint64) ref { return ref{id: id} }
 
 func (b *boltTx) readLinks(_ context.Context, links []link, fn func(int, ref, string, bool)) (err error) {
 	prev := debug.SetPanicOnFault(true)
@@ -633,7 +637,7 @@ func (b *boltTx) readLinks(_ context.Context, links []link, fn func(int, ref, st
 		if b.parents != nil {
 			v = b.parents.Get(appendParentLinkKey(kb[:0], l.parent.id, l.child.id))
 		}
-		fn(i, b.indexedParent(l.parent.name, l.parent.id), string(v), v != nil)
+		fn(i, boltIndexedParent(l.parent.name, l.parent.id), string(v), v != nil)
 	}
 	return nil
 }

@@ -621,7 +621,7 @@ func (o *optTx) readRecords(ctx context.Context, names []string, fn func(int, *r
 }
 
 func (o *optTx) indexedParent(name string, id uint64) ref {
-	return (*boltTx)(nil).indexedParent(name, id) // the layout's, not a transaction's
+	return boltIndexedParent(name, id)
 }
 
 func (o *optTx) readLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
@@ -781,7 +781,7 @@ func (r *optReader) readRecords(ctx context.Context, names []string, fn func(int
 }
 
 func (r *optReader) indexedParent(name string, id uint64) ref {
-	return (*boltTx)(nil).indexedParent(name, id)
+	return boltIndexedParent(name, id)
 }
 
 func (r *optReader) readLinks(ctx context.Context, links []link, fn func(int, ref, string, bool)) error {
