@@ -73,6 +73,7 @@ func writeSVG(w io.Writer, r *results) error {
 			{"containerd's store (bbolt)", "#d9822b", false, r.throughput("BenchmarkBoltWriteTx/", "containerd", 0)},
 			{"snapmeta, bbolt engine", "#2b6cb0", false, r.throughput("BenchmarkBoltWriteTx/", ours, 0)},
 			{"raw bbolt, N writers' records per commit (ceiling)", "#a0aec0", true, r.throughput("BenchmarkBoltWriteTx/", "bbolt-ideal", 0)},
+			{"raw bbolt, N writers' creates then commits per commit", "#718096", true, r.throughput("BenchmarkBoltWriteTx/", "bbolt-ideal-two-steps", 0)},
 			{"snapmeta, etcd engine", "#2f855a", false, r.throughput("BenchmarkEtcdClients/", ours, 0)},
 			{"raw etcd calls (reference)", "#68d391", true, r.throughput("BenchmarkEtcdClients/", "raw", 0)},
 		},
