@@ -49,9 +49,10 @@ var (
 	// Close may be called again.
 	ErrCloseTimeout = fmt.Errorf("close timed out with transactions still in flight: %w", errdefs.ErrUnavailable)
 
-	// ErrLocked is returned by NewBoltMetaStore when another process holds
-	// the database file's lock for longer than the open timeout
-	// (class Unavailable).
+	// ErrLocked is returned by NewBoltMetaStore when the database file's
+	// lock is held for longer than the open timeout (class Unavailable):
+	// by another process, or by a store of this process on the same file
+	// that is not closed yet (bbolt's lock is per open file).
 	ErrLocked = fmt.Errorf("database file is locked by another process; stop it or copy the file: %w", errdefs.ErrUnavailable)
 
 	// ErrConflict is returned by Commit when another transaction changed what

@@ -84,9 +84,13 @@ func WithMaxTxnOps(n int) EtcdOpt {
 }
 
 // WithRequestTimeout bounds every etcd request; a request that takes longer
-// fails with class Unavailable. Zero leaves only the caller's context.
+// fails with class Unavailable. Zero leaves only the caller's context; a
+// negative timeout is refused (InvalidArgument).
 func WithRequestTimeout(d time.Duration) EtcdOpt {
 	return func(o *etcdOptions) error {
+		if d < 0 {
+			return fmt.Errorf("request timeout must not be negative: %w", errdefs.ErrInvalidArgument)
+		}
 		o.requestTimeout = d
 		return nil
 	}

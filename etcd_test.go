@@ -115,6 +115,10 @@ func TestEtcdConstructorsRefuseBadArguments(t *testing.T) {
 			return storage.NewEtcdStoreFromClient(etcdServer(t).Client(t), "")
 		}},
 		{"zero page size", func() (storage.MetaStore, error) { return storage.NewEtcdStore("a", &cfg, storage.WithPageSize(0)) }},
+		{"zero max txn ops", func() (storage.MetaStore, error) { return storage.NewEtcdStore("a", &cfg, storage.WithMaxTxnOps(0)) }},
+		{"negative request timeout", func() (storage.MetaStore, error) {
+			return storage.NewEtcdStore("a", &cfg, storage.WithRequestTimeout(-time.Second))
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ms, err := tc.open()

@@ -46,12 +46,13 @@ const maxHostName = 128
 const modeHosts = "hosts"
 
 var (
-	// ErrScopeMismatch is returned by NewEtcdStore when the root is
-	// host-scoped and no host was given, or the root holds snapshots
-	// without host scopes and a host was given (class FailedPrecondition).
-	// Nothing is written. A store without host finds out at its first
-	// transaction, and, should the root become host-scoped later (it held
-	// no snapshots then), at its next commit, which applies nothing.
+	// ErrScopeMismatch is returned when a store's host scoping does not
+	// match its root's (class FailedPrecondition), and nothing is written:
+	// by NewEtcdStore WithHost when the root holds snapshots without host
+	// scopes; to a store without host on a host-scoped root, by its first
+	// transaction (NewEtcdStore reads nothing of the root then), and,
+	// should the root become host-scoped later (it held no snapshots then),
+	// by its next commit, which applies nothing.
 	ErrScopeMismatch = fmt.Errorf("etcd root scoping does not match: %w", errdefs.ErrFailedPrecondition)
 
 	// ErrHostAlive is returned by NewEtcdStore WithHost while another

@@ -28,7 +28,9 @@ package storage
 //	    <uvarint parent ID> 0x00 <uvarint child ID> -> child name
 //
 // IDs come from the snapshots bucket's sequence, as in containerd: unique in
-// the file and never reused. They never wrap: at a sequence of 2^64-1 the
+// the file, and never handed out again once committed, even after a
+// Remove (a rollback gives back the IDs its transaction drew, as in
+// containerd). They never wrap: at a sequence of 2^64-1 the
 // allocator is exhausted (ErrIDsExhausted), where containerd's would hand
 // out 0.
 const (

@@ -5,6 +5,7 @@ package storage_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"runtime"
@@ -228,6 +229,46 @@ func TestPromiseMisuseSentinels(t *testing.T) {
 			return storage.Import(ctx, storage.Record{Name: "x", ID: "77", Kind: snapshots.KindCommitted})
 		},
 		"RaiseIDs": func(ctx context.Context) error { return storage.RaiseIDs(ctx, 1000) },
+		// The transaction's state is reported before the arguments are
+		// judged: these would be InvalidArgument in a writable one.
+		"CreateSnapshot with an empty name": func(ctx context.Context) error {
+			_, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "", "")
+			return err
+		},
+		"CommitShared with an empty content key": func(ctx context.Context) error {
+			_, err := storage.CommitShared(ctx, "active", "x", "", snapshots.Usage{})
+			return err
+		},
+		"BindLayer with an empty content key": func(ctx context.Context) error {
+			_, err := storage.BindLayer(ctx, "x", "", "")
+			return err
+		},
+		"TakeOver of an invalid host": func(ctx context.Context) error {
+			_, err := storage.TakeOver(ctx, "no/such host", "active", "x", "")
+			return err
+		},
+		"BindRemote without a ref label": func(ctx context.Context) error {
+			_, err := storage.BindRemote(ctx, "x", "base")
+			return err
+		},
+		"CommitRemote without a ref label": func(ctx context.Context) error {
+			_, err := storage.CommitRemote(ctx, "active", "x", snapshots.Usage{})
+			return err
+		},
+	}
+	// Reads whose arguments would be refused: checked where the state
+	// comes first (no transaction, an ended one).
+	badReads := map[string]func(ctx context.Context) error{
+		"WalkInfo with a bad filter": func(ctx context.Context) error {
+			return storage.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil }, "labels.a~=(")
+		},
+		"Walk with a bad filter": func(ctx context.Context) error {
+			return storage.Walk(ctx, func(storage.Record) error { return nil }, "labels.a~=(")
+		},
+		"GetActiveSnapshot of an invalid host": func(ctx context.Context) error {
+			_, err := storage.GetActiveSnapshot(ctx, "no/such host", "active")
+			return err
+		},
 	}
 	reads := map[string]func(ctx context.Context) error{
 		"GetInfo": func(ctx context.Context) error {
@@ -268,6 +309,9 @@ func TestPromiseMisuseSentinels(t *testing.T) {
 			for k, v := range reads {
 				all[k] = v
 			}
+			for k, v := range badReads {
+				all[k] = v
+			}
 			for name, op := range all {
 				err := op(context.Background())
 				assert.ErrorIs(t, err, storage.ErrNoTransaction, name)
@@ -296,6 +340,11 @@ func TestPromiseMisuseSentinels(t *testing.T) {
 				assert.ErrorIs(t, err, storage.ErrTransactionDone, name)
 				assert.True(t, errdefs.IsFailedPrecondition(err), "%s: %v", name, err)
 			}
+			var nilCtx context.Context
+			_, _, _, err = tx.GetInfo(nilCtx, "base")
+			assert.ErrorIs(t, err, storage.ErrTransactionDone, "GetInfo with a nil context")
+			assert.ErrorIs(t, tx.WalkInfo(ctx, func(context.Context, snapshots.Info) error { return nil }, "labels.a~=("),
+				storage.ErrTransactionDone, "Transactor.WalkInfo with a bad filter")
 			assert.ErrorIs(t, tx.Commit(), storage.ErrTransactionDone)
 			assert.ErrorIs(t, tx.Rollback(), storage.ErrTransactionDone)
 			assert.Equal(t, before, promiseViewDump(t, ms))
@@ -1138,4 +1187,69 @@ func TestPromiseContainerdNamesAtBoltsKeyLimitAreReachable(t *testing.T) {
 		require.NoError(t, err)
 		return nil
 	})
+}
+
+// Transactor.CreateSnapshot: "a new ID, one that no committed snapshot has
+// held, even one removed since. On bbolt, as in containerd's store, the ID
+// of a create that was rolled back (or whose callback failed) is handed out
+// again; etcd, and bbolt WithParallelCallbacks, skip it."
+func TestPromiseIDsOfRolledBackCreates(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		open  func(t *testing.T) storage.MetaStore
+		again bool // a rolled-back ID is handed out again
+	}{
+		{"bolt", func(t *testing.T) storage.MetaStore { return openBolt(t, t.TempDir()) }, !storage.ParallelByDefault()},
+		{"bolt parallel", func(t *testing.T) storage.MetaStore {
+			return openBolt(t, t.TempDir(), storage.WithParallelCallbacks())
+		}, false},
+		{"etcd", func(t *testing.T) storage.MetaStore { return openEtcd(t, uniqueRoot(t)) }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ms := tc.open(t)
+			create := func(ctx context.Context) (string, error) {
+				s, err := storage.CreateSnapshot(ctx, snapshots.KindActive, "k", "")
+				return s.ID, err
+			}
+			var ids []string
+			// Rolled back by TransactionContext's Rollback.
+			ctx, tx, err := ms.TransactionContext(context.Background(), true)
+			require.NoError(t, err)
+			id, err := create(ctx)
+			require.NoError(t, err)
+			ids = append(ids, id)
+			require.NoError(t, tx.Rollback())
+			// Undone by a failing callback.
+			errUndo := errors.New("undo")
+			require.ErrorIs(t, ms.WithTransaction(context.Background(), true, func(ctx context.Context) error {
+				id, err := create(ctx)
+				require.NoError(t, err)
+				ids = append(ids, id)
+				return errUndo
+			}), errUndo)
+			// Committed, then removed: its ID is never handed out again.
+			update(t, ms, func(ctx context.Context) error {
+				id, err := create(ctx)
+				ids = append(ids, id)
+				return err
+			})
+			update(t, ms, func(ctx context.Context) error {
+				_, _, err := storage.Remove(ctx, "k")
+				return err
+			})
+			update(t, ms, func(ctx context.Context) error {
+				id, err := create(ctx)
+				ids = append(ids, id)
+				return err
+			})
+			if tc.again {
+				assert.Equal(t, ids[0], ids[1], "a rolled-back ID is handed out again: %v", ids)
+				assert.Equal(t, ids[0], ids[2], "a rolled-back ID is handed out again: %v", ids)
+			} else {
+				distinct := map[string]bool{ids[0]: true, ids[1]: true, ids[2]: true}
+				assert.Len(t, distinct, 3, "rolled-back IDs are skipped: %v", ids)
+			}
+			assert.NotContains(t, ids[:3], ids[3], "no ID handed out before is handed out after a removal: %v", ids)
+		})
+	}
 }

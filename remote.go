@@ -40,6 +40,9 @@ func RemoteRef(opts ...snapshots.Opt) (string, error) {
 // (no label, no such layer, no parent, a store without host scopes) bound
 // is false, nothing is changed, and the driver prepares key as usual.
 func BindRemote(ctx context.Context, key, parent string, opts ...snapshots.Opt) (bound bool, err error) {
+	if err := readyFrom(ctx, true); err != nil {
+		return false, err
+	}
 	ref, err := RemoteRef(opts...)
 	if err != nil || ref == "" {
 		return false, err
@@ -59,6 +62,9 @@ func BindRemote(ctx context.Context, key, parent string, opts ...snapshots.Opt) 
 // opts carry it, so that other hosts bind the layer; CommitActive
 // otherwise. Its refusals are CommitActive's.
 func CommitRemote(ctx context.Context, key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (id string, err error) {
+	if err := readyFrom(ctx, true); err != nil {
+		return "", err
+	}
 	ref, err := RemoteRef(opts...)
 	if err != nil {
 		return "", err

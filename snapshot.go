@@ -409,6 +409,9 @@ func (t *transaction) UpdateInfo(ctx context.Context, info snapshots.Info, field
 }
 
 func (t *transaction) WalkInfo(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+	if err := t.ready(ctx, false); err != nil {
+		return err
+	}
 	filter, err := parseFilters(fs...)
 	if err != nil {
 		return err

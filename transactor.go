@@ -54,7 +54,11 @@ type Transactor interface {
 	// snapshot; ParentIDs lists the immediate parent first.
 	GetSnapshot(ctx context.Context, key string) (Snapshot, error)
 	// CreateSnapshot adds an active or view snapshot on a committed parent
-	// (or none) and returns it with a new, never reused ID.
+	// (or none) and returns it with a new ID, one that no committed
+	// snapshot has held, even one removed since. On bbolt, as in
+	// containerd's store, the ID of a create that was rolled back (or whose
+	// callback failed) is handed out again; etcd, and bbolt
+	// WithParallelCallbacks, skip it.
 	CreateSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts ...snapshots.Opt) (Snapshot, error)
 	// Remove deletes a snapshot that has no children and returns its ID and
 	// kind.
@@ -134,16 +138,7 @@ func (t *transaction) ended() {
 // the transaction is open, ctx is live, and writes happen only in a writable
 // transaction.
 func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) error) error {
-	if ctx == nil {
-		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
-	}
-	if t.done.Load() {
-		return ErrTransactionDone
-	}
-	if write && !t.writable {
-		return ErrReadOnly
-	}
-	if err := ctx.Err(); err != nil {
+	if err := t.ready(ctx, write); err != nil {
 		return err
 	}
 	rc, checks := t.tx.(refusalChecker)
@@ -168,6 +163,24 @@ func (t *transaction) use(ctx context.Context, write bool, op func(engineTx) err
 		}
 	}
 	return err
+}
+
+// ready returns why the transaction cannot run an operation now, nil when
+// it can. The lifecycle comes before the arguments: an ended transaction
+// answers ErrTransactionDone, and a write in a read-only one ErrReadOnly,
+// whatever it was given; so an operation that checks its arguments before
+// use calls ready first.
+func (t *transaction) ready(ctx context.Context, write bool) error {
+	if t.done.Load() {
+		return ErrTransactionDone
+	}
+	if write && !t.writable {
+		return ErrReadOnly
+	}
+	if ctx == nil {
+		return fmt.Errorf("nil context: %w", errdefs.ErrInvalidArgument)
+	}
+	return ctx.Err()
 }
 
 // refused tells whether err is a refusal: an operation that changed
@@ -212,6 +225,21 @@ func fromContext(ctx context.Context) (Transactor, error) {
 		return nil, ErrNoTransaction
 	}
 	return t, nil
+}
+
+// readyFrom returns why the transaction ctx carries cannot run an
+// operation now (ErrNoTransaction, or what ready returns), nil when it can:
+// for functions that judge their arguments before they reach the
+// transaction, so that its state is reported first.
+func readyFrom(ctx context.Context, write bool) error {
+	tr, err := fromContext(ctx)
+	if err != nil {
+		return err
+	}
+	if t, ok := tr.(*transaction); ok {
+		return t.ready(ctx, write)
+	}
+	return nil
 }
 
 // GetInfo returns the ID, info and usage of the snapshot named key, in the

@@ -38,11 +38,14 @@ import (
 // or a failed read, ends the walk with its error. As with WalkInfo, fn may
 // use the transaction, and Record.Labels is fn's to keep.
 func Walk(ctx context.Context, fn func(Record) error, filters ...string) error {
-	filter, err := parseFilters(filters...)
+	t, err := ownTransaction(ctx)
 	if err != nil {
 		return err
 	}
-	t, err := ownTransaction(ctx)
+	if err := t.ready(ctx, false); err != nil {
+		return err
+	}
+	filter, err := parseFilters(filters...)
 	if err != nil {
 		return err
 	}
