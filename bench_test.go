@@ -684,33 +684,80 @@ func openRawBolt(b *testing.B) *bolt.DB {
 	return db
 }
 
-// rawCreateCommit writes, in tx, what an extraction (an active created and
-// committed with two labels) leaves in containerd's layout, with the fewest
-// bbolt calls.
+// rawCreateCommit writes, in tx, what an extraction (an active created on
+// the snapshot with ID 1 and committed with two labels) leaves in
+// containerd's layout, with the fewest bbolt calls.
 func rawCreateCommit(tx *bolt.Tx, round string, i int) error {
-	v1 := tx.Bucket([]byte("v1"))
-	snaps, parents := v1.Bucket([]byte("snapshots")), v1.Bucket([]byte("parents"))
-	id, err := snaps.NextSequence()
+	snaps, parents, id, err := rawBuckets(tx)
 	if err != nil {
 		return err
 	}
 	name := fmt.Appendf(nil, "%s-layer-%d", round, i)
+	if err := rawRecord(snaps, name, id, snapshots.KindCommitted, i); err != nil {
+		return err
+	}
+	return parents.Put(rawLink(id), name)
+}
+
+// rawPrepareThenCommit makes, in tx, the writes containerd's layout takes
+// for the same extraction in two steps, with the fewest bbolt calls: an
+// active created (its bucket and its children-index entry), then committed
+// (a bucket under the committed name with its usage and two labels, the
+// active's bucket deleted, the index entry given the committed name).
+func rawPrepareThenCommit(tx *bolt.Tx, round string, i int) error {
+	snaps, parents, id, err := rawBuckets(tx)
+	if err != nil {
+		return err
+	}
+	active := fmt.Appendf(nil, "%s-layer-%d-active", round, i)
+	if err := rawRecord(snaps, active, id, snapshots.KindActive, i); err != nil {
+		return err
+	}
+	if err := parents.Put(rawLink(id), active); err != nil {
+		return err
+	}
+	committed := fmt.Appendf(nil, "%s-layer-%d", round, i)
+	if err := rawRecord(snaps, committed, id, snapshots.KindCommitted, i); err != nil {
+		return err
+	}
+	if err := snaps.DeleteBucket(active); err != nil {
+		return err
+	}
+	return parents.Put(rawLink(id), committed)
+}
+
+// rawBuckets returns containerd's two buckets in tx and the next ID.
+func rawBuckets(tx *bolt.Tx) (snaps, parents *bolt.Bucket, id uint64, err error) {
+	v1 := tx.Bucket([]byte("v1"))
+	snaps, parents = v1.Bucket([]byte("snapshots")), v1.Bucket([]byte("parents"))
+	id, err = snaps.NextSequence()
+	return snaps, parents, id, err
+}
+
+// rawLink is the children-index key of child id under the snapshot with ID 1.
+func rawLink(id uint64) []byte { return binary.AppendUvarint([]byte{1, 0}, id) }
+
+// rawRecord writes the bucket of a record of kind on "base" in
+// containerd's layout: a committed one with its usage and benchLabels(i).
+func rawRecord(snaps *bolt.Bucket, name []byte, id uint64, kind snapshots.Kind, i int) error {
 	sb, err := snaps.CreateBucket(name)
 	if err != nil {
 		return err
 	}
 	now, _ := time.Now().MarshalBinary()
-	for _, kv := range [][2][]byte{
+	kvs := [][2][]byte{
 		{[]byte("id"), binary.AppendUvarint(nil, id)},
-		{[]byte("kind"), {byte(snapshots.KindCommitted)}},
+		{[]byte("kind"), {byte(kind)}},
+		{[]byte("parent"), []byte("base")},
 		{[]byte("createdat"), now},
 		{[]byte("updatedat"), now},
-		{[]byte("inodes"), binary.AppendVarint(nil, 2)},
-		{[]byte("size"), binary.AppendVarint(nil, 4096)},
-	} {
-		if err := sb.Put(kv[0], kv[1]); err != nil {
-			return err
-		}
+	}
+	if kind != snapshots.KindCommitted {
+		return rawPuts(sb, kvs)
+	}
+	kvs = append(kvs, [2][]byte{[]byte("inodes"), binary.AppendVarint(nil, 2)}, [2][]byte{[]byte("size"), binary.AppendVarint(nil, 4096)})
+	if err := rawPuts(sb, kvs); err != nil {
+		return err
 	}
 	lb, err := sb.CreateBucket([]byte("labels"))
 	if err != nil {
@@ -721,71 +768,16 @@ func rawCreateCommit(tx *bolt.Tx, round string, i int) error {
 			return err
 		}
 	}
-	return parents.Put(binary.AppendUvarint([]byte{1, 0}, id), name)
+	return nil
 }
 
-// rawPrepareThenCommit makes, in tx, the writes containerd's layout takes
-// for an extraction in two steps, with the fewest bbolt calls: an active
-// created under the snapshot with ID 1 (its bucket and its children-index
-// entry), then committed (a bucket under the committed name with its usage
-// and two labels, the active's bucket deleted, the index entry given the
-// committed name).
-func rawPrepareThenCommit(tx *bolt.Tx, round string, i int) error {
-	v1 := tx.Bucket([]byte("v1"))
-	snaps, parents := v1.Bucket([]byte("snapshots")), v1.Bucket([]byte("parents"))
-	id, err := snaps.NextSequence()
-	if err != nil {
-		return err
-	}
-	now, _ := time.Now().MarshalBinary()
-	record := func(name []byte, kind snapshots.Kind) (*bolt.Bucket, error) {
-		sb, err := snaps.CreateBucket(name)
-		if err != nil {
-			return nil, err
-		}
-		kvs := [][2][]byte{
-			{[]byte("id"), binary.AppendUvarint(nil, id)},
-			{[]byte("kind"), {byte(kind)}},
-			{[]byte("parent"), []byte("base")},
-			{[]byte("createdat"), now},
-			{[]byte("updatedat"), now},
-		}
-		if kind == snapshots.KindCommitted {
-			kvs = append(kvs, [2][]byte{[]byte("inodes"), binary.AppendVarint(nil, 2)}, [2][]byte{[]byte("size"), binary.AppendVarint(nil, 4096)})
-		}
-		for _, kv := range kvs {
-			if err := sb.Put(kv[0], kv[1]); err != nil {
-				return nil, err
-			}
-		}
-		return sb, nil
-	}
-	active := fmt.Appendf(nil, "%s-layer-%d-active", round, i)
-	if _, err := record(active, snapshots.KindActive); err != nil {
-		return err
-	}
-	link := binary.AppendUvarint([]byte{1, 0}, id) // parent 1, child id
-	if err := parents.Put(link, active); err != nil {
-		return err
-	}
-	committed := fmt.Appendf(nil, "%s-layer-%d", round, i)
-	sb, err := record(committed, snapshots.KindCommitted)
-	if err != nil {
-		return err
-	}
-	lb, err := sb.CreateBucket([]byte("labels"))
-	if err != nil {
-		return err
-	}
-	for k, v := range benchLabels(i) {
-		if err := lb.Put([]byte(k), []byte(v)); err != nil {
+func rawPuts(b *bolt.Bucket, kvs [][2][]byte) error {
+	for _, kv := range kvs {
+		if err := b.Put(kv[0], kv[1]); err != nil {
 			return err
 		}
 	}
-	if err := snaps.DeleteBucket(active); err != nil {
-		return err
-	}
-	return parents.Put(link, committed)
+	return nil
 }
 
 // boltParallelImpl is this package's store with parallel callbacks

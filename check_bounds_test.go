@@ -134,31 +134,7 @@ func (f failingKV) GetStream(ctx context.Context, key string, opts ...clientv3.O
 }
 
 func (f failingKV) Txn(ctx context.Context) clientv3.Txn {
-	return failingTxn{Txn: f.KV.Txn(ctx), kv: f}
-}
-
-type failingTxn struct {
-	clientv3.Txn
-	kv failingKV
-}
-
-func (f failingTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
-	return failingTxn{Txn: f.Txn.If(cs...), kv: f.kv}
-}
-
-func (f failingTxn) Then(ops ...clientv3.Op) clientv3.Txn {
-	return failingTxn{Txn: f.Txn.Then(ops...), kv: f.kv}
-}
-
-func (f failingTxn) Else(ops ...clientv3.Op) clientv3.Txn {
-	return failingTxn{Txn: f.Txn.Else(ops...), kv: f.kv}
-}
-
-func (f failingTxn) Commit() (*clientv3.TxnResponse, error) {
-	if err := f.kv.spend(); err != nil {
-		return nil, err
-	}
-	return f.Txn.Commit()
+	return hookedTxn{Txn: f.KV.Txn(ctx), beforeCommit: f.spend}
 }
 
 // Check on etcd needs every request it sends: when one fails, at any point

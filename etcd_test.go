@@ -564,29 +564,33 @@ func (c countingKV) Do(ctx context.Context, op clientv3.Op) (clientv3.OpResponse
 }
 
 func (c countingKV) Txn(ctx context.Context) clientv3.Txn {
-	return countingTxn{Txn: c.KV.Txn(ctx), n: c.n}
+	return hookedTxn{Txn: c.KV.Txn(ctx), beforeCommit: func() error { c.n.Add(1); return nil }}
 }
 
-type countingTxn struct {
+// hookedTxn runs beforeCommit before each Commit, which fails with its
+// error without a request.
+type hookedTxn struct {
 	clientv3.Txn
-	n *atomic.Int64
+	beforeCommit func() error
 }
 
-func (c countingTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
-	return countingTxn{Txn: c.Txn.If(cs...), n: c.n}
+func (h hookedTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
+	return hookedTxn{Txn: h.Txn.If(cs...), beforeCommit: h.beforeCommit}
 }
 
-func (c countingTxn) Then(ops ...clientv3.Op) clientv3.Txn {
-	return countingTxn{Txn: c.Txn.Then(ops...), n: c.n}
+func (h hookedTxn) Then(ops ...clientv3.Op) clientv3.Txn {
+	return hookedTxn{Txn: h.Txn.Then(ops...), beforeCommit: h.beforeCommit}
 }
 
-func (c countingTxn) Else(ops ...clientv3.Op) clientv3.Txn {
-	return countingTxn{Txn: c.Txn.Else(ops...), n: c.n}
+func (h hookedTxn) Else(ops ...clientv3.Op) clientv3.Txn {
+	return hookedTxn{Txn: h.Txn.Else(ops...), beforeCommit: h.beforeCommit}
 }
 
-func (c countingTxn) Commit() (*clientv3.TxnResponse, error) {
-	c.n.Add(1)
-	return c.Txn.Commit()
+func (h hookedTxn) Commit() (*clientv3.TxnResponse, error) {
+	if err := h.beforeCommit(); err != nil {
+		return nil, err
+	}
+	return h.Txn.Commit()
 }
 
 // TestEtcdRoundTripsPerOperation counts the requests of each operation,
