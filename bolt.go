@@ -23,9 +23,10 @@ import (
 // durability.
 type BoltOpt func(*bolt.Options) error
 
-// DefaultBoltTimeout is how long NewBoltMetaStore waits for another process
-// to release the database file's lock before it fails with ErrLocked. A
-// BoltOpt may set another Timeout; zero waits forever.
+// DefaultBoltTimeout is about how long NewBoltMetaStore waits for the
+// database file's lock (held by another process, or by a store of this one
+// not closed yet) before it fails with ErrLocked: bbolt gives up within
+// 50 ms of it. A BoltOpt may set another Timeout; zero waits forever.
 const DefaultBoltTimeout = 10 * time.Second
 
 // NewBoltMetaStore opens (creating it if needed) the bbolt database file
@@ -35,8 +36,9 @@ const DefaultBoltTimeout = 10 * time.Second
 // a BoltOpt turned syncing off.
 //
 // The file is opened at once, so a bad path or a lock held by another
-// process is reported here: after the timeout (DefaultBoltTimeout unless a
-// BoltOpt sets Options.Timeout) with ErrLocked (class Unavailable).
+// process is reported here: after about the timeout (DefaultBoltTimeout
+// unless a BoltOpt sets Options.Timeout; bbolt gives up within 50 ms of
+// it) with ErrLocked (class Unavailable).
 //
 // A damaged file never panics the caller: opening it, or any later read,
 // walk, check or write that meets the damage, fails with ErrDamaged (class

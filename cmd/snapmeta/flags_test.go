@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -79,6 +80,40 @@ func TestInterruptExits130(t *testing.T) {
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, 130, ee.ExitCode())
 	assert.Equal(t, "snapmeta: interrupted\n", stderr.String())
+}
+
+// TestTermEndsAnImportWaitingForItsInput: SIGTERM ends an import that
+// reads a pipe nobody writes to at once, with exit code 143 and one line,
+// and leaves no store behind.
+func TestTermEndsAnImportWaitingForItsInput(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "new.db")
+	cmd := exec.Command(binary, "import", "--store", path)
+	cmd.Env = cleanEnv()
+	stdin, err := cmd.StdinPipe() // held open, never written
+	require.NoError(t, err)
+	defer stdin.Close()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	// The handler is installed first thing; give the tool time to reach
+	// its read of stdin.
+	time.Sleep(500 * time.Millisecond)
+	start := time.Now()
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("the import went on reading its input after SIGTERM")
+	}
+	assert.Less(t, time.Since(start), 5*time.Second)
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 143, ee.ExitCode())
+	assert.Equal(t, "snapmeta: interrupted\n", stderr.String())
+	assert.NoFileExists(t, path)
 }
 
 // TestFailedImportLeavesNoFile: an import into a new bbolt file that

@@ -257,6 +257,8 @@ func TestTakeoverCommand(t *testing.T) {
 	r := exe(t, "takeover", "-s", addr, "--from-host", "b", "--to-host", "a", "b/work", "a/rescued", "--parent", "a/base")
 	wantFail(t, r, 1, `host "b" is alive`)
 	assert.Contains(t, r.stderr, "--force")
+	assert.Equal(t, 1, strings.Count(r.stderr, "is alive"), "one line that says it once: %s", r.stderr)
+	assert.NotContains(t, r.stderr, "failed precondition", "the words say the class")
 	assert.Equal(t, workID, idOf("b", "b/work"))
 
 	require.NoError(t, b.Close())

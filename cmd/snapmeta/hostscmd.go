@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/snapmeta/storage"
 	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
@@ -216,7 +217,8 @@ is B's.`,
 					return err
 				})
 				if errors.Is(err, storage.ErrHostAlive) {
-					return fmt.Errorf("host %q is alive (a store of it holds its lease; see 'snapmeta hosts'): stop it, or wait for its lease to run out; --force takes over anyway: %w", from, err)
+					// The library's words ("host is alive") would say it twice.
+					return fmt.Errorf("host %q is alive (a store of it holds its lease; see 'snapmeta hosts'): stop it, or wait for its lease to run out; --force takes over anyway: %w", from, errdefs.ErrFailedPrecondition)
 				}
 				if err != nil {
 					return err
@@ -264,7 +266,7 @@ live host would then find its snapshots gone).`,
 			return a.withHostView(c, addr, args[0], "HOST", func(v *rootView, s hostScope) error {
 				freed, err := storage.ReleaseHost(c.Context(), s.ms, force)
 				if errors.Is(err, storage.ErrHostAlive) {
-					return fmt.Errorf("host %q is alive (a store of it holds its lease; see 'snapmeta hosts'): stop it first, or give --force: %w", args[0], err)
+					return fmt.Errorf("host %q is alive (a store of it holds its lease; see 'snapmeta hosts'): stop it first, or give --force: %w", args[0], errdefs.ErrFailedPrecondition)
 				}
 				if err != nil {
 					return err

@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/snapmeta/storage/internal/storeaddr"
 	"github.com/spf13/cobra"
@@ -27,14 +28,27 @@ func main() {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() {
-		if s, ok := (<-sigs).(syscall.Signal); ok {
-			cancel(interrupted{s})
+		s, ok := (<-sigs).(syscall.Signal)
+		if !ok {
+			return
 		}
+		cancel(interrupted{s})
+		// A command blocked where its context does not reach (a write to a
+		// pipe nobody reads, a bbolt file's lock) ends anyway, as after a
+		// crash: what it committed stays, and a commit in flight is
+		// applied whole or not at all.
+		time.Sleep(signalGrace)
+		fmt.Fprintln(os.Stderr, "snapmeta: interrupted")
+		os.Exit(128 + int(s))
 	}()
 	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	signal.Stop(sigs)
 	os.Exit(code)
 }
+
+// signalGrace is how long a command may take to end after a signal has
+// canceled its context before the process exits without it.
+const signalGrace = 500 * time.Millisecond
 
 // interrupted is why a run's context ends when a signal stops the tool: the
 // run then exits with 128 + the signal's number, as shells report it (130

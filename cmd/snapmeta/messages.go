@@ -11,7 +11,7 @@ var classWords = []classPhrase{
 	{"already exists", []string{"exists"}},
 	{"data loss", []string{"corrupt", "damaged", "cannot be read", "does not decode"}},
 	{"invalid argument", []string{"invalid", "must be", "must not"}},
-	{"failed precondition", []string{"failed precondition"}},
+	{"failed precondition", []string{"failed precondition", "is alive"}},
 	{"unavailable", []string{"unavailable", "did not answer", "locked"}},
 	{"resource exhausted", []string{"too large", "exhausted"}},
 	{"conflict", []string{"conflict"}},

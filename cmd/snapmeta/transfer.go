@@ -188,7 +188,7 @@ may not mix records with and without a host.`,
 				defer f.Close()
 				in, name = f, args[0]
 			}
-			recs, err := readJSONLines(in, name)
+			recs, err := readJSONLines(readUntilDone(c.Context(), in), name)
 			if err != nil {
 				return err
 			}
@@ -252,6 +252,21 @@ may not mix records with and without a host.`,
 	c.Flags().BoolVar(&skipExisting, "skip-existing", false, "skip snapshots already stored with an identical record")
 	c.Flags().IntVar(&batch, "batch", defaultBatch, fmt.Sprintf("snapshots per transaction (at most %d on etcd)", maxEtcdBatch))
 	return c
+}
+
+// readUntilDone returns a reader of r that fails with ctx's cause once ctx
+// ends, even while a read of r blocks (a pipe or a terminal nobody writes
+// to): a signal ends an import at once. The blocked read is left to the
+// process's exit.
+func readUntilDone(ctx context.Context, r io.Reader) io.Reader {
+	pr, pw := io.Pipe()
+	stop := context.AfterFunc(ctx, func() { pr.CloseWithError(context.Cause(ctx)) })
+	go func() {
+		_, err := io.Copy(pw, r)
+		stop()
+		pw.CloseWithError(err)
+	}()
+	return pr
 }
 
 // readJSONLines reads and checks an export: every line decodes with no
