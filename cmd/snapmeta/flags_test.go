@@ -116,9 +116,9 @@ func TestTermEndsAnImportWaitingForItsInput(t *testing.T) {
 	assert.NoFileExists(t, path)
 }
 
-// TestFailedImportLeavesNoFile: an import into a new bbolt file that
-// imports nothing removes the file it created; one into an existing file
-// leaves it.
+// TestFailedImportLeavesNoFile: an import into a new bbolt file that fails
+// before it has imported anything removes the file it created; one into an
+// existing file leaves it.
 func TestFailedImportLeavesNoFile(t *testing.T) {
 	orphan := `{"name":"a","id":"5","kind":"active","parent":"ghost","labels":{},"created":"2025-01-01T00:00:00Z","updated":"2025-01-01T00:00:00Z","usage":{"size":0,"inodes":0}}` + "\n"
 	path := filepath.Join(t.TempDir(), "new.db")
