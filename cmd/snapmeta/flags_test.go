@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -129,4 +132,24 @@ func TestFailedImportLeavesNoFile(t *testing.T) {
 	existing := boltWith(t, "b")
 	wantFail(t, snapmeta(t, orphan, nil, "import", "--store", existing), 1, `missing parent "ghost"`)
 	assert.FileExists(t, existing)
+}
+
+// readUntilDone: a read blocked on a silent input ends with the context's
+// cause once the context ends, and closing the reader early ends the copy
+// of a long input (TestMain's leak check sees a copy left running).
+func TestReadUntilDoneEndsWithTheContextAndOnClose(t *testing.T) {
+	silent, writer := io.Pipe()
+	defer writer.Close()
+	ctx, cancel := context.WithCancelCause(context.Background())
+	r := readUntilDone(ctx, silent)
+	defer r.Close()
+	why := errors.New("signal")
+	time.AfterFunc(50*time.Millisecond, func() { cancel(why) })
+	_, err := r.Read(make([]byte, 1))
+	assert.ErrorIs(t, err, why)
+
+	long := readUntilDone(context.Background(), strings.NewReader(strings.Repeat("x", 1<<20)))
+	_, err = long.Read(make([]byte, 10))
+	require.NoError(t, err)
+	require.NoError(t, long.Close())
 }

@@ -188,7 +188,9 @@ may not mix records with and without a host.`,
 				defer f.Close()
 				in, name = f, args[0]
 			}
-			recs, err := readJSONLines(readUntilDone(c.Context(), in), name)
+			input := readUntilDone(c.Context(), in)
+			recs, err := readJSONLines(input, name)
+			_ = input.Close() // a read that stopped early frees the copy
 			if err != nil {
 				return err
 			}
@@ -257,10 +259,11 @@ may not mix records with and without a host.`,
 // readUntilDone returns a reader of r that fails with ctx's cause once ctx
 // ends, even while a read of r blocks (a pipe or a terminal nobody writes
 // to): a signal ends an import at once. The blocked read is left to the
-// process's exit.
-func readUntilDone(ctx context.Context, r io.Reader) io.Reader {
+// process's exit. Closing the reader ends the copy of r once its read in
+// progress returns.
+func readUntilDone(ctx context.Context, r io.Reader) io.ReadCloser {
 	pr, pw := io.Pipe()
-	stop := context.AfterFunc(ctx, func() { pr.CloseWithError(context.Cause(ctx)) })
+	stop := context.AfterFunc(ctx, func() { pw.CloseWithError(context.Cause(ctx)) })
 	go func() {
 		_, err := io.Copy(pw, r)
 		stop()
