@@ -1,16 +1,13 @@
 package storage
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/containerd/errdefs"
 	berrors "go.etcd.io/bbolt/errors"
 )
 
 // boltClasses gives each error bbolt returns its class here: bbolt's own
 // errors carry none, and every error of this package must.
-var boltClasses = []struct{ bolt, class error }{
+var boltClasses = []errClass{
 	// Misuse the lifecycle rules normally catch first.
 	{berrors.ErrTxClosed, ErrTransactionDone},
 	{berrors.ErrTxNotWritable, ErrReadOnly},
@@ -43,10 +40,8 @@ func boltErr(err error) error {
 	if err == nil || errdefs.Resolve(err) != errdefs.ErrUnknown {
 		return err
 	}
-	for _, c := range boltClasses {
-		if errors.Is(err, c.bolt) {
-			return fmt.Errorf("%w: %w", err, c.class)
-		}
+	if classed, ok := withClass(err, boltClasses); ok {
+		return classed
 	}
 	return fileErr(err)
 }

@@ -91,9 +91,23 @@ var (
 	ErrTooLarge = fmt.Errorf("transaction too large: %w", errdefs.ErrResourceExhausted)
 )
 
+// errClass gives the errors that match is (errors.Is) a class.
+type errClass struct{ is, class error }
+
+// withClass wraps err with the class of the first entry of table it
+// matches; ok is false when it matches none.
+func withClass(err error, table []errClass) (classed error, ok bool) {
+	for _, c := range table {
+		if errors.Is(err, c.is) {
+			return fmt.Errorf("%w: %w", err, c.class), true
+		}
+	}
+	return err, false
+}
+
 // fileClasses gives the operating system's answers about a file their
 // class.
-var fileClasses = []struct{ os, class error }{
+var fileClasses = []errClass{
 	{syscall.ENOSPC, errdefs.ErrResourceExhausted},
 	{syscall.EDQUOT, errdefs.ErrResourceExhausted},
 	{fs.ErrPermission, errdefs.ErrPermissionDenied},
@@ -108,10 +122,8 @@ func fileErr(err error) error {
 	if err == nil || errdefs.Resolve(err) != errdefs.ErrUnknown {
 		return err
 	}
-	for _, c := range fileClasses {
-		if errors.Is(err, c.os) {
-			return fmt.Errorf("%w: %w", err, c.class)
-		}
+	if classed, ok := withClass(err, fileClasses); ok {
+		return classed
 	}
 	return fmt.Errorf("%w: %w", err, errdefs.ErrInternal)
 }

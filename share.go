@@ -152,10 +152,13 @@ func checkContentKey(key string) error {
 // lowest ID on the parent asked for. It needs a host-scoped store
 // (ErrNotScoped).
 func CommitShared(ctx context.Context, key, name, contentKey string, usage snapshots.Usage, opts ...snapshots.Opt) (id string, err error) {
+	if err := readyFrom(ctx, true); err != nil {
+		return "", err
+	}
+	if err := checkContentKey(contentKey); err != nil {
+		return "", err
+	}
 	err = scoped(ctx, true, func(_ *transaction, tx scopedTx, host string) error {
-		if err := checkContentKey(contentKey); err != nil {
-			return err
-		}
 		r, err := commitActive(ctx, tx, key, name, usage, contentKey, opts)
 		if err != nil {
 			return err
@@ -179,10 +182,13 @@ func CommitShared(ctx context.Context, key, name, contentKey string, usage snaps
 // NotFound or InvalidArgument, as for CreateSnapshot. It needs a
 // host-scoped store (ErrNotScoped).
 func BindLayer(ctx context.Context, name, parent, contentKey string, opts ...snapshots.Opt) (info snapshots.Info, err error) {
+	if err := readyFrom(ctx, true); err != nil {
+		return snapshots.Info{}, err
+	}
+	if err := checkContentKey(contentKey); err != nil {
+		return snapshots.Info{}, err
+	}
 	err = scoped(ctx, true, func(_ *transaction, tx scopedTx, host string) error {
-		if err := checkContentKey(contentKey); err != nil {
-			return err
-		}
 		if err := checkName("snapshot", name); err != nil {
 			return err
 		}

@@ -41,10 +41,13 @@ type ActiveSnapshot struct {
 // snapshot and the owner's lock, guarded as any read, in the transaction
 // ctx carries, which must be of a host-scoped store (ErrNotScoped).
 func GetActiveSnapshot(ctx context.Context, host, key string) (a ActiveSnapshot, err error) {
+	if err := readyFrom(ctx, false); err != nil {
+		return ActiveSnapshot{}, err
+	}
+	if err := validHost(host); err != nil {
+		return ActiveSnapshot{}, err
+	}
 	err = scoped(ctx, false, func(_ *transaction, tx scopedTx, _ string) error {
-		if err := validHost(host); err != nil {
-			return err
-		}
 		r, err := getOne(ctx, tx.inHost(host), key)
 		if err != nil {
 			return fmt.Errorf("host %q: %w", host, err)
@@ -92,10 +95,13 @@ func ForceTakeOver(ctx context.Context, host, key, name, parent string) (Snapsho
 }
 
 func takeOver(ctx context.Context, host, key, name, parent string, force bool) (s Snapshot, err error) {
+	if err := readyFrom(ctx, true); err != nil {
+		return Snapshot{}, err
+	}
+	if err := validHost(host); err != nil {
+		return Snapshot{}, err
+	}
 	err = scoped(ctx, true, func(_ *transaction, tx scopedTx, taker string) error {
-		if err := validHost(host); err != nil {
-			return err
-		}
 		if host == taker {
 			return fmt.Errorf("host %q cannot take over its own snapshot %q: %w", host, key, errdefs.ErrInvalidArgument)
 		}

@@ -230,7 +230,10 @@ func fromContext(ctx context.Context) (Transactor, error) {
 // readyFrom returns why the transaction ctx carries cannot run an
 // operation now (ErrNoTransaction, or what ready returns), nil when it can:
 // for functions that judge their arguments before they reach the
-// transaction, so that its state is reported first.
+// transaction, so that its state is reported first. Arguments are judged
+// outside the transaction's operation (use), where a refusal read from
+// a watch cache's copy is confirmed with etcd: a bad argument needs no
+// confirming.
 func readyFrom(ctx context.Context, write bool) error {
 	tr, err := fromContext(ctx)
 	if err != nil {
